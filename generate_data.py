@@ -1,0 +1,501 @@
+"""Build LLaVA's instruction-following data with a text-only GPT-4, as in the paper (Liu et al. 2023, Sec. 3).
+
+A chat model never sees the image: it reads the image's COCO captions and object boxes (the "symbolic
+representation") and writes one of three kinds of data from it: a multi-turn conversation, a detailed description,
+or a complex-reasoning question and answer. The prompts (a system message and few-shot examples per task) live
+under prompts/. Every finished (image, task) pair is appended to a JSONL file at once, so a run that costs money and
+hours can be killed at any point and resumed without paying twice; --export turns that file into the LLaVA JSON
+list that data.py trains on.
+
+    python generate_data.py --captions captions_train2017.json --instances instances_train2017.json \
+        --out runs/gen/instruct.jsonl --images 1000 --export runs/gen/llava_instruct.json
+"""
+import argparse
+import concurrent.futures as cf
+import email.utils
+import json
+import os
+import random
+import re
+import sys
+import threading
+import time
+
+import requests
+from tqdm import tqdm
+
+PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
+TASKS = ("conversation", "detail", "complex")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Chat-completions client: raw HTTP with retries, a rate limit, and a key that never leaves the Authorization header
+# ---------------------------------------------------------------------------------------------------------------------
+class APIError(Exception):
+    """A request that failed for good (retries used up, or refused): the pair is recorded as failed, the run goes on."""
+
+
+class FatalAPIError(APIError):
+    """A non-retryable HTTP status (401/403 and other 4xx). `status` says which; 401/403 stop the whole run."""
+
+    def __init__(self, message, status):
+        super().__init__(message)
+        self.status = status
+
+
+class RateLimiter:
+    """Spaces request starts at least 60/rpm seconds apart, across all worker threads."""
+
+    def __init__(self, rpm):
+        self.interval = 60.0 / rpm if rpm else 0.0
+        self.next_start = 0.0
+        self.lock = threading.Lock()
+
+    def wait(self):
+        with self.lock:
+            now = time.monotonic()
+            start = max(now, self.next_start)
+            self.next_start = start + self.interval
+        time.sleep(max(0.0, start - now))
+
+
+def retry_after_seconds(value):
+    """Retry-After is either seconds or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+class ChatClient:
+    def __init__(self, base_url, api_key, model, temperature=0.7, max_tokens=1024, timeout=60.0, max_retries=6,
+                 rpm=None, backoff=1.0, max_backoff=60.0):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self._api_key = api_key  # private, left out of repr, scrubbed from every error text
+        self.model, self.temperature, self.max_tokens = model, temperature, max_tokens
+        self.timeout, self.max_retries = timeout, max_retries
+        self.backoff, self.max_backoff = backoff, max_backoff
+        self.limiter = RateLimiter(rpm)
+        self._local = threading.local()  # one requests.Session (connection pool) per worker thread
+
+    def __repr__(self):
+        return f"ChatClient(url={self.url!r}, model={self.model!r})"
+
+    def scrub(self, text):
+        text = str(text)
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+    def _session(self):
+        if not hasattr(self._local, "session"):
+            self._local.session = requests.Session()
+        return self._local.session
+
+    def complete(self, messages):
+        """One chat completion -> {"content", "finish_reason", "usage", "model"}; raises APIError / FatalAPIError."""
+        body = {"model": self.model, "messages": messages, "temperature": self.temperature,
+                "max_tokens": self.max_tokens}
+        headers = {"Authorization": f"Bearer {self._api_key}", "Content-Type": "application/json"}
+        reason = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                # exponential backoff with jitter (so workers do not retry in lockstep), at least Retry-After
+                wait = min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+                time.sleep(wait if retry_after is None else retry_after)
+            retry_after = None
+            self.limiter.wait()
+            try:
+                r = self._session().post(self.url, json=body, headers=headers, timeout=self.timeout)
+            except requests.Timeout:
+                reason = f"timeout after {self.timeout}s"
+                continue
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:  # refused or dropped
+                reason = "connection error: " + self.scrub(e)[:200]
+                continue
+            if r.status_code == 200:
+                try:
+                    data = r.json()
+                    choice = data["choices"][0]
+                    return {"content": choice["message"].get("content") or "",
+                            "finish_reason": choice.get("finish_reason"), "usage": data.get("usage") or {},
+                            "model": data.get("model", self.model)}
+                except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+                    reason = "malformed response: " + self.scrub(r.text)[:200]
+                    continue
+            message = f"HTTP {r.status_code} from {self.url}: {self.scrub(r.text)[:300]}"
+            if r.status_code == 429 or r.status_code >= 500:
+                reason, retry_after = message, retry_after_seconds(r.headers.get("Retry-After"))
+                continue
+            if r.status_code in (401, 403):
+                message += " -- the API key was refused; check the key and its permissions"
+            raise FatalAPIError(message, r.status_code)
+        raise APIError(f"gave up after {self.max_retries + 1} attempts; last error: {reason}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# JSONL that survives a crash: append + flush + fsync per record; a torn last line is skipped on read and cut on repair
+# ---------------------------------------------------------------------------------------------------------------------
+def append_jsonl(path, record):
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")  # one write: a crash leaves at most a torn last line
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _scan_jsonl(path):
+    """(records, byte offset after the last good line). A bad line before the last one is corruption: an error."""
+    with open(path, "rb") as f:
+        data = f.read()
+    complete = data[: data.rfind(b"\n") + 1]  # a tail without its newline is torn, even if it parses
+    lines = complete.split(b"\n")[:-1]
+    records, good_end = [], 0
+    for i, line in enumerate(lines):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                if i < len(lines) - 1:
+                    raise ValueError(f"{path}: line {i + 1} is not valid JSON (corrupt file?)") from None
+                break  # a garbled last line (a crash can leave zero bytes): torn
+        good_end += len(line) + 1
+    return records, good_end
+
+
+def read_jsonl(path):
+    return _scan_jsonl(path)[0] if os.path.exists(path) else []
+
+
+def repair_jsonl(path):
+    """Cut a torn last line so that appending continues a valid file; returns the good records."""
+    if not os.path.exists(path):
+        return []
+    records, good_end = _scan_jsonl(path)
+    if good_end < os.path.getsize(path):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+            os.fsync(f.fileno())
+    return records
+
+
+def write_atomic(path, text):
+    """Temp file in the same folder, fsync, rename: readers see the old file or the new one, never half of one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# COCO annotations -> the text context GPT-4 sees: captions, then one `name: [x1, y1, x2, y2]` line per object
+# ---------------------------------------------------------------------------------------------------------------------
+def _load_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+
+
+def _field(row, key, path, where):
+    if not isinstance(row, dict) or key not in row:
+        raise ValueError(f"{path}: {where} has no key {key!r}")
+    return row[key]
+
+
+def load_coco(captions_path, instances_path=None):
+    """-> {image_id: {"file_name", "width", "height", "captions": [str], "boxes": [(name, x1, y1, x2, y2)]}}"""
+    caps = _load_json(captions_path)
+    images = {}
+    for i, row in enumerate(_field(caps, "images", captions_path, "the top level")):
+        where = f"images[{i}]"
+        images[_field(row, "id", captions_path, where)] = {
+            **{key: _field(row, key, captions_path, where) for key in ("file_name", "width", "height")},
+            "captions": [], "boxes": []}
+    for i, row in enumerate(_field(caps, "annotations", captions_path, "the top level")):
+        image_id, where = _field(row, "image_id", captions_path, f"annotations[{i}]"), f"annotations[{i}]"
+        if image_id not in images:
+            raise ValueError(f"{captions_path}: {where} refers to image_id {image_id} not in 'images'")
+        images[image_id]["captions"].append(" ".join(str(_field(row, "caption", captions_path, where)).split()))
+    if instances_path:
+        inst = _load_json(instances_path)
+        names = {c["id"]: c["name"] for c in _field(inst, "categories", instances_path, "the top level")}
+        for i, row in enumerate(_field(inst, "annotations", instances_path, "the top level")):
+            where = f"annotations[{i}]"
+            image = images.get(_field(row, "image_id", instances_path, where))
+            if image is None:  # instances may cover more images than the caption file: not ours
+                continue
+            category = _field(row, "category_id", instances_path, where)
+            if category not in names:
+                raise ValueError(f"{instances_path}: {where} has category_id {category} not in 'categories'")
+            x, y, w, h = _field(row, "bbox", instances_path, where)  # COCO boxes are [x, y, width, height] in pixels
+            W, H = image["width"], image["height"]
+            box = [min(1.0, max(0.0, v)) for v in (x / W, y / H, (x + w) / W, (y + h) / H)]
+            image["boxes"].append((names[category], *box))
+    return images
+
+
+def image_context(image, with_boxes):
+    text = "\n".join(image["captions"])
+    if with_boxes and image["boxes"]:
+        text += "\n\n" + "\n".join(f"{n}: [{a:.3f}, {b:.3f}, {c:.3f}, {d:.3f}]" for n, a, b, c, d in image["boxes"])
+    return text
+
+
+def select_images(images, n, seed):
+    """A seeded shuffle of the captioned images, then the first n: the same seed always picks the same images, and a
+    larger n keeps the earlier ones (so raising --images on a resumed run only adds work)."""
+    ids = sorted(i for i, image in images.items() if image["captions"])
+    random.Random(seed).shuffle(ids)
+    return ids if n is None else ids[:n]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompts (prompts/<task>/system.txt, NNN_context.txt + NNN_reply.txt few-shot pairs) and reply parsing
+# ---------------------------------------------------------------------------------------------------------------------
+def _read_text(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip()
+
+
+def load_prompts(folder=PROMPTS):
+    prompts = {}
+    for task in TASKS:
+        d = os.path.join(folder, task)
+        stems = sorted(name[: -len("_context.txt")] for name in os.listdir(d) if name.endswith("_context.txt"))
+        prompts[task] = {"system": _read_text(os.path.join(d, "system.txt")),
+                         "examples": [(_read_text(os.path.join(d, f"{s}_context.txt")),
+                                       _read_text(os.path.join(d, f"{s}_reply.txt"))) for s in stems]}
+    with open(os.path.join(folder, "detail_instructions.txt"), encoding="utf-8") as f:
+        prompts["detail_instructions"] = [line.strip() for line in f if line.strip()]
+    return prompts
+
+
+def build_messages(prompt, context):
+    """system, then each few-shot example as a user/assistant pair, then the query."""
+    messages = [{"role": "system", "content": prompt["system"]}]
+    for example_context, example_reply in prompt["examples"]:
+        messages += [{"role": "user", "content": example_context}, {"role": "assistant", "content": example_reply}]
+    return messages + [{"role": "user", "content": context}]
+
+
+# a line starting "Question:" or "Answer:"; markdown emphasis around the word ("**Question:**") is tolerated
+QA_MARKER = re.compile(r"^\s*[*_#]*[ \t]*(Question|Answer)[ \t]*:[*_]*[ \t]*", re.IGNORECASE | re.MULTILINE)
+
+
+def parse_qa(reply):
+    """'Question: ...' / 'Answer: ...' blocks (each may span lines) -> [(question, answer), ...]; ValueError if not."""
+    marks = list(QA_MARKER.finditer(reply))
+    if not marks or reply[: marks[0].start()].strip():
+        raise ValueError("reply does not start with 'Question:'")
+    blocks = [(m.group(1).lower(), reply[m.end(): nxt.start() if nxt else len(reply)].strip())
+              for m, nxt in zip(marks, marks[1:] + [None])]
+    if [kind for kind, _ in blocks] != ["question", "answer"] * ((len(blocks) + 1) // 2):
+        raise ValueError("'Question:' and 'Answer:' blocks do not alternate, or the last answer is missing")
+    if not all(text for _, text in blocks):
+        raise ValueError("an empty question or answer")
+    return [(blocks[i][1], blocks[i + 1][1]) for i in range(0, len(blocks), 2)]
+
+
+def parse_reply(task, reply, instruction):
+    """A reply -> LLaVA conversation turns; the first human turn carries <image>. ValueError(reason) if unusable."""
+    if task == "detail":
+        if QA_MARKER.match(reply):
+            raise ValueError("a description was asked for, the reply is a question/answer")
+        pairs = [(instruction, reply.strip())]
+    else:
+        pairs = parse_qa(reply)
+        if task == "complex" and len(pairs) != 1:
+            raise ValueError(f"expected one question and answer, got {len(pairs)}")
+    turns = []
+    for question, answer in pairs:
+        turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    turns[0]["value"] = "<image>\n" + turns[0]["value"]
+    return turns
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One (image, task) pair, and the run over all of them
+# ---------------------------------------------------------------------------------------------------------------------
+def generate_pair(client, prompts, image_id, image, task, seed, parse_retries):
+    """-> ("done" | "failed", record). Unusable replies are asked again up to parse_retries times; 401/403 raise."""
+    messages = build_messages(prompts[task], image_context(image, with_boxes=task != "conversation"))
+    # the instruction for a description is drawn per image from a seeded generator: reruns and resumes agree
+    instruction = random.Random(f"{seed}-{image_id}").choice(prompts["detail_instructions"])
+    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    record = {"id": f"{os.path.splitext(image['file_name'])[0]}_{task}", "image_id": image_id,
+              "image": image["file_name"], "task": task, "model": client.model}
+    content, reason = "", ""
+    for attempt in range(1, parse_retries + 2):
+        try:
+            reply = client.complete(messages)
+        except FatalAPIError as e:
+            if e.status in (401, 403):
+                raise
+            reason = str(e)
+            break
+        except APIError as e:
+            reason = str(e)
+            break
+        for key in usage:
+            usage[key] += int(reply["usage"].get(key) or 0)  # retries are paid too
+        content, record["model"] = reply["content"], reply["model"]
+        if not content.strip():
+            reason = "empty reply"
+        elif reply["finish_reason"] == "length":
+            reason = "reply cut off at max_tokens (finish_reason: length)"
+        else:
+            try:
+                conversations = parse_reply(task, content, instruction)
+                return "done", {**record, "conversations": conversations, "raw": content, "usage": usage,
+                                "attempts": attempt}
+            except ValueError as e:
+                reason = f"unparseable reply: {e}"
+    return "failed", {**record, "reason": reason, "raw": content, "usage": usage}
+
+
+def cost_of(tokens, args):
+    return (tokens["prompt_tokens"] * args.price_in + tokens["completion_tokens"] * args.price_out) / 1e6
+
+
+def run_pairs(args, client, prompts, images, pairs, failed_path):
+    """Runs the pairs on --workers threads; the main thread alone writes files. -> (counts, tokens, stop reason)."""
+    counts, tokens = {"done": 0, "failed": 0}, {"prompt_tokens": 0, "completion_tokens": 0}
+    stop, todo, running = None, iter(pairs), set()
+    bar = tqdm(total=len(pairs), unit="pair", desc="generating", file=sys.stderr)
+    with cf.ThreadPoolExecutor(args.workers) as pool:
+        while True:
+            while stop is None and len(running) < args.workers and (pair := next(todo, None)):
+                image_id, task = pair
+                running.add(pool.submit(generate_pair, client, prompts, image_id, images[image_id], task, args.seed,
+                                        args.parse_retries))
+            if not running:
+                break
+            finished, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for future in finished:
+                try:
+                    kind, record = future.result()
+                except FatalAPIError as e:
+                    stop = stop if isinstance(stop, FatalAPIError) else e  # in-flight pairs finish, nothing new starts
+                    continue
+                append_jsonl(args.out if kind == "done" else failed_path, record)
+                counts[kind] += 1
+                for key in tokens:
+                    tokens[key] += record["usage"][key]
+                if kind == "failed":
+                    bar.write(f"failed: {record['id']}: {record['reason']}")
+                bar.update()
+            if stop is None and args.max_cost is not None and cost_of(tokens, args) >= args.max_cost:
+                stop = "budget"
+    bar.close()
+    return counts, tokens, stop
+
+
+def export(out_path, export_path):
+    """The finished pairs as the LLaVA JSON list [{"id", "image", "conversations"}], sorted, written atomically."""
+    data, seen = [], set()
+    for record in sorted(read_jsonl(out_path), key=lambda r: (r["image"], TASKS.index(r["task"]))):
+        if record["id"] not in seen:
+            seen.add(record["id"])
+            data.append({"id": record["id"], "image": record["image"], "conversations": record["conversations"]})
+    write_atomic(export_path, json.dumps(data, ensure_ascii=False, indent=1))
+    print(f"exported {len(data)} samples to {export_path}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--captions", help="COCO captions file (images + annotations with captions)")
+    p.add_argument("--instances", help="COCO instances file (boxes + categories); needed for detail and complex")
+    p.add_argument("--out", required=True, help="JSONL of finished pairs; re-running with it resumes")
+    p.add_argument("--failed", help="JSONL of failed pairs with reasons (default: OUT with .failed.jsonl)")
+    p.add_argument("--retry-failed", action="store_true", help="try the pairs in the failures file again")
+    p.add_argument("--export", help="write the finished pairs as a LLaVA JSON list to this file")
+    p.add_argument("--images", type=int, help="how many images (default: all captioned images)")
+    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS))
+    p.add_argument("--seed", type=int, default=0, help="image selection and detail instructions")
+    p.add_argument("--prompts", default=PROMPTS, help="prompt folder")
+    p.add_argument("--base-url", default="https://api.openai.com/v1", help="any OpenAI-compatible server")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
+    p.add_argument("--model", default="gpt-4o")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP request")
+    p.add_argument("--max-retries", type=int, default=6, help="HTTP retries on 429/5xx/timeouts/dropped connections")
+    p.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds, doubled per retry")
+    p.add_argument("--parse-retries", type=int, default=2, help="new requests for empty/cut-off/unparseable replies")
+    p.add_argument("--workers", type=int, default=4, help="requests in flight")
+    p.add_argument("--rpm", type=float, help="at most this many requests per minute")
+    p.add_argument("--price-in", type=float, default=2.5, help="$ per million prompt tokens (set for your model)")
+    p.add_argument("--price-out", type=float, default=10.0, help="$ per million completion tokens")
+    p.add_argument("--max-cost", type=float, help="stop starting requests once this run has spent this many $")
+    p.add_argument("--dry-run", action="store_true", help="print the prompts for the first image; no key, no network")
+    args = p.parse_args(argv)
+    tasks = [t for t in args.tasks.split(",") if t]
+    if not tasks or set(tasks) - set(TASKS):
+        p.error(f"--tasks must be a comma-separated subset of {','.join(TASKS)}, got {args.tasks!r}")
+    if not re.match(r"https?://", args.base_url):
+        p.error(f"--base-url must start with http:// or https://, got {args.base_url!r}")
+    if not args.captions:
+        if not args.export:
+            p.error("--captions is required (or only --out and --export to export)")
+        export(args.out, args.export)
+        return 0
+    if args.instances is None and set(tasks) - {"conversation"}:
+        p.error("--instances is required for the detail and complex tasks (they use the object boxes)")
+    failed_path = args.failed or re.sub(r"(\.jsonl)?$", ".failed.jsonl", args.out, count=1)
+    try:
+        images, prompts = load_coco(args.captions, args.instances), load_prompts(args.prompts)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    selected = select_images(images, args.images, args.seed)
+    if args.dry_run:
+        if not selected:
+            raise SystemExit("error: no image with captions")
+        for task in tasks:
+            image = images[selected[0]]
+            messages = build_messages(prompts[task], image_context(image, with_boxes=task != "conversation"))
+            print(f"===== {task}: image {selected[0]} ({image['file_name']}), {len(messages)} messages =====")
+            for m in messages:
+                print(f"--- {m['role']} ---\n{m['content']}")
+        return 0
+    api_key = os.environ.get(args.api_key_env)
+    if not api_key:
+        raise SystemExit(f"error: set the environment variable {args.api_key_env} to your API key")
+    # resume: cut a torn last line (a crash mid-write), then skip every pair already finished or failed
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(out_dir, exist_ok=True)
+    done = {(r["image_id"], r["task"]) for r in repair_jsonl(args.out)}
+    failures = repair_jsonl(failed_path)
+    wanted = {(i, t) for i in selected for t in tasks}
+    if args.retry_failed and any((r["image_id"], r["task"]) in wanted for r in failures):
+        failures = [r for r in failures if (r["image_id"], r["task"]) not in wanted]
+        write_atomic(failed_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in failures))
+    skip = done | {(r["image_id"], r["task"]) for r in failures}
+    pairs = [(i, t) for i in selected for t in tasks if (i, t) not in skip]
+    print(f"{len(wanted)} pairs requested: {len(wanted & done)} already done, {len(wanted & skip) - len(wanted & done)}"
+          f" failed before, {len(pairs)} to generate with {args.model} at {args.base_url}")
+    client = ChatClient(args.base_url, api_key, args.model, args.temperature, args.max_tokens, args.timeout,
+                        args.max_retries, args.rpm, args.backoff)
+    counts, tokens, stop = run_pairs(args, client, prompts, images, pairs, failed_path)
+    left = len(pairs) - counts["done"] - counts["failed"]
+    print(f"this run: {counts['done']} done, {counts['failed']} failed (see {failed_path}), {left} left; tokens "
+          f"{tokens['prompt_tokens']} in + {tokens['completion_tokens']} out = ${cost_of(tokens, args):.4f} "
+          f"at ${args.price_in}/${args.price_out} per 1M")
+    if isinstance(stop, FatalAPIError):
+        print(f"error: stopped, the server refused the key: {stop}\nfix the key and re-run the same command to resume",
+              file=sys.stderr)
+        return 1
+    if stop == "budget":
+        print(f"stopped: --max-cost ${args.max_cost} reached; re-run the same command to continue", file=sys.stderr)
+    if args.export:
+        export(args.out, args.export)
+    return 3 if stop == "budget" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
