@@ -1,0 +1,276 @@
+"""Terminal chat with a LLaVA checkpoint: streamed answers, many turns, and a KV cache kept between turns.
+
+    python chat.py                                  # the demo: runs/demo/stage2 and the first demo eval image
+    python chat.py --model DIR --image photo.jpg    # own layout, llava-hf, original release (+ --vision-tower)
+    python chat.py --model DIR --image a.jpg --prompt "What is this?"     # answer once and exit
+    printf 'What is this?\\nWhat colour?\\n' | python chat.py --model DIR --image a.jpg  # one message a line
+
+Each turn renders the whole conversation with data.render (as in training), compares the ids with those already
+in the cache, and feeds only what follows their common prefix (start_pos = its length).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from clip import load_image, preprocess
+from data import IMAGE_TOKEN, TEMPLATES, render
+from llama import Tokenizer
+from llava import IMAGE_TOKEN_INDEX, LLaVA
+
+DEMO_MODEL, DEMO_DATA = os.path.join("runs", "demo", "stage2"), os.path.join("runs", "demo", "data")
+HELP = """commands:
+  /image PATH   talk about another image (starts a new conversation)
+  /reset        forget the conversation, keep the image
+  /save FILE    write the transcript as LLaVA conversation JSON (a list with one {id, image, conversations})
+  /help         this text
+  /quit         leave (Ctrl-D too); Ctrl-C during an answer stops that answer"""
+
+
+def note(message):
+    """Everything that is not an answer goes to stderr, so stdout holds only the answers (scripts, pipes)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+class ChatSession:
+    """One conversation about (at most) one image, and the token ids whose keys/values are in the KV cache."""
+
+    def __init__(self, model, tokenizer, template, max_new_tokens=None, temperature=0.0, top_p=1.0, seed=0,
+                 max_context=None, stats=False):
+        self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.temperature, self.top_p, self.stats = temperature, top_p, stats
+        weight = model.llm.embed_tokens.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.max_context = max_context or model.config.llm.max_position_embeddings
+        if (max_new_tokens or 0) > self.max_context // 2:  # leave room for the prompt in a short context
+            note(f"--max-new-tokens {max_new_tokens} lowered to {self.max_context // 2} (context {self.max_context})")
+        self.max_new_tokens = min(max_new_tokens or 512, self.max_context // 2)
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        # one static cache for the whole session: positions are overwritten in place, never reallocated
+        model.llm.setup_cache(1, self.max_context, device=self.device, dtype=self.dtype)
+        self.image_path, self.pixel_values = None, None
+        self.cached_ids = []  # ids at cache positions 0..len-1; later positions hold stale entries, never attended
+        self.reset()
+
+    def reset(self):
+        """Forget the turns. The cache stays: the next prompt reuses its system prompt and image features."""
+        self.turns = []  # [{"from": "human"|"gpt", "value": str}, ...] without the "<image>" tag
+        self.prompt_len = 0  # the last prompt, when it must be a prefix of the next one (its turn was kept)
+
+    def set_image(self, path):
+        """Load and preprocess an image; on a bad path it raises and the conversation stays as it was."""
+        config = self.model.config
+        pixel_values = preprocess(load_image(path), config.image_size, config.image_aspect_ratio == "pad")  # (1,3,S,S)
+        self.image_path, self.pixel_values = os.path.abspath(path), pixel_values.to(self.device, self.dtype)
+        self.cached_ids = []  # another image has the same placeholder ids: nothing in the cache is valid any more
+        self.reset()
+
+    def conversation(self, message=None, turns=None):
+        """The turns in LLaVA's format; the image tag goes in front of the first human message, as in training."""
+        turns = (self.turns if turns is None else turns) + ([{"from": "human", "value": message}] if message else [])
+        if self.image_path and turns:
+            turns = [{"from": "human", "value": IMAGE_TOKEN + "\n" + turns[0]["value"]}] + turns[1:]
+        return turns
+
+    def prompt_ids(self, message):
+        """Render the conversation plus the new message; drop the oldest turns while it does not fit the context."""
+        turns = self.turns
+        while True:
+            ids, _ = render(self.conversation(message, turns), self.template, self.tokenizer,
+                            self.model.config.num_image_tokens, for_generation=True)
+            if len(ids) + self.max_new_tokens <= self.max_context:
+                break
+            if not turns:  # the history stays as it was: the user can write a shorter message
+                raise ValueError(f"message too long: {len(ids)} prompt tokens + {self.max_new_tokens} new tokens "
+                                 f"do not fit the context of {self.max_context}; write a shorter message")
+            turns = turns[2:]
+        if len(turns) < len(self.turns):
+            note(f"(the conversation no longer fits the context of {self.max_context} tokens: dropped the oldest "
+                 f"{(len(self.turns) - len(turns)) // 2} turn(s); /reset starts afresh)")
+            self.turns, self.prompt_len = turns, 0
+        return ids
+
+    @torch.no_grad()
+    def reply(self, message, out=None):
+        """Stream the answer to `out` (stdout), add the turn to the history and return the answer text."""
+        out, message = out or sys.stdout, message.replace(IMAGE_TOKEN, "").strip()  # typed "<image>" is text
+        ids = self.prompt_ids(message)
+        reuse = 0  # length of the common prefix of the cached ids and the new rendering
+        while reuse < min(len(ids), len(self.cached_ids)) and ids[reuse] == self.cached_ids[reuse]:
+            reuse += 1
+        # Generated tokens need not be the ones re-encoding their text gives, so the prefix can end inside an
+        # earlier answer; what follows is fed again. Never split an image; feed >= 1 token to get logits.
+        if IMAGE_TOKEN_INDEX in ids[reuse:]:
+            reuse = min(reuse, ids.index(IMAGE_TOKEN_INDEX))
+        reuse = min(reuse, len(ids) - 1)
+        assert reuse >= self.prompt_len, "data.render: the new prompt does not start with the previous prompt"
+        new_ids = ids[reuse:]
+        self.cached_ids = ids[:reuse]  # rolled back now, so an interrupt during the prefill leaves it consistent
+        pixel_values = self.pixel_values if IMAGE_TOKEN_INDEX in new_ids else None
+        eos, stream, generated = self.tokenizer.eos_id, self.tokenizer.stream(), []
+        start, first, interrupted = time.perf_counter(), None, False
+        try:
+            for token in self.model.generate(torch.tensor([new_ids], device=self.device), pixel_values,
+                                              max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                              top_p=self.top_p, eos_id=eos, start_pos=reuse,
+                                              generator=self.generator):
+                first = first or time.perf_counter()
+                if token != eos:
+                    out.write(stream.push(token))
+                    out.flush()
+                generated.append(token)  # after printing: a stopped answer keeps exactly what was shown
+        except KeyboardInterrupt:
+            interrupted = True
+        end = time.perf_counter()
+        out.write(stream.flush() + "\n")  # flush: bytes of a character the answer stopped inside
+        out.flush()
+        if generated:  # generate had fed every yielded token but the last one
+            self.cached_ids = ids + generated[:-1]
+        answer = self.tokenizer.decode([t for t in generated if t != eos]).replace(IMAGE_TOKEN, "").strip()
+        if interrupted:
+            note("(answer stopped; the partial answer stays in the conversation)" if answer else
+                 "(answer stopped before any text; the message was dropped)")
+        elif not answer:  # a conversation cannot hold an empty reply (data.render refuses it)
+            note("(the model gave an empty answer; the message was dropped)")
+        self.prompt_len = len(ids) if answer else 0
+        if answer:  # a stopped answer is kept as the model's turn: the history matches what the user saw
+            self.turns += [{"from": "human", "value": message}, {"from": "gpt", "value": answer}]
+        if self.stats and first is not None:
+            rate = (len(generated) - 1) / (end - first) if len(generated) > 1 else float("nan")
+            note(f"[{len(new_ids)} prompt tokens prefilled, {reuse} reused from the cache; "
+                 f"first token {first - start:.3f} s; {len(generated)} tokens, {rate:.1f} tokens/s]")
+        return answer
+
+    def save(self, path):
+        """The transcript in LLaVA's conversation JSON, written to a temp file and renamed (never half written)."""
+        if not self.turns:
+            raise ValueError("nothing to save yet: the conversation is empty")
+        record = {"id": "chat-" + time.strftime("%Y%m%d-%H%M%S")}
+        if self.image_path:  # absolute, so data.LLaVADataset finds it whatever its image_folder
+            record["image"] = self.image_path
+        record["conversations"] = self.conversation()
+        with open(path + ".tmp", "w") as f:
+            json.dump([record], f, indent=2)
+        os.replace(path + ".tmp", path)
+
+
+def command(session, line):
+    """Run one /command; return False to quit."""
+    name, _, arg = line.partition(" ")
+    arg = arg.strip().strip("'\"")
+    if name in ("/quit", "/exit"):
+        return False
+    if name == "/help":
+        note(HELP)
+    elif name == "/reset":
+        session.reset()
+        note("(conversation cleared)")
+    elif name in ("/image", "/save") and not arg:
+        note(f"usage: {name} PATH")
+    elif name in ("/image", "/save"):
+        try:  # a missing file or one that is not an image: say so, and the conversation goes on
+            session.set_image(arg) if name == "/image" else session.save(arg)
+            note(f"(new conversation about {arg})" if name == "/image" else
+                 f"(saved {len(session.turns) // 2} turns to {arg})")
+        except (OSError, ValueError) as e:
+            note(f"error: {name} {arg}: {e}")
+    else:
+        note(f"unknown command {name}; /help lists the commands")
+    return True
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help=f"checkpoint directory (default: the demo's {DEMO_MODEL})")
+    p.add_argument("--image", help="image to talk about (default with the demo model: the first demo eval image)")
+    p.add_argument("--vision-tower", help="CLIP directory, for original LLaVA releases that do not include it")
+    p.add_argument("--template", choices=sorted(TEMPLATES), help="conversation template (default: the checkpoint's)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda when available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on cuda, float16 on mps, float32 on cpu")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, help="default 512, at most half the context")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", help="answer this one message and exit")
+    p.add_argument("--stats", action="store_true", help="print time to first token and tokens/s after each answer")
+    return p.parse_args(argv)
+
+
+def load(args):
+    """Model, tokenizer, template and image path; exits with a clear message when something is missing."""
+    model_dir, image, eval_json = args.model or DEMO_MODEL, args.image, os.path.join(DEMO_DATA, "eval.json")
+    if args.model is None and not (os.path.isdir(model_dir) and (image or os.path.isfile(eval_json))):
+        sys.exit(f"no demo checkpoint and data in {DEMO_MODEL} and {DEMO_DATA}: run the demo first "
+                 "(python train.py --stage 1 && python train.py --stage 2), or pass --model DIR --image PATH")
+    if args.model is None and image is None:
+        with open(eval_json) as f:
+            image = os.path.join(DEMO_DATA, "images", json.load(f)[0]["image"])
+    if image and not os.path.isfile(image):  # before a possibly long model load
+        sys.exit(f"error: image file not found: {image}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.split(":")[0]):
+        sys.exit(f"--device {device} is not available on this machine (cpu, cuda, cuda:N, mps)")
+    dtype = args.dtype or {"cuda": "bfloat16", "mps": "float16"}.get(device.split(":")[0], "float32")
+    note(f"loading {model_dir} on {device} ({dtype})")
+    try:  # the loaders' errors name the file and key: show them without a traceback
+        model = LLaVA.from_pretrained(model_dir, vision_tower=args.vision_tower, device=device,
+                                      dtype=getattr(torch, dtype)).eval()
+        tokenizer = Tokenizer(model_dir)
+    except (OSError, ValueError, KeyError) as e:
+        sys.exit(f"error: cannot load {model_dir}: {e}")
+    return model, tokenizer, args.template or model.config.template, image
+
+
+def read_lines(interactive):
+    """The user's messages: typed after a prompt on a terminal, else one per line of stdin."""
+    while True:
+        try:
+            yield input("USER: " if interactive else "")
+        except EOFError:  # Ctrl-D, or the end of piped input
+            if interactive:
+                print()
+            return
+        except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line, as in a shell
+            print()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model, tokenizer, template, image = load(args)
+    session = ChatSession(model, tokenizer, template, args.max_new_tokens, args.temperature, args.top_p,
+                          args.seed, stats=args.stats)
+    try:
+        if image:
+            session.set_image(image)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    interactive = args.prompt is None and sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  line editing and history for input(), where the platform has it
+        except ImportError:
+            pass
+        note(f"template {template}; image {image or 'none (text only; /image PATH adds one)'}; /help for commands")
+    for line in [args.prompt] if args.prompt is not None else read_lines(interactive):
+        line = line.strip()
+        if line.startswith("/") and args.prompt is None:
+            if not command(session, line):
+                break
+        elif line:
+            if interactive:
+                print("ASSISTANT: ", end="", flush=True)
+            try:
+                session.reply(line)
+            except ValueError as e:  # a message too long for the context
+                note(f"error: {e}")
+                if args.prompt is not None:
+                    sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""chat.py against llava.generate: a tiny random LLaVA saved with save_pretrained, chat.py driven over stdin as a
+subprocess (one session covers most checks, since each start-up imports torch), the rest in-process."""
+import json
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import chat
+from clip import CLIPVisionConfig, load_image, preprocess
+from data import LLaVADataset, render
+from llama import LlamaConfig, Tokenizer
+from llava import LLaVA, LLaVAConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_NEW = 6
+TEMPLATE = "vicuna_v1"
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A tiny random checkpoint (own layout + tokenizer.model), two images and a file that is not an image."""
+    tmp = tmp_path_factory.mktemp("chat")
+    tokenizer = Tokenizer(str(ROOT / "tests" / "fixtures" / "tokenizer.model"))
+    config = LLaVAConfig(llm=replace(LlamaConfig.from_name("tiny"), vocab_size=tokenizer.vocab_size),
+                         vision=CLIPVisionConfig.from_name("tiny"), template=TEMPLATE)
+    torch.manual_seed(0)
+    model = LLaVA(config)
+    with torch.no_grad():  # larger random weights than the init, so answers depend on the image and the words
+        for name, p in model.named_parameters():
+            if name.startswith("llm.") or name.startswith("projector."):
+                p.normal_(0.0, 0.5 if p.ndim > 1 else 1.0)
+    model.save_pretrained(str(tmp / "model"))
+    shutil.copy(ROOT / "tests" / "fixtures" / "tokenizer.model", tmp / "model" / "tokenizer.model")
+    rng = np.random.default_rng(0)
+    for name, size in (("a.png", (40, 30)), ("b.png", (24, 36))):
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(tmp / name)
+    (tmp / "notimage.jpg").write_text("this is text, not a JPEG")
+    model = LLaVA.from_pretrained(str(tmp / "model")).eval()  # for the references; sessions load their own copy
+    return tmp, model, tokenizer
+
+
+def pixels(model, path):
+    return preprocess(load_image(path), model.config.image_size, pad_to_square=model.config.image_aspect_ratio == "pad")
+
+
+def prompt_ids(model, tokenizer, conversation):
+    return render(conversation, TEMPLATE, tokenizer, model.config.num_image_tokens, for_generation=True)[0]
+
+
+def reference(model, tokenizer, conversation, pixel_values, max_new=MAX_NEW, **kw):
+    """The answer text chat.py must print: llava.generate on the whole conversation rendered from scratch."""
+    ids = prompt_ids(model, tokenizer, conversation)
+    model.llm.setup_cache(1, len(ids) + max_new)
+    out = list(model.generate(torch.tensor([ids]), pixel_values, max_new_tokens=max_new, eos_id=tokenizer.eos_id,
+                              **kw))
+    return tokenizer.decode([t for t in out if t != tokenizer.eos_id])
+
+
+def human(text):
+    return {"from": "human", "value": text}
+
+
+def gpt(text):
+    return {"from": "gpt", "value": text.strip()}
+
+
+def test_session_over_stdin(tiny):
+    tmp, model, tokenizer = tiny
+    q1, q2, q3 = "What shape is in the picture?", "And what colour is it?", "How many are there?"
+    lines = [q1, q2, f"/image {tmp / 'missing.png'}", f"/image {tmp / 'notimage.jpg'}", q3, "/frobnicate",
+             f"/save {tmp / 'transcript.json'}", f"/image {tmp / 'b.png'}", q1, "/reset", q1]
+    result = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--model", str(tmp / "model"),
+                             "--image", str(tmp / "a.png"), "--max-new-tokens", str(MAX_NEW), "--stats"],
+                            input="\n".join(lines) + "\n", capture_output=True, text=True, cwd=tmp, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+    pa, pb = pixels(model, tmp / "a.png"), pixels(model, tmp / "b.png")
+    conv = [human("<image>\n" + q1)]
+    a1 = reference(model, tokenizer, conv, pa)
+    conv += [gpt(a1), human(q2)]
+    a2 = reference(model, tokenizer, conv, pa)  # turn 2 rendered from scratch: what the cached chat must match
+    conv += [gpt(a2), human(q3)]  # the failed /image commands left the conversation as it was
+    a3 = reference(model, tokenizer, conv, pa)
+    a4 = reference(model, tokenizer, [human("<image>\n" + q1)], pb)  # /image b.png: a new conversation
+    assert a1.strip() and a2.strip() and a3.strip(), "the tiny model answers nothing: the checks below are void"
+    assert a4 != a1, "answers do not depend on the image: the checks below are weak"
+    assert result.stdout == a1 + "\n" + a2 + "\n" + a3 + "\n" + a4 + "\n" + a4 + "\n"  # stdout: answers only
+
+    # the cache was reused: turn 2 fed only what follows the common prefix, which covers the whole turn-1 prompt
+    stats = [tuple(map(int, m)) for m in re.findall(r"\[(\d+) prompt tokens prefilled, (\d+) reused", result.stderr)]
+    assert len(stats) == 5
+    p1, p2 = prompt_ids(model, tokenizer, conv[:1]), prompt_ids(model, tokenizer, conv[:3])
+    assert stats[0] == (len(p1), 0)
+    assert stats[1][1] >= len(p1) and sum(stats[1]) == len(p2)
+    assert stats[3] == (len(p1), 0)  # a new image: nothing cached is valid (same question, so same length)
+    assert stats[4] == (1, len(p1) - 1)  # /reset, same question: the whole prompt but its last token is cached
+    assert "tokens/s" in result.stderr and "first token" in result.stderr
+
+    assert "missing.png" in result.stderr and "not found" in result.stderr
+    assert "notimage.jpg" in result.stderr and "cannot read image" in result.stderr
+    assert "unknown command /frobnicate" in result.stderr
+
+    saved = json.loads((tmp / "transcript.json").read_text())
+    assert len(saved) == 1 and saved[0]["conversations"] == conv + [gpt(a3)]
+    assert Path(saved[0]["image"]) == tmp / "a.png"
+    dataset = LLaVADataset(str(tmp / "transcript.json"), str(tmp), tokenizer, TEMPLATE,
+                           model.config.num_image_tokens, model.config.image_size)
+    item = dataset[0]
+    full_ids, full_labels = render(saved[0]["conversations"], TEMPLATE, tokenizer, model.config.num_image_tokens)
+    assert item["input_ids"].tolist() == full_ids and item["labels"].tolist() == full_labels
+    torch.testing.assert_close(item["pixel_values"], pa)
+
+
+def test_prompt_with_demo_defaults(tiny, tmp_path, monkeypatch, capsys):
+    """No --model/--image: the demo checkpoint and the first demo eval image; --prompt answers once."""
+    tmp, model, tokenizer = tiny
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="run the demo first"):
+        chat.main(["--prompt", "hi"])
+    shutil.copytree(tmp / "model", tmp_path / "runs" / "demo" / "stage2")
+    (tmp_path / "runs" / "demo" / "data" / "images").mkdir(parents=True)
+    shutil.copy(tmp / "b.png", tmp_path / "runs" / "demo" / "data" / "images" / "b.png")
+    eval_rows = [{"id": "0", "image": "b.png", "question": "q", "answer": "a", "category": "shape"}]
+    (tmp_path / "runs" / "demo" / "data" / "eval.json").write_text(json.dumps(eval_rows))
+    question = "Which shape?"
+    chat.main(["--prompt", question, "--temperature", "0.9", "--seed", "3", "--max-new-tokens", str(MAX_NEW)])
+    conv, pb = [human("<image>\n" + question)], pixels(model, tmp / "b.png")
+    expected = reference(model, tokenizer, conv, pb, temperature=0.9, generator=torch.Generator().manual_seed(3))
+    assert capsys.readouterr().out == expected + "\n"
+    assert expected != reference(model, tokenizer, conv, pb), "sampling gives the greedy answer: a weak check"
+
+
+class StopAfter:
+    """An output stream that raises KeyboardInterrupt (Ctrl-C) on its n-th write, like a user stopping an answer."""
+
+    def __init__(self, n):
+        self.n, self.text = n, ""
+
+    def write(self, text):
+        self.n -= 1
+        if self.n == 0:
+            raise KeyboardInterrupt
+        self.text += text
+
+    def flush(self):
+        pass
+
+
+def assert_cache_holds(session, reference_model, pixel_values):
+    """Cache rows 0..len(cached_ids)-1 of the session hold the keys/values of exactly its cached_ids."""
+    ids = torch.tensor([session.cached_ids])  # (1, L)
+    reference_model.llm.setup_cache(1, ids.shape[1])
+    with torch.no_grad():
+        embeds = reference_model.embed(ids, pixel_values)  # (1, L, D)
+        reference_model.llm(inputs_embeds=embeds, input_pos=torch.arange(ids.shape[1]))
+    for mine, ref in zip(session.model.llm.layers, reference_model.llm.layers):
+        for cache in ("k_cache", "v_cache"):
+            torch.testing.assert_close(getattr(mine.self_attn, cache)[:, :, :ids.shape[1]],
+                                       getattr(ref.self_attn, cache), atol=1e-4, rtol=1e-4)
+
+
+def test_ctrl_c_keeps_a_consistent_cache(tiny, capsys):
+    tmp, model, tokenizer = tiny
+    session = chat.ChatSession(LLaVA.from_pretrained(str(tmp / "model")), tokenizer, TEMPLATE,
+                               max_new_tokens=MAX_NEW, max_context=256)
+    session.set_image(str(tmp / "a.png"))
+    pa = pixels(model, tmp / "a.png")
+    full = reference(model, tokenizer, [human("<image>\nDescribe the picture.")], pa)
+    assert len(tokenizer.encode(full, bos=False)) >= 3, "too short an answer to stop in the middle"
+    out = StopAfter(3)
+    partial = session.reply("Describe the picture.", out=out)
+    assert partial == out.text.strip() and len(partial) < len(full.strip())  # stopped after two printed tokens
+    assert "answer stopped" in capsys.readouterr().err
+    assert_cache_holds(session, model, pa)
+    # the cache holds stale entries past the rollback point; the next turn must not see them
+    answer = session.reply("Go on.", out=StopAfter(-1))
+    conv = [human("<image>\nDescribe the picture."), gpt(partial), human("Go on.")]
+    assert answer == reference(model, tokenizer, conv, pa).strip()
+    assert_cache_holds(session, model, pa)  # after an answer that ran to --max-new-tokens (or eos)
+    # stopped at the very first token: the message is dropped, the prefill it overwrote is not counted as cached
+    assert session.reply("Once more.", out=StopAfter(1)) == ""
+    assert "stopped before any text" in capsys.readouterr().err
+    assert session.conversation() == conv + [gpt(answer)]
+    assert_cache_holds(session, model, pa)
+
+
+def test_context_overflow_drops_the_oldest_turn(tiny, capsys):
+    tmp, model, tokenizer = tiny
+    pa = pixels(model, tmp / "a.png")
+    first = prompt_ids(model, tokenizer, [human("<image>\nWhat is it?")])
+    session = chat.ChatSession(LLaVA.from_pretrained(str(tmp / "model")), tokenizer, TEMPLATE,
+                               max_new_tokens=MAX_NEW, max_context=len(first) + MAX_NEW + 4)  # one short turn fits
+    session.set_image(str(tmp / "a.png"))
+    session.reply("What is it?", out=StopAfter(-1))
+    answer = session.reply("Why?", out=StopAfter(-1))
+    assert "dropped the oldest 1 turn(s)" in capsys.readouterr().err
+    assert session.conversation() == [human("<image>\nWhy?"), gpt(answer)]
+    assert answer == reference(model, tokenizer, [human("<image>\nWhy?")], pa).strip()
+    with pytest.raises(ValueError, match="message too long"):
+        session.reply("much too long " * 50, out=StopAfter(-1))
+    assert session.conversation() == [human("<image>\nWhy?"), gpt(answer)]  # the session goes on unchanged
