@@ -1,0 +1,456 @@
+"""LLaMA decoder in plain PyTorch: RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU.
+
+Loads and saves Hugging Face `LlamaForCausalLM` folders (config.json + safetensors, single file or sharded) with the
+same tensor names minus the "model." prefix, so LLaMA-2, Vicuna, TinyLlama and SmolLM checkpoints load unchanged.
+Also here: a static KV cache indexed by token positions (prefill and decode share one forward), the sentencepiece
+tokenizer with a streaming decoder, and sampling / generation.
+
+    model = Llama.from_pretrained("path/to/vicuna-7b-v1.5", device="cuda", dtype=torch.bfloat16)
+    tok = Tokenizer("path/to/vicuna-7b-v1.5")
+    model.setup_cache(1, 512)
+    ids = torch.tensor([tok.encode("Hello")], device="cuda")
+    print(tok.decode(list(generate(model, ids, max_new_tokens=20))))
+
+Not implemented (refused when a config asks for it): biases in attention/MLP, activations other than SiLU,
+RoPE scaling other than "linear" (e.g. Llama-3's "llama3", "dynamic", "yarn").
+"""
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import sentencepiece as spm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int  # SwiGLU width
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int  # < num_attention_heads: grouped-query attention (TinyLlama, SmolLM)
+    rms_norm_eps: float = 1e-5  # LLaMA-2 uses 1e-5, LLaMA-1 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False  # lm_head shares embed_tokens' weight (small models)
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0  # LLaMA has no pad token; LLaVA pads with unk (id 0)
+    rope_scaling_factor: float = 1.0  # "linear" RoPE scaling: positions divided by this factor
+    head_dim: int = 0  # 0: hidden_size // num_attention_heads
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "LlamaConfig":
+        if d.get("model_type", "llama") != "llama":
+            raise ValueError(f"model_type {d['model_type']!r} is not supported (only 'llama')")
+        for key, allowed in [("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")]:
+            if key in d and d[key] != allowed:
+                raise ValueError(f"config {key}={d[key]!r} is not supported (only {allowed!r})")
+        # transformers < 5 writes rope_theta + rope_scaling at top level; >= 5 writes one rope_parameters dict
+        rope = dict(d.get("rope_parameters") or {})
+        rope.update(d.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "linear"):
+            raise ValueError(f"rope scaling type {rope_type!r} is not supported (only 'default' and 'linear')")
+        eos = d.get("eos_token_id", 2)
+        if isinstance(eos, list):
+            raise ValueError(f"several eos_token_id {eos} are not supported (one id expected)")
+        return cls(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+                   intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+                   num_attention_heads=d["num_attention_heads"],
+                   num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+                   rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+                   rope_theta=d.get("rope_theta", rope.get("rope_theta", 10000.0)),
+                   max_position_embeddings=d.get("max_position_embeddings", 2048),
+                   tie_word_embeddings=d.get("tie_word_embeddings", False),
+                   bos_token_id=d.get("bos_token_id", 1), eos_token_id=eos,
+                   pad_token_id=d.get("pad_token_id") if d.get("pad_token_id") is not None else 0,
+                   rope_scaling_factor=float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0,
+                   head_dim=d.get("head_dim") or 0)
+
+    def to_hf(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "rope_scaling_factor"}
+        scaling = {"type": "linear", "rope_type": "linear", "factor": self.rope_scaling_factor}
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+                "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02, "use_cache": True,
+                "rope_scaling": scaling if self.rope_scaling_factor != 1.0 else None, **d}
+
+    @classmethod
+    def from_name(cls, name: str) -> "LlamaConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        return cls(**PRESETS[name])
+
+
+PRESETS = {  # sizes from the published config.json files
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=1024),
+    "smollm-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                        num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+                        bos_token_id=0, eos_token_id=0),
+    "tinyllama-1.1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                           num_attention_heads=32, num_key_value_heads=4),
+    "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+    "llama-2-13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                        num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096),
+}
+PRESETS["vicuna-7b"] = PRESETS["llama-2-7b"]  # Vicuna-7B v1.5 (LLaVA-1.5's LLM) is a LLaMA-2-7B fine-tune
+
+
+# ---------------------------------------------------------------------------------------------------- the model
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # normalise in fp32 (bf16 squares overflow/lose precision), cast back, then scale: the order HF uses
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(config: LlamaConfig, positions, dtype):
+    """cos/sin tables for the given positions, computed on the fly (cheap) so no buffer survives meta-device init."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, device=positions.device).float() / dim))
+    inv_freq = inv_freq / config.rope_scaling_factor  # (hd/2,)
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd): rotate_half layout, pairs (i, i + hd/2)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):  # x (B, H, T, hd), cos/sin (T, hd)
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                        config.head_dim)
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.k_cache = self.v_cache = None  # (B, n_kv, L, hd) once Llama.setup_cache ran; plain tensors, not state
+
+    def forward(self, x, cos, sin, input_pos=None, kv_len=None, mask=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if input_pos is None:  # plain causal forward, no cache
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads < self.n_heads)
+        else:
+            self.k_cache[:B].index_copy_(2, input_pos, k)
+            self.v_cache[:B].index_copy_(2, input_pos, v)
+            # attend over the filled prefix only, not the whole preallocated buffer
+            k, v = self.k_cache[:B, :, :kv_len], self.v_cache[:B, :, :kv_len]  # (B, Hkv, L, hd)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               enable_gqa=self.n_kv_heads < self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):  # SwiGLU
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, input_pos=None, kv_len=None, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, kv_len, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    """LlamaForCausalLM. state_dict keys == the HF keys without the "model." prefix (lm_head.weight unchanged)."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.cache_len = 0  # max_seq_len of the KV cache, 0 when there is none
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share lm_head's weight with embed_tokens when the config says so. Call it again after to_empty() or
+        load_state_dict(assign=True): both replace Parameters and so break the sharing."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @staticmethod
+    def _init_weights(module):  # HF's initializer_range 0.02 (PyTorch's default Linear init is for other nets)
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def setup_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None) -> None:
+        device = device or self.embed_tokens.weight.device
+        dtype = dtype or self.embed_tokens.weight.dtype
+        c = self.config
+        shape = (batch_size, c.num_key_value_heads, max_seq_len, c.head_dim)
+        with torch.inference_mode(False):  # usable later outside inference mode too
+            for layer in self.layers:
+                layer.self_attn.k_cache = torch.zeros(shape, device=device, dtype=dtype)
+                layer.self_attn.v_cache = torch.zeros(shape, device=device, dtype=dtype)
+        self.cache_len = max_seq_len
+
+    def reset_cache(self) -> None:
+        for layer in self.layers:
+            layer.self_attn.k_cache = layer.self_attn.v_cache = None
+        self.cache_len = 0
+
+    def forward(self, input_ids=None, inputs_embeds=None, input_pos=None):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        B, T, _ = x.shape
+        kv_len, mask = None, None
+        if input_pos is None:
+            positions = torch.arange(T, device=x.device)
+            last = T - 1
+        else:
+            positions = input_pos
+            if input_pos.shape != (T,):
+                raise ValueError(f"input_pos has shape {tuple(input_pos.shape)}, expected ({T},): one per token")
+            if self.cache_len == 0:
+                raise ValueError("input_pos given but no KV cache: call setup_cache(batch_size, max_seq_len) first")
+            last = int(input_pos.max())  # positions must be increasing: the last token sees the longest prefix
+            if last >= self.cache_len:
+                raise ValueError(f"position {last} is past the KV cache (max_seq_len={self.cache_len})")
+            if B > self.layers[0].self_attn.k_cache.shape[0]:
+                raise ValueError(f"batch {B} is larger than the KV cache batch "
+                                 f"{self.layers[0].self_attn.k_cache.shape[0]}")
+            kv_len = last + 1
+            if T > 1 and kv_len != T:  # prefill after earlier positions: token i sees cache slots <= input_pos[i]
+                mask = torch.arange(kv_len, device=x.device)[None, :] <= input_pos[:, None]  # (T, L)
+            # T == 1: sees the whole prefix (no mask); kv_len == T: positions 0..T-1, plain causal
+        if last >= self.config.max_position_embeddings:
+            raise ValueError(f"position {last} is past max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        cos, sin = rope_cos_sin(self.config, positions, x.dtype)  # (T, hd)
+        for layer in self.layers:
+            x = layer(x, cos, sin, input_pos, kv_len, mask)
+        return self.lm_head(self.norm(x))  # (B, T, vocab)
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32) -> "Llama":
+        config_file = os.path.join(path, "config.json")
+        with open(config_file) as f:
+            config = LlamaConfig.from_hf(json.load(f))
+        with torch.device("meta"):  # no memory until the checkpoint tensors are assigned
+            model = cls(config)
+        tensors, files = _load_checkpoint(path, device)
+        expected = {k: v.shape for k, v in llama_to_hf_keys(model.state_dict()).items()}
+        if config.tie_word_embeddings:
+            expected.pop("lm_head.weight")
+        check_state_dict(expected, tensors, files, ignore=IGNORED_KEYS)
+        wanted = model.state_dict().keys()
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in hf_to_llama_keys(tensors).items()
+              if k in wanted}
+        if config.tie_word_embeddings:
+            sd["lm_head.weight"] = sd["embed_tokens.weight"]
+        model.load_state_dict(sd, strict=True, assign=True)
+        model.tie_weights()
+        return model.eval()
+
+    def save_pretrained(self, path) -> None:
+        os.makedirs(path, exist_ok=True)
+        sd = llama_to_hf_keys(self.state_dict())
+        if self.config.tie_word_embeddings:
+            sd.pop("lm_head.weight")  # HF layout: the tied head is not stored
+        sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+        _atomic_write(os.path.join(path, "model.safetensors"), lambda tmp: save_file(sd, tmp, {"format": "pt"}))
+        text = json.dumps(self.config.to_hf(), indent=2)
+        _atomic_write(os.path.join(path, "config.json"), lambda tmp: open(tmp, "w").write(text))
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+
+IGNORED_KEYS = ("rotary_emb.inv_freq",)  # old HF checkpoints stored this recomputable buffer
+
+
+def hf_to_llama_keys(sd: dict) -> dict:
+    return {k.removeprefix("model."): v for k, v in sd.items()}
+
+
+def llama_to_hf_keys(sd: dict) -> dict:
+    return {k if k.startswith("lm_head.") else "model." + k: v for k, v in sd.items()}
+
+
+def _atomic_write(path, write):
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _load_file(file, device="cpu"):
+    if file.endswith(".bin"):  # pickle: only tensors, never code
+        return torch.load(file, map_location=device, weights_only=True)
+    return load_file(file, device=str(device))
+
+
+def _load_checkpoint(path, device="cpu"):
+    """(tensors, key -> file it came from). Accepts a folder (single file or sharded index) or one file."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        tensors = _load_file(path, device)
+        return tensors, {k: path for k in tensors}
+    for index_name, single in [("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")]:
+        index = os.path.join(path, index_name)
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            tensors, files = {}, {}
+            for shard in sorted(set(weight_map.values())):
+                file = os.path.join(path, shard)
+                if not os.path.exists(file):
+                    raise FileNotFoundError(f"{index} lists shard {file}, which does not exist")
+                part = _load_file(file, device)
+                for key in sorted(k for k, s in weight_map.items() if s == shard):
+                    if key not in part:
+                        raise KeyError(f"{file}: key {key!r} listed in {index} is not in the shard")
+                for key in part:
+                    files[key] = file
+                tensors.update(part)
+            return tensors, files
+        if os.path.exists(os.path.join(path, single)):
+            return _load_checkpoint(os.path.join(path, single), device)
+    raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def load_safetensors_dir(path) -> dict:
+    return _load_checkpoint(path)[0]
+
+
+def check_state_dict(expected: dict, got: dict, file, ignore=()) -> None:
+    """Strict key and shape check. file: a path, or a dict key -> path (sharded checkpoints)."""
+    where = (lambda k: file.get(k, "checkpoint")) if isinstance(file, dict) else (lambda k: file)
+    for key, shape in expected.items():
+        if key not in got:
+            source = os.path.dirname(next(iter(file.values()), "")) if isinstance(file, dict) else file
+            raise KeyError(f"{source}: missing key {key!r} (expected shape {tuple(shape)})")
+        if tuple(got[key].shape) != tuple(shape):
+            raise ValueError(f"{where(key)}: key {key!r} has shape {tuple(got[key].shape)}, expected {tuple(shape)}")
+    for key in got:
+        if key not in expected and not any(pattern in key for pattern in ignore):
+            raise KeyError(f"{where(key)}: unexpected key {key!r}")
+
+
+# ---------------------------------------------------------------------------------------------------- tokenizer
+
+class Tokenizer:
+    def __init__(self, path):
+        file = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else os.fspath(path)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"no sentencepiece tokenizer at {file}")
+        self.sp = spm.SentencePieceProcessor(model_file=file)
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.sp.unk_id()  # LLaVA pads with unk
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text: str, bos=True, eos=False) -> list:
+        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def stream(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Incremental decoding: push ids one by one, get the new text. Decoding the whole sequence every time (not
+    piece by piece) keeps sentencepiece's leading-space rule and byte-fallback characters exactly as decode()."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+
+    def push(self, token_id) -> str:
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # a multi-byte character is still incomplete: wait for its next byte
+            return ""
+        new, self.text = text[len(self.text):], text
+        return new
+
+    def flush(self) -> str:  # what push held back if the ids end inside a character (decode shows U+FFFD)
+        text = self.tokenizer.decode(self.ids)
+        new, self.text = text[len(self.text):], text
+        return new
+
+
+# --------------------------------------------------------------------------------------------------- generation
+
+def sample(logits, temperature=0.0, top_p=1.0, generator=None):
+    """logits (B, V) -> token ids (B,). temperature 0: greedy; top_p < 1: nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least the most likely token)
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model: Llama, input_ids=None, inputs_embeds=None, *, max_new_tokens: int, temperature=0.0, top_p=1.0,
+             eos_id=None, start_pos=0, generator=None):
+    """Yield new token ids (batch 1). The caller runs model.setup_cache first; positions < start_pos are reused."""
+    prompt = input_ids if input_ids is not None else inputs_embeds
+    if prompt is None or prompt.shape[0] != 1:
+        raise ValueError("generate takes one prompt: input_ids (1, T) or inputs_embeds (1, T, C)")
+    T = prompt.shape[1]
+    if start_pos + T + max_new_tokens > model.cache_len:
+        raise ValueError(f"start_pos {start_pos} + prompt {T} + max_new_tokens {max_new_tokens} > KV cache length "
+                         f"{model.cache_len}: call model.setup_cache(1, L) with a larger L")
+    device = prompt.device
+    positions = torch.arange(start_pos, start_pos + T + max_new_tokens, device=device)
+    logits = model(input_ids=input_ids, inputs_embeds=inputs_embeds, input_pos=positions[:T])[:, -1]  # prefill
+    for i in range(max_new_tokens):
+        token = sample(logits.float(), temperature, top_p, generator)  # (1,)
+        token_id = int(token)
+        yield token_id
+        if token_id == eos_id or i == max_new_tokens - 1:
+            return
+        logits = model(input_ids=token.view(1, 1), input_pos=positions[T + i:T + i + 1])[:, -1]  # (1, V)
