@@ -1,0 +1,304 @@
+"""CLIP ViT vision tower (the eyes of LLaVA) and CLIP image preprocessing, with pillow + numpy.
+
+The tower mirrors Hugging Face's CLIPVisionModel module names, so loading `openai/clip-vit-large-patch14(-336)` is a
+prefix strip. LLaVA reads the hidden states of the penultimate layer (`select_layer=-2`) and drops the CLS token;
+the layers after the selected one are never computed and `post_layernorm` is unused (it is kept so that
+checkpoints load strictly and save back unchanged).
+"""
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+# OpenAI CLIP's training statistics; the pad colour is LLaVA's `tuple(int(x * 255) for x in image_mean)`.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PAD_COLOR = tuple(int(x * 255) for x in CLIP_MEAN)  # (122, 116, 104)
+
+# Tensors of a CLIPVisionModel / full CLIPModel checkpoint that the vision tower skips on purpose: the text tower,
+# the contrastive heads, and the position_ids buffer old checkpoints stored (positions are always 0..N).
+SKIPPED_PREFIXES = ("text_model.",)
+SKIPPED_KEYS = {"visual_projection.weight", "text_projection.weight", "logit_scale",
+                "vision_model.embeddings.position_ids", "embeddings.position_ids"}
+
+
+@dataclass
+class CLIPVisionConfig:  # field names as in HF CLIPVisionConfig
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    image_size: int  # input is image_size x image_size pixels
+    patch_size: int  # a conv with kernel = stride = patch_size cuts the image into patches
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"  # OpenAI CLIP's x * sigmoid(1.702 x)
+    num_channels: int = 3
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; supported: {sorted(ACTIVATIONS)}")
+
+    @property
+    def num_patches(self) -> int:  # image tokens without CLS
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "CLIPVisionConfig":
+        d = d.get("vision_config", d)  # a full CLIPModel config nests the vision part
+        # missing fields take the defaults of transformers' CLIPVisionConfig, as transformers itself does
+        defaults = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                        image_size=224, patch_size=32, layer_norm_eps=1e-5, hidden_act="quick_gelu", num_channels=3)
+        return cls(**{k: d.get(k, v) for k, v in defaults.items()})
+
+    def to_hf(self) -> dict:
+        fields = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return {"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model", **fields}
+
+    @classmethod
+    def from_name(cls, name: str) -> "CLIPVisionConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown CLIP preset {name!r}; known: {sorted(PRESETS)}")
+        return cls(**PRESETS[name])
+
+
+PRESETS = {
+    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                 image_size=64, patch_size=16),  # 16 image tokens: the CPU demo
+    "vit-l-14": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                     image_size=224, patch_size=14),  # openai/clip-vit-large-patch14, LLaVA v1: 256 tokens
+    "vit-l-14-336": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                         image_size=336, patch_size=14),  # openai/clip-vit-large-patch14-336, LLaVA-1.5: 576 tokens
+}
+
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "gelu": F.gelu,
+}
+
+
+class Embeddings(nn.Module):
+    def __init__(self, config: CLIPVisionConfig):
+        super().__init__()
+        self.image_size = config.image_size
+        self.class_embedding = nn.Parameter(torch.randn(config.hidden_size) * config.hidden_size**-0.5)
+        self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size,
+                                         stride=config.patch_size, bias=False)
+        self.position_embedding = nn.Embedding(config.num_patches + 1, config.hidden_size)
+        nn.init.normal_(self.position_embedding.weight, std=0.02)
+
+    def forward(self, pixel_values):
+        B, _, H, W = pixel_values.shape
+        if H != self.image_size or W != self.image_size:
+            raise ValueError(f"pixel_values are {H}x{W}, the tower expects {self.image_size}x{self.image_size}")
+        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, C, g, g)
+        patches = patches.flatten(2).transpose(1, 2)  # (B, N, C), row-major patch order
+        cls = self.class_embedding.expand(B, 1, -1)  # (B, 1, C)
+        # positions are 0..N in order, so the lookup is the whole table
+        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight  # (B, N+1, C)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: CLIPVisionConfig):
+        super().__init__()
+        C = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.q_proj, self.k_proj = nn.Linear(C, C), nn.Linear(C, C)
+        self.v_proj, self.out_proj = nn.Linear(C, C), nn.Linear(C, C)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, -1).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.num_heads, -1).transpose(1, 2)  # (B, H, T, D)
+        v = self.v_proj(x).view(B, T, self.num_heads, -1).transpose(1, 2)  # (B, H, T, D)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, D), no mask: every token sees the whole image
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: CLIPVisionConfig):
+        super().__init__()
+        self.act = ACTIVATIONS[config.hidden_act]
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))  # (B, T, C)
+
+
+class EncoderLayer(nn.Module):  # pre-LN transformer block
+    def __init__(self, config: CLIPVisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = Attention(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))  # (B, T, C)
+        return x + self.mlp(self.layer_norm2(x))  # (B, T, C)
+
+
+class CLIPVisionTower(nn.Module):
+    def __init__(self, config: CLIPVisionConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)  # sic: the HF/OpenAI name
+        self.encoder = nn.ModuleDict({"layers": nn.ModuleList(EncoderLayer(config)
+                                                              for _ in range(config.num_hidden_layers))})
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)  # unused, see top
+
+    def forward(self, pixel_values, select_layer=-2, select_feature="patch"):
+        n = len(self.encoder.layers)
+        depth = select_layer if select_layer >= 0 else n + 1 + select_layer  # index into hidden_states()
+        if not 0 <= depth <= n:
+            raise ValueError(f"select_layer {select_layer} is out of range for {n} layers")
+        if select_feature not in ("patch", "cls_patch"):
+            raise ValueError(f"select_feature must be 'patch' or 'cls_patch', got {select_feature!r}")
+        x = self.pre_layrnorm(self.embeddings(pixel_values))  # (B, N+1, C)
+        for layer in self.encoder.layers[:depth]:
+            x = layer(x)  # (B, N+1, C)
+        return x[:, 1:] if select_feature == "patch" else x  # (B, N, C) or (B, N+1, C)
+
+    def hidden_states(self, pixel_values) -> list:
+        states = [self.pre_layrnorm(self.embeddings(pixel_values))]  # [0]: embeddings, as HF's hidden_states[0]
+        for layer in self.encoder.layers:
+            states.append(layer(states[-1]))  # (B, N+1, C)
+        return states
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32) -> "CLIPVisionTower":
+        config = CLIPVisionConfig.from_hf(_read_json(os.path.join(path, "config.json")))
+        with torch.device("meta"):  # no memory until the checkpoint tensors are assigned
+            model = cls(config)
+        tensors, file = load_checkpoint(path, skip=is_skipped_key)
+        names = clip_to_tower_keys({k: k for k in tensors})  # tower key -> key in the file, for error messages
+        state = clip_to_tower_keys(tensors)
+        expected = model.state_dict()
+        for key in expected:
+            if key not in state:
+                raise KeyError(f"{file}: missing tensor '{key}' (published name 'vision_model.{key}')")
+            if state[key].shape != expected[key].shape:
+                raise ValueError(f"{file}: tensor '{names[key]}' has shape {tuple(state[key].shape)}, "
+                                 f"expected {tuple(expected[key].shape)} for config {config}")
+        unexpected = [names[k] for k in state if k not in expected]
+        if unexpected:
+            raise KeyError(f"{file}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.eval()
+
+    def save_pretrained(self, path):
+        os.makedirs(path, exist_ok=True)  # temp name in the same folder + os.replace: never a half-written file
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tower_to_clip_keys(self.state_dict()).items()}
+        save_file(tensors, os.path.join(path, "model.safetensors.tmp"), metadata={"format": "pt"})
+        os.replace(os.path.join(path, "model.safetensors.tmp"), os.path.join(path, "model.safetensors"))
+        with open(os.path.join(path, "config.json.tmp"), "w") as f:
+            json.dump(self.config.to_hf(), f, indent=2)
+        os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
+
+
+def clip_to_tower_keys(sd: dict) -> dict:
+    """Published ("vision_model.x") or transformers-5 ("x") names -> tower names ("x"); other keys unchanged."""
+    out = {}
+    for key, value in sd.items():
+        name = key.removeprefix("vision_model.")
+        if name in out:
+            raise KeyError(f"tensor '{name}' appears both with and without the 'vision_model.' prefix")
+        out[name] = value
+    return out
+
+
+def tower_to_clip_keys(sd: dict) -> dict:
+    return {f"vision_model.{k}": v for k, v in sd.items()}
+
+
+def is_skipped_key(key: str) -> bool:
+    return key.startswith(SKIPPED_PREFIXES) or key in SKIPPED_KEYS
+
+
+def load_checkpoint(path, skip=lambda key: False) -> tuple:
+    """(tensors, file) from model.safetensors (or an older pytorch_model.bin); skipped keys are never read."""
+    file = os.path.join(path, "model.safetensors")
+    if os.path.exists(file):
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:  # reads only the tensors asked for
+                return {k: f.get_tensor(k) for k in f.keys() if not skip(k)}, file
+        except Exception as e:
+            raise ValueError(f"{file}: cannot read safetensors file ({e})") from e
+    file = os.path.join(path, "pytorch_model.bin")
+    if os.path.exists(file):  # weights_only: a pickle may hold code, never run it
+        return {k: v for k, v in torch.load(file, map_location="cpu", weights_only=True).items() if not skip(k)}, file
+    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+
+
+def _read_json(file) -> dict:
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file} not found")
+    with open(file) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}: invalid JSON ({e})") from e
+
+
+# ---- preprocessing: transformers' slow (PIL) CLIPImageProcessor, which LLaVA used, step for step ----
+
+def load_image(path) -> Image.Image:
+    """The image file as RGB, like LLaVA's `Image.open(path).convert("RGB")` (alpha is dropped, not composited)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")  # convert() decodes the whole file, so truncation shows up here
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image file {path}: {e}") from e
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    # as CLIPImageProcessor: transparency is composited onto white, other modes (L, P, CMYK, ...) plainly converted
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def expand_to_square(image: Image.Image, color=PAD_COLOR) -> Image.Image:
+    """LLaVA's image_aspect_ratio="pad": centre the image on a square of `color` (the offset is rounded down)."""
+    w, h = image.size
+    if w == h:
+        return image
+    square = Image.new(image.mode, (max(w, h),) * 2, color)
+    square.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+    return square
+
+
+def preprocess(images, image_size: int, pad_to_square=False) -> torch.Tensor:
+    """One PIL image or a list -> (B, 3, S, S) float32: RGB, [pad], bicubic short edge -> S, centre crop, normalise."""
+    images = [images] if isinstance(images, Image.Image) else list(images)
+    S = image_size
+    mean, std = np.array(CLIP_MEAN, np.float32), np.array(CLIP_STD, np.float32)
+    out = np.empty((len(images), S, S, 3), np.float32)
+    for i, image in enumerate(images):
+        image = to_rgb(image)
+        if pad_to_square:
+            image = expand_to_square(image)
+        w, h = image.size
+        long = int(S * max(w, h) / min(w, h))  # truncated, as transformers (and torchvision) compute it
+        w, h = (S, long) if w <= h else (long, S)
+        image = image.resize((w, h), Image.BICUBIC)
+        top, left = (h - S) // 2, (w - S) // 2
+        pixels = np.asarray(image)[top:top + S, left:left + S]  # (S, S, 3) uint8
+        # rescale in float64 then normalise in float32, the processor's exact order of rounding
+        out[i] = ((pixels.astype(np.float64) * (1 / 255)).astype(np.float32) - mean) / std
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()  # (B, 3, S, S)
