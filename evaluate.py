@@ -1,0 +1,387 @@
+"""Evaluate a LLaVA checkpoint the way the paper does. All modes answer greedily through the KV cache with the
+prompt data.render gives training for the same human turn.
+
+  judge  LLaVA-Bench: a text-only GPT-4 judge scores a reference answer and the model's answer 1-10 from the
+         image's captions/boxes; relative score = mean(model) / mean(reference) x 100.
+  mc     ScienceQA-style multiple choice ("A. ..." options, answer with the letter): accuracy.
+  demo   the demo's held-out questions (runs/demo/data/eval.json): exact-match accuracy.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+from collections import defaultdict
+
+import torch
+
+from clip import load_image, preprocess
+from data import demo_answer_correct, render
+from generate_data import APIError, ChatClient, append_jsonl, read_jsonl, repair_jsonl
+from llama import Tokenizer
+from llava import LLaVA
+
+# -----------------------------------------------------------------------------------------------------------------
+# answering with the model
+
+
+@torch.no_grad()
+def answer(model, tokenizer, question, image_path=None, max_new_tokens=128):
+    """Greedy single-turn answer; the prompt is token-for-token what training rendered for the same human turn."""
+    cfg = model.config
+    text = "<image>\n" + question if image_path is not None else question
+    input_ids, _ = render([{"from": "human", "value": text}], cfg.template, tokenizer, cfg.num_image_tokens,
+                          for_generation=True)
+    device = next(model.parameters()).device
+    pixel_values = None if image_path is None else preprocess(  # (1, 3, S, S)
+        load_image(image_path), cfg.image_size, pad_to_square=cfg.image_aspect_ratio == "pad"
+    ).to(device, next(model.vision_tower.parameters()).dtype)
+    ids = torch.tensor([input_ids], dtype=torch.long, device=device)  # (1, T)
+    model.llm.setup_cache(1, ids.shape[1] + max_new_tokens, device=device, dtype=next(model.llm.parameters()).dtype)
+    out = list(model.generate(ids, pixel_values, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id))
+    model.llm.reset_cache()  # a 7B cache is ~0.5 MB per position: do not keep it between questions
+    return tokenizer.decode(out[:-1] if out and out[-1] == tokenizer.eos_id else out).strip()
+
+
+def model_answer_fn(model, tokenizer, max_new_tokens):
+    """The answer_fn the modes take: item {"text", "image_path"} -> reply (tests pass their own)."""
+    return lambda item: answer(model, tokenizer, item["text"], item.get("image_path"), max_new_tokens)
+
+
+def load_model(path, device=None, dtype=None):
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    model = LLaVA.from_pretrained(path, device=device, dtype=dtype).eval()
+    return model, Tokenizer(path)
+
+
+def answer_all(items, answer_fn, out_path, model_id="llava"):
+    """{question_id: answer_fn(item)} for all items, appended to out_path as they come; ids already there are
+    skipped, so an interrupted run continues where it stopped."""
+    done = {r["question_id"]: r["text"] for r in repair_jsonl(out_path)}  # repair: cut a torn last line
+    for item in (item for item in items if item["question_id"] not in done):
+        done[item["question_id"]] = text = answer_fn(item)
+        append_jsonl(out_path, {"question_id": item["question_id"], "prompt": item["text"], "text": text,
+                                "model_id": model_id})
+    return {item["question_id"]: done[item["question_id"]] for item in items}
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# input files
+
+
+def read_records(path):
+    """A JSON list or a JSONL file; a bad line is an error naming the file and line (inputs are never torn)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    is_list = text.lstrip().startswith("[")
+    records = []
+    for n, line in enumerate([text] if is_list else text.splitlines(), 1):
+        try:
+            records += [json.loads(line)] if line.strip() else []
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}{'' if is_list else f', line {n}'}: invalid JSON: {e}") from None
+    return records[0] if is_list else records
+
+
+def require(record, key, where):
+    if key not in record:
+        raise ValueError(f"{where}: missing key {key!r}")
+    return record[key]
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# demo mode
+
+
+def demo_items(data_dir, limit=None):
+    path = os.path.join(data_dir, "eval.json")
+    items = []
+    for n, record in enumerate(read_records(path)[:limit]):
+        where = f"{path}, item {n}"
+        # LLaVA JSON convention: image paths are relative to the image folder (data_dir/images); accept data_dir too
+        image = os.path.join(data_dir, "images", require(record, "image", where))
+        items.append({"question_id": require(record, "id", where), "text": require(record, "question", where),
+                      "answer": require(record, "answer", where), "category": record.get("category", "all"),
+                      "image_path": image if os.path.exists(image) else os.path.join(data_dir, record["image"])})
+    return items
+
+
+def tally(rows):
+    """(category, correct, unparsed) rows -> {"all" | category: {"correct", "total", "unparsed", "accuracy" (%)}}."""
+    stats = defaultdict(lambda: {"correct": 0, "total": 0, "unparsed": 0})
+    for category, correct, unparsed in rows:
+        for key in {"all", category}:
+            stats[key]["total"] += 1
+            stats[key]["correct"] += bool(correct)
+            stats[key]["unparsed"] += bool(unparsed)
+    for s in stats.values():
+        s["accuracy"] = 100.0 * s["correct"] / s["total"]
+    return dict(stats)
+
+
+def score_demo(items, answer_fn):
+    return tally((item["category"], demo_answer_correct(answer_fn(item), item["answer"]), False) for item in items)
+
+
+def demo_accuracy(model, tokenizer, data_dir, limit=None, max_new_tokens=16):
+    """(correct, total) on <data_dir>/eval.json, greedy; train.py prints it at the end of the demo."""
+    stats = score_demo(demo_items(data_dir, limit), model_answer_fn(model, tokenizer, max_new_tokens))
+    return (stats["all"]["correct"], stats["all"]["total"]) if stats else (0, 0)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# multiple-choice mode (ScienceQA)
+
+LETTERS = "ABCDEFGHIJ"
+MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."  # LLaVA's ScienceQA prompt
+
+
+def mc_prompt(item):
+    context = f"Context: {item['context']}\n" if item.get("context") else ""
+    options = "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(item["choices"]))
+    return f"{context}{item['question']}\n{options}\n{MC_INSTRUCTION}"
+
+
+def answer_index(answer, n_choices, where):
+    """The gold answer as an index: an int or a letter."""
+    letter = answer.strip().upper() if isinstance(answer, str) else ""
+    index = answer if isinstance(answer, int) else LETTERS.find(letter) if len(letter) == 1 else -1
+    if not 0 <= index < n_choices:
+        raise ValueError(f"{where}: answer {answer!r} is not an index or letter of its {n_choices} choices")
+    return index
+
+
+def parse_choice(text, choices):
+    """The chosen option's index from a model reply, or None. Accepts "B", "B.", "(B) ...", "B) ...",
+    "The answer is B.", "Answer: B", or the text of one option exactly."""
+    text = text.strip()
+    valid = LETTERS[:len(choices)]
+    # a lone letter in any case; else an upper-case letter closed by ").:," (so the article in "A cat." is no answer)
+    patterns = (r"(?i:\(?([A-J])\)?\.?)$", r"\(?([A-J])(?:[).:,]|$)", r"(?i:.*\banswer(?: is)?)\s*:?\s*\(?([A-J])\b")
+    for pattern in patterns:
+        match = re.match(pattern, text)
+        if match and match.group(1).upper() in valid:
+            return valid.index(match.group(1).upper())
+    lowered = [c.strip().lower() for c in choices]
+    return lowered.index(text.rstrip(".").lower()) if text.rstrip(".").lower() in lowered else None
+
+
+def mc_items(path, image_folder):
+    items = []
+    for n, record in enumerate(read_records(path)):
+        where = f"{path}, item {n}"
+        choices, _ = require(record, "choices", where), require(record, "question", where)
+        items.append({"question_id": require(record, "id", where), "text": mc_prompt(record), "choices": choices,
+                      "gold": answer_index(require(record, "answer", where), len(choices), where),
+                      "category": record.get("subject") or record.get("category") or "all",
+                      "image_path": os.path.join(image_folder, record["image"]) if record.get("image") else None})
+    return items
+
+
+def score_mc(items, predictions):
+    """Accuracy overall and per category from {question_id: reply}; an unparseable reply counts as wrong."""
+    choices = [parse_choice(predictions[item["question_id"]], item["choices"]) for item in items]
+    return tally((item["category"], choice == item["gold"], choice is None) for item, choice in zip(items, choices))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# judge mode (LLaVA-Bench)
+
+JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
+BOXES = "object bounding boxes (x1, y1, x2, y2) with coordinates from 0 to 1 (top left, bottom right)"
+JUDGE_RULE = (
+    "We would like your feedback on the performance of two AI assistants answering the user question above. The user "
+    f"asked it while looking at an image you cannot see: the context above describes it by captions and {BOXES} "
+    "when given.\nRate the helpfulness, relevance, accuracy and level of detail of each response. Each assistant "
+    "receives an overall score from 1 to 10; higher is better.\nFirst output a single line with only the two scores, "
+    "for Assistant 1 and Assistant 2 in that order, separated by a space. From the next line on, explain your "
+    "evaluation without bias, making sure the order in which the responses came does not affect your judgment.")
+REFERENCE_SYSTEM = (
+    "You are an AI visual assistant. You cannot see the image the user asks about, but you are given its description:"
+    f" captions and {BOXES} when given. Answer the user's question as if you were looking at the image; do not "
+    "mention the description.")
+
+
+def context_text(record):
+    """Captions (a string or a list, key "caption" or "captions") and "category: [x1, y1, x2, y2]" box lines."""
+    captions = record.get("captions", record.get("caption", ""))
+    text = captions if isinstance(captions, str) else "\n".join(captions)
+    boxes = "\n".join(f"{box['category']}: {box['bbox']}" for box in record.get("instances", []))
+    return f"{text}\n\n{boxes}" if boxes else text
+
+
+def judge_prompt(context, question, reference, prediction):
+    # the reference is Assistant 1 and the model Assistant 2, as in LLaVA's review files ("tuple": [ref, model])
+    return (f"[Context]\n{context}\n\n[Question]\n{question}\n\n"
+            f"[Assistant 1]\n{reference}\n\n[End of Assistant 1]\n\n"
+            f"[Assistant 2]\n{prediction}\n\n[End of Assistant 2]\n\n[System]\n{JUDGE_RULE}\n\n")
+
+
+def parse_scores(reply):
+    """The two 1-10 scores on the reply's first non-empty line, or None. Tolerates "8 7", "8, 7", "8/10 7/10",
+    "Assistant 1: 8 Assistant 2: 7", "**8 7**"."""
+    line = next((l for l in reply.splitlines() if l.strip()), "")
+    line = re.sub(r"assistant\s*[12]", " ", line, flags=re.IGNORECASE)
+    line = re.sub(r"/\s*10\b", " ", line)
+    numbers = [float(x) for x in re.findall(r"\d+(?:\.\d+)?", line)]
+    return numbers if len(numbers) == 2 and all(1 <= x <= 10 for x in numbers) else None
+
+
+def judge_items(questions_path, context_path, image_folder):
+    contexts = {require(record, "image", f"{context_path}, line {n + 1}"): context_text(record)
+                for n, record in enumerate(read_records(context_path))}
+    items = []
+    for n, record in enumerate(read_records(questions_path)):
+        where = f"{questions_path}, line {n + 1}"
+        name = require(record, "image", where)
+        if name not in contexts:
+            raise ValueError(f"{where}: image {name!r} has no entry in {context_path}")
+        items.append({"question_id": require(record, "question_id", where), "text": require(record, "text", where),
+                      "category": record.get("category", "all"), "context": contexts[name],
+                      "image_path": os.path.join(image_folder, name)})
+    return items
+
+
+def reference_answers(items, path, client=None, out_path=None):
+    """Reference answers from a JSONL file ({question_id, text}), or generated by the text-only model (client)
+    from each question's context into out_path (resumable)."""
+    if path is not None:
+        refs = {require(r, "question_id", f"{path}, line {n + 1}"): require(r, "text", f"{path}, line {n + 1}")
+                for n, r in enumerate(read_records(path))}
+        missing = [item["question_id"] for item in items if item["question_id"] not in refs]
+        if missing:
+            raise ValueError(f"{path}: no reference answer for question_id {missing[0]!r} ({len(missing)} missing)")
+        return refs
+
+    def ask(item):
+        messages = [{"role": "system", "content": REFERENCE_SYSTEM},
+                    {"role": "user", "content": f"{item['context']}\n\n{item['text']}"}]
+        return client.complete(messages)["content"].strip()
+    return answer_all(items, ask, out_path, model_id=client.model)
+
+
+def review_all(items, references, predictions, client, out_path, retries=2):
+    """Asks the judge about every item without a successful review in out_path. A reply without two scores is
+    retried `retries` times, then recorded with "tuple": null and "failed": true (retried again on the next run)."""
+    reviewed = {r["question_id"] for r in repair_jsonl(out_path) if r.get("tuple")}
+    for item in (item for item in items if item["question_id"] not in reviewed):
+        qid = item["question_id"]
+        content = judge_prompt(item["context"], item["text"], references[qid], predictions[qid])
+        for attempt in range(retries + 1):
+            try:
+                reply = client.complete([{"role": "system", "content": JUDGE_SYSTEM},
+                                         {"role": "user", "content": content}])["content"]
+            except APIError as e:  # retries used up or a refused request: record it; a refused key stops the run
+                if getattr(e, "status", None) in (401, 403):
+                    raise
+                reply = f"API error: {e}"
+            scores = parse_scores(reply)
+            if scores is not None:
+                break
+        append_jsonl(out_path, {"question_id": qid, "category": item["category"], "content": reply, "tuple": scores,
+                                "failed": scores is None, "attempts": attempt + 1})
+    wanted = {item["question_id"] for item in items}  # the file may hold reviews of questions no longer asked
+    return [r for r in read_jsonl(out_path) if r["question_id"] in wanted]
+
+
+def summarize_reviews(reviews):
+    """Per category and "all": mean reference and model scores, relative score = mean(model) / mean(ref) x 100.
+    The last record of a question_id wins (a failed review retried later is replaced)."""
+    groups = defaultdict(list)
+    for r in {r["question_id"]: r for r in reviews}.values():
+        for key in {"all", r["category"]}:
+            groups[key].append(r["tuple"])
+    summary = {}
+    for key, tuples in sorted(groups.items()):
+        scored = [t for t in tuples if t]
+        summary[key] = s = {"n": len(scored), "failed": len(tuples) - len(scored)}
+        if scored:
+            s["reference"], s["model"] = (sum(t[i] for t in scored) / len(scored) for i in (0, 1))
+            s["relative"] = 100.0 * s["model"] / s["reference"]
+    return summary
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def write_json(path, obj):  # temp file + rename: a crash never leaves a half-written summary
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def make_client(args, model):
+    api_key = os.environ.get(args.api_key_env)
+    if not api_key:
+        sys.exit(f"error: set the API key in the environment variable {args.api_key_env}")
+    # temperature 0.2: LLaVA's review script; low for the references too, so reruns vary little
+    return ChatClient(args.base_url, api_key, model, temperature=0.2, max_tokens=args.judge_max_tokens)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo", action="store_true", help="same as the demo subcommand")
+    sub = parser.add_subparsers(dest="mode")
+    modes = {name: sub.add_parser(name) for name in ("demo", "mc", "judge")}
+    for name, p in modes.items():
+        p.add_argument("--model", default="runs/demo/stage2", help="checkpoint directory (with tokenizer.model)")
+        p.add_argument("--device", default=None)
+        p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA)")
+        p.add_argument("--max-new-tokens", type=int, default={"demo": 16, "mc": 16, "judge": 512}[name])
+        p.add_argument("--out", default=f"runs/eval/{name}", help="output folder (answers, reviews, summary)")
+    modes["demo"].add_argument("--data", default="runs/demo/data", help="folder with eval.json and images/")
+    modes["demo"].add_argument("--limit", type=int, default=None)
+    for name in ("mc", "judge"):
+        modes[name].add_argument("--questions", required=True)
+        modes[name].add_argument("--images", default=".", help="folder the image paths are relative to")
+    judge = modes["judge"]
+    judge.add_argument("--context", required=True, help="context JSONL: image, caption(s), instances (boxes)")
+    judge.add_argument("--references", default=None, help="reference answers JSONL; default: generate them")
+    judge.add_argument("--base-url", default="https://api.openai.com/v1")
+    judge.add_argument("--api-key-env", default="OPENAI_API_KEY")
+    judge.add_argument("--judge-model", default="gpt-4")
+    judge.add_argument("--reference-model", default=None, help="text-only model for references (default: judge's)")
+    judge.add_argument("--judge-max-tokens", type=int, default=1024)
+    judge.add_argument("--retries", type=int, default=2, help="re-asks for a judge reply without two scores")
+    args = parser.parse_args(argv)
+    if args.mode is None:  # no subcommand (with or without --demo): the demo, with its defaults
+        args = parser.parse_args(["demo"])
+    if not os.path.isdir(args.model):
+        sys.exit(f"error: no checkpoint folder {args.model} (the demo's: train it first, README 'Run the demo')")
+    # read the inputs (and the judge's key) before spending minutes on loading the model
+    if args.mode == "demo":
+        items = demo_items(args.data, args.limit)
+    elif args.mode == "mc":
+        items = mc_items(args.questions, args.images)
+    else:
+        items = judge_items(args.questions, args.context, args.images)
+        judge_client = make_client(args, args.judge_model)
+        ref_client = None if args.references else make_client(args, args.reference_model or args.judge_model)
+    os.makedirs(args.out, exist_ok=True)
+    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    answer_fn = model_answer_fn(model, tokenizer, args.max_new_tokens)
+
+    if args.mode in ("demo", "mc"):
+        if args.mode == "demo":
+            summary = score_demo(items, answer_fn)
+        else:
+            summary = score_mc(items, answer_all(items, answer_fn, os.path.join(args.out, "answers.jsonl")))
+        for key, s in sorted(summary.items()):
+            print(f"{key:>24}: {s['accuracy']:5.1f}% ({s['correct']}/{s['total']}, {s['unparsed']} unparseable)")
+    else:
+        predictions = answer_all(items, answer_fn, os.path.join(args.out, "answers.jsonl"))
+        references = reference_answers(items, args.references, ref_client, os.path.join(args.out, "references.jsonl"))
+        reviews = review_all(items, references, predictions, judge_client, os.path.join(args.out, "reviews.jsonl"),
+                             args.retries)
+        summary = summarize_reviews(reviews)
+        for key, s in summary.items():
+            scores = f"reference {s['reference']:.2f}, model {s['model']:.2f}, relative {s['relative']:.1f}%" \
+                if s["n"] else "no scored reviews"
+            print(f"{key:>12}: {scores} (n={s['n']}, failed={s['failed']})")
+    write_json(os.path.join(args.out, "summary.json"), summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,333 @@
+import json
+import os
+
+import pytest
+import torch
+
+import evaluate
+from generate_data import ChatClient
+from tests.fake_openai import FakeOpenAI
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# judge mode
+
+QUESTIONS = [  # (question_id, image, category, text)
+    (1, "a.jpg", "conv", "Q1 what colour is the bus?"),
+    (2, "a.jpg", "conv", "Q2 how many people?"),
+    (3, "b.jpg", "detail", "Q3 describe the image."),
+    (4, "b.jpg", "complex", "Q4 why is this unusual?"),
+]
+# judge replies per question; Q3 answers garbage once before a good reply, Q4 never gives two scores
+JUDGE_REPLIES = {"Q1": ["8 6\nAssistant 1 is more precise."], "Q2": ["9, 3\nAssistant 2 miscounts."],
+                 "Q3": ["I think both are fine.", "Assistant 1: 10, Assistant 2: 7\nReasons..."],
+                 "Q4": ["Scores: 11 and 5 out of 10", "Assistant 1 wins", "8\n7"]}
+
+
+def bench_files(tmp_path):
+    q = write_jsonl(tmp_path / "questions.jsonl", [{"question_id": i, "image": im, "category": c, "text": t}
+                                                 for i, im, c, t in QUESTIONS])
+    ctx = write_jsonl(tmp_path / "context.jsonl", [
+        {"id": "a", "image": "a.jpg", "caption": "A red bus with two people."},
+        {"id": "b", "image": "b.jpg", "captions": ["A man irons.", "A taxi."],
+         "instances": [{"category": "person", "bbox": [0.1, 0.2, 0.5, 0.9]}]}])
+    refs = write_jsonl(tmp_path / "answers_gpt4.jsonl", [{"question_id": i, "text": f"reference {i}"}
+                                                        for i, *_ in QUESTIONS])
+    return q, ctx, refs
+
+
+def judge_server():
+    calls = {}
+
+    def reply(messages):
+        if messages[0]["content"] != evaluate.JUDGE_SYSTEM:  # a reference-answer request
+            return "ref:" + messages[-1]["content"].splitlines()[-1]
+        question = messages[-1]["content"].split("[Question]\n")[1].split()[0]
+        n = calls[question] = calls.get(question, 0) + 1
+        replies = JUDGE_REPLIES[question]
+        return replies[min(n - 1, len(replies) - 1)]
+    return FakeOpenAI(reply=reply), calls
+
+
+def test_parse_scores():
+    assert evaluate.parse_scores("8 6\nexplanation 3 4") == [8.0, 6.0]
+    assert evaluate.parse_scores("\n  7.5, 9\n") == [7.5, 9.0]
+    assert evaluate.parse_scores("**8/10 7/10**") == [8.0, 7.0]
+    assert evaluate.parse_scores("Assistant 1: 10, Assistant 2: 2") == [10.0, 2.0]
+    for bad in ("", "8\n7", "8 7 6", "11 5", "0 5", "Both are good."):
+        assert evaluate.parse_scores(bad) is None, bad
+
+
+def test_context_and_prompt(tmp_path):
+    items = evaluate.judge_items(*bench_files(tmp_path)[:2], image_folder=str(tmp_path))
+    assert items[2]["context"] == "A man irons.\nA taxi.\n\nperson: [0.1, 0.2, 0.5, 0.9]"
+    assert items[0]["image_path"] == os.path.join(str(tmp_path), "a.jpg")
+    prompt = evaluate.judge_prompt("CTX", "QQ", "REF", "MODEL")
+    # the reference is Assistant 1, the model Assistant 2 (so "tuple" is [reference, model] like LLaVA's reviews)
+    assert prompt.index("CTX") < prompt.index("QQ") < prompt.index("[Assistant 1]\nREF") < prompt.index(
+        "[Assistant 2]\nMODEL") < prompt.index(evaluate.JUDGE_RULE)
+
+
+def test_judge_scores_retries_and_relative_score(tmp_path):
+    q, ctx, refs = bench_files(tmp_path)
+    items = evaluate.judge_items(q, ctx, str(tmp_path))
+    predictions = evaluate.answer_all(items, lambda item: "model says " + item["text"][:2], str(tmp_path / "a.jsonl"))
+    references = evaluate.reference_answers(items, refs)
+    out = str(tmp_path / "reviews.jsonl")
+    server, calls = judge_server()
+    with server:
+        client = ChatClient(server.url, "sk-test", "judge", max_retries=0)
+        reviews = evaluate.review_all(items, references, predictions, client, out, retries=2)
+        assert calls == {"Q1": 1, "Q2": 1, "Q3": 2, "Q4": 3}  # Q3 retried once, Q4 twice then given up
+        judge_body = server.requests[0]["body"]
+        assert "[Assistant 1]\nreference 1" in judge_body["messages"][1]["content"]
+        assert "[Assistant 2]\nmodel says Q1" in judge_body["messages"][1]["content"]
+        by_id = {r["question_id"]: r for r in reviews}
+        assert by_id[3]["tuple"] == [10.0, 7.0] and by_id[3]["attempts"] == 2
+        assert by_id[4]["tuple"] is None and by_id[4]["failed"] and by_id[4]["content"] == "8\n7"
+        summary = evaluate.summarize_reviews(reviews)
+        # hand-computed: reference (8 + 9 + 10) / 3 = 9, model (6 + 3 + 7) / 3 = 16/3, relative 16/27 = 59.26 %
+        assert summary["all"]["n"] == 3 and summary["all"]["failed"] == 1
+        assert summary["all"]["reference"] == pytest.approx(9.0)
+        assert summary["all"]["model"] == pytest.approx(16 / 3)
+        assert summary["all"]["relative"] == pytest.approx(100 * 16 / 27)
+        assert summary["conv"]["relative"] == pytest.approx(100 * 4.5 / 8.5)
+        assert summary["detail"]["relative"] == pytest.approx(70.0)
+        assert summary["complex"] == {"n": 0, "failed": 1}
+
+        # resume: finished reviews are not asked again; the failed one is retried (and replaces the failed record)
+        JUDGE_REPLIES_Q4 = JUDGE_REPLIES["Q4"]
+        JUDGE_REPLIES["Q4"] = ["5 5"]
+        try:
+            reviews = evaluate.review_all(items, references, predictions, client, out, retries=2)
+        finally:
+            JUDGE_REPLIES["Q4"] = JUDGE_REPLIES_Q4
+        assert calls == {"Q1": 1, "Q2": 1, "Q3": 2, "Q4": 4}
+        summary = evaluate.summarize_reviews(reviews)
+        assert summary["all"]["n"] == 4 and summary["all"]["failed"] == 0
+        assert summary["all"]["relative"] == pytest.approx(100 * 21 / 32)
+
+
+def test_generated_references_resume(tmp_path):
+    q, ctx, _ = bench_files(tmp_path)
+    items = evaluate.judge_items(q, ctx, str(tmp_path))
+    out = str(tmp_path / "references.jsonl")
+    server, _ = judge_server()
+    with server:
+        client = ChatClient(server.url, "sk-test", "gpt-text", max_retries=0)
+        refs = evaluate.reference_answers(items[:2], None, client, out)
+        assert refs == {1: "ref:Q1 what colour is the bus?", 2: "ref:Q2 how many people?"}
+        user = server.requests[0]["body"]["messages"][1]["content"]
+        assert user.startswith("A red bus with two people.") and user.endswith("Q1 what colour is the bus?")
+        refs = evaluate.reference_answers(items, None, client, out)
+        assert len(server.requests) == 4 and sorted(refs) == [1, 2, 3, 4]  # only the two new ones were asked
+        assert server.requests[2]["body"]["messages"][1]["content"].startswith("A man irons.\nA taxi.")
+
+
+def test_missing_reference_is_named(tmp_path):
+    q, ctx, refs = bench_files(tmp_path)
+    items = evaluate.judge_items(q, ctx, str(tmp_path))
+    write_jsonl(refs, [{"question_id": 1, "text": "x"}])
+    with pytest.raises(ValueError, match="answers_gpt4.jsonl.*question_id 2"):
+        evaluate.reference_answers(items, refs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# answers: resumable
+
+
+def test_answer_all_resumes_and_tolerates_torn_line(tmp_path):
+    items = [{"question_id": f"q{i}", "text": f"question {i}", "image_path": None} for i in range(4)]
+    asked = []
+
+    def answer_fn(item):
+        asked.append(item["question_id"])
+        return "answer to " + item["text"]
+    out = str(tmp_path / "answers.jsonl")
+    evaluate.answer_all(items[:2], answer_fn, out)
+    with open(out, "a") as f:  # a run killed mid-write leaves a torn last line
+        f.write('{"question_id": "q2", "te')
+    got = evaluate.answer_all(items, answer_fn, out)
+    assert asked == ["q0", "q1", "q2", "q3"]  # q0, q1 were not asked again; the torn q2 was
+    assert got == {f"q{i}": f"answer to question {i}" for i in range(4)}
+    assert evaluate.answer_all(items, answer_fn, out) == got and len(asked) == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# multiple choice
+
+
+def test_mc_prompt_and_parse():
+    item = {"question": "Which colour?", "choices": ["red", "green", "blue"], "context": "A flag."}
+    assert evaluate.mc_prompt(item) == ("Context: A flag.\nWhich colour?\nA. red\nB. green\nC. blue\n"
+                                        "Answer with the option's letter from the given choices directly.")
+    assert evaluate.mc_prompt({"question": "Q?", "choices": ["x", "y"]}).startswith("Q?\nA. x\nB. y\n")
+    choices = ["red", "green", "blue"]
+    for reply, index in [("B", 1), ("C.", 2), ("(A) red", 0), ("B) green", 1), ("The answer is C.", 2),
+                         ("Answer: A", 0), ("blue", 2), ("Green.", 1), (" c ", 2),
+                         ("D", None), ("A cat.", None), ("I am not sure", None), ("", None)]:
+        assert evaluate.parse_choice(reply, choices) == index, reply
+
+
+def test_mc_accuracy_is_exact(tmp_path):
+    records = [{"id": "p1", "question": "Q1", "choices": ["a", "b"], "answer": 0, "subject": "physics"},
+               {"id": "p2", "question": "Q2", "choices": ["a", "b", "c"], "answer": "C", "subject": "physics",
+                "image": "p2.png"},
+               {"id": "p3", "question": "Q3", "choices": ["a", "b"], "answer": 1, "subject": "biology"},
+               {"id": "p4", "question": "Q4", "choices": ["a", "b", "c", "d"], "answer": "b", "subject": "biology"},
+               {"id": "p5", "question": "Q5", "choices": ["a", "b"], "answer": 0, "category": "language"}]
+    path = write_jsonl(tmp_path / "sqa.jsonl", records)
+    items = evaluate.mc_items(path, "imgs")
+    assert [it["gold"] for it in items] == [0, 2, 1, 1, 0]
+    assert items[1]["image_path"] == os.path.join("imgs", "p2.png") and items[0]["image_path"] is None
+    # p1 right, p2 wrong, p3 unparseable, p4 right (by letter in a sentence), p5 unparseable (letter out of range)
+    predictions = {"p1": "A", "p2": "B.", "p3": "maybe", "p4": "The answer is B.", "p5": "E"}
+    stats = evaluate.score_mc(items, predictions)
+    assert stats["all"] == {"correct": 2, "total": 5, "unparsed": 2, "accuracy": 40.0}
+    assert stats["physics"] == {"correct": 1, "total": 2, "unparsed": 0, "accuracy": 50.0}
+    assert stats["biology"] == {"correct": 1, "total": 2, "unparsed": 1, "accuracy": 50.0}
+    assert stats["language"] == {"correct": 0, "total": 1, "unparsed": 1, "accuracy": 0.0}
+
+
+def test_mc_bad_answer_is_named(tmp_path):
+    path = write_jsonl(tmp_path / "sqa.jsonl", [{"id": "p1", "question": "Q", "choices": ["a", "b"], "answer": "C"}])
+    with pytest.raises(ValueError, match=r"sqa.jsonl, item 0: answer 'C'"):
+        evaluate.mc_items(path, ".")
+    with open(path, "a") as f:
+        f.write("{not json\n")
+    with pytest.raises(ValueError, match="sqa.jsonl, line 2"):
+        evaluate.read_records(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the model: demo accuracy and the answering path
+
+
+def make_demo_dir(root, answers):
+    from PIL import Image
+    os.makedirs(root / "images", exist_ok=True)
+    items = []
+    for i, (category, answer) in enumerate(answers):
+        Image.new("RGB", (40 + 8 * i, 32), (30 * i, 200, 90)).save(root / "images" / f"{i}.png")
+        items.append({"id": f"e{i}", "image": f"{i}.png", "question": f"question {i}?", "answer": answer,
+                      "category": category})
+    (root / "eval.json").write_text(json.dumps(items))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    import shutil
+    from clip import CLIPVisionConfig
+    from llama import LlamaConfig
+    from llava import LLaVA, LLaVAConfig
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_llava")
+    config = LLaVAConfig(llm=LlamaConfig.from_name("tiny"), vision=CLIPVisionConfig.from_name("tiny"))
+    LLaVA(config).save_pretrained(str(path))
+    shutil.copy(os.path.join(FIXTURES, "tokenizer.model"), path / "tokenizer.model")
+    return str(path)
+
+
+def test_demo_accuracy_counts(tmp_path, monkeypatch):
+    data_dir = make_demo_dir(tmp_path, [("colour", "red"), ("colour", "blue"), ("shape", "circle"),
+                                        ("count", "3"), ("count", "2")])
+    replies = {"question 0?": "red", "question 1?": "green", "question 2?": "circle", "question 3?": "3",
+               "question 4?": "4"}
+    seen = []
+
+    def fake_answer(model, tokenizer, question, image_path=None, max_new_tokens=128):
+        seen.append(image_path)
+        return replies[question]
+    monkeypatch.setattr(evaluate, "answer", fake_answer)
+    assert evaluate.demo_accuracy(None, None, data_dir) == (3, 5)
+    assert seen[0] == os.path.join(data_dir, "images", "0.png")
+    assert evaluate.demo_accuracy(None, None, data_dir, limit=2) == (1, 2)
+    stats = evaluate.score_demo(evaluate.demo_items(data_dir), lambda item: replies[item["text"]])
+    assert {k: (s["correct"], s["total"]) for k, s in stats.items()} == {
+        "all": (3, 5), "colour": (1, 2), "shape": (1, 1), "count": (1, 2)}
+
+
+def test_answer_matches_full_forward_greedy(tiny_checkpoint, tmp_path):
+    """answer() (KV cache, eos stripped) == greedy decoding by re-running the full forward, with the same prompt."""
+    from clip import load_image, preprocess
+    from data import render
+    model, tokenizer = evaluate.load_model(tiny_checkpoint, "cpu", "float32")
+    image = make_demo_dir(tmp_path, [("c", "x")]) + "/images/0.png"
+    cfg = model.config
+    ids, _ = render([{"from": "human", "value": "<image>\nWhat is this?"}], cfg.template, tokenizer,
+                    cfg.num_image_tokens, for_generation=True)
+    assert ids.count(-200) == cfg.num_image_tokens
+    pixel_values = preprocess(load_image(image), cfg.image_size, pad_to_square=cfg.image_aspect_ratio == "pad")
+    new = []
+    with torch.no_grad():
+        for _ in range(8):
+            logits, _ = model(torch.tensor([ids + new]), pixel_values)  # (1, T, V)
+            new.append(int(logits[0, -1].argmax()))
+            if new[-1] == tokenizer.eos_id:
+                new.pop()
+                break
+    assert evaluate.answer(model, tokenizer, "What is this?", image, max_new_tokens=8) == tokenizer.decode(new).strip()
+
+
+def test_demo_cli_writes_summary(tiny_checkpoint, tmp_path, capsys):
+    data_dir = make_demo_dir(tmp_path / "data", [("colour", "red"), ("shape", "square"), ("shape", "circle")])
+    out = tmp_path / "out"
+    evaluate.main(["demo", "--model", tiny_checkpoint, "--data", data_dir, "--out", str(out), "--max-new-tokens", "4"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["all"]["total"] == 3 and summary["shape"]["total"] == 2 and summary["colour"]["total"] == 1
+    assert f"({summary['all']['correct']}/3" in capsys.readouterr().out
+
+
+def test_judge_and_mc_cli(tiny_checkpoint, tmp_path, monkeypatch):
+    from PIL import Image
+    from generate_data import read_jsonl
+    q, ctx, refs = bench_files(tmp_path)
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (50, 30), (200, 10, 10)).save(tmp_path / name)
+    monkeypatch.setenv("EVAL_TEST_KEY", "sk-test")
+    out = tmp_path / "bench"
+    server, calls = judge_server()
+    with server:
+        evaluate.main(["judge", "--model", tiny_checkpoint, "--questions", q, "--context", ctx, "--images",
+                       str(tmp_path), "--references", refs, "--out", str(out), "--base-url", server.url,
+                       "--api-key-env", "EVAL_TEST_KEY", "--max-new-tokens", "4"])
+        assert server.requests[0]["body"]["model"] == "gpt-4" and server.requests[0]["body"]["temperature"] == 0.2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["all"]["relative"] == pytest.approx(100 * 16 / 27) and summary["all"]["failed"] == 1
+    assert [r["question_id"] for r in read_jsonl(str(out / "answers.jsonl"))] == [1, 2, 3, 4]
+
+    sqa = write_jsonl(tmp_path / "sqa.jsonl", [
+        {"id": "s1", "question": "Which colour?", "choices": ["red", "blue"], "answer": 0, "image": "a.jpg"},
+        {"id": "s2", "question": "Which is a fruit?", "choices": ["car", "pear", "rock"], "answer": "B"}])
+    args = ["mc", "--model", tiny_checkpoint, "--questions", sqa, "--images", str(tmp_path), "--out",
+            str(tmp_path / "sqa"), "--max-new-tokens", "3"]
+    evaluate.main(args)
+    answers = read_jsonl(str(tmp_path / "sqa" / "answers.jsonl"))
+    assert answers[1]["prompt"] == "Which is a fruit?\nA. car\nB. pear\nC. rock\n" + evaluate.MC_INSTRUCTION
+    summary = json.loads((tmp_path / "sqa" / "summary.json").read_text())
+    items = evaluate.mc_items(sqa, str(tmp_path))
+    assert summary == evaluate.score_mc(items, {a["question_id"]: a["text"] for a in answers})
+    assert summary["all"]["total"] == 2
+    evaluate.main(args)  # resumed: nothing answered again
+    assert len(read_jsonl(str(tmp_path / "sqa" / "answers.jsonl"))) == 2
+
+
+def test_demo_accuracy_on_the_demo_format(tmp_path, monkeypatch):
+    from data import make_demo_data
+    paths = make_demo_data(str(tmp_path), n_train=4, n_eval=2)
+    gold = {(item["question"], item["image"]): item["answer"] for item in json.load(open(paths["eval"]))}
+    assert len(gold) == 8  # 4 questions per eval image
+    monkeypatch.setattr(evaluate, "answer", lambda m, t, question, image_path, n: (
+        "The " + gold[question, os.path.basename(image_path)] + "." if question.startswith("What") else "wrong"))
+    expected = sum(question.startswith("What") for question, _ in gold)
+    assert 0 < expected < 8
+    assert evaluate.demo_accuracy(None, None, str(tmp_path)) == (expected, 8)
