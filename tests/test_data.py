@@ -1,0 +1,354 @@
+import hashlib
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX, render
+from llama import Tokenizer
+
+N_IMG = 5  # image placeholders per image in these tests
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return data.make_demo_data(str(tmp_path_factory.mktemp("demo")), seed=0, n_train=240, n_eval=12)
+
+
+@pytest.fixture(scope="module")
+def tok(demo):
+    return Tokenizer(demo["tokenizer"])
+
+
+def reference_ids(tok, prompt, n_image_tokens=N_IMG):
+    """The original pipeline on a prompt string: tokenizer_image_token splits at <image>, the HF (legacy)
+    LlamaTokenizer turns "<s>" / "</s>" into bos / eos and sentencepiece-encodes each text chunk between them
+    (each with its dummy prefix); bos first."""
+    ids = [tok.bos_id]
+    for j, chunk in enumerate(prompt.split("<image>")):
+        ids += [IMAGE_TOKEN_INDEX] * n_image_tokens * (j > 0)
+        for part in re.split(r"(</?s>)", chunk):
+            ids += [tok.bos_id] if part == "<s>" else [tok.eos_id] if part == "</s>" else tok.sp.encode(part)
+    return ids
+
+
+def turns(*values):
+    return [{"from": ("human", "gpt")[i % 2], "value": v} for i, v in enumerate(values)]
+
+
+CONV = turns("What is in the picture?\n<image>", "A red circle on the left.", "How many shapes are there?",
+             "There is 1 shape.", "  Odd  spacing,\nnewline ünï 😀 42?", "\nIt starts with a newline.")
+VICUNA = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+          "detailed, and polite answers to the user's questions.")
+
+
+@pytest.mark.parametrize("which", ["demo", "llama fixture"])
+def test_vicuna_v1_matches_the_original_prompt_string(tok, which):
+    if which == "llama fixture":  # a second LLaMA-style tokenizer, trained on other text
+        tok = Tokenizer(os.path.join(os.path.dirname(__file__), "fixtures", "tokenizer.model"))
+    prompt = (VICUNA + " USER: <image>\nWhat is in the picture? ASSISTANT: A red circle on the left.</s>"
+              "USER: How many shapes are there? ASSISTANT: There is 1 shape.</s>"
+              "USER:   Odd  spacing,\nnewline ünï 😀 42? ASSISTANT: \nIt starts with a newline.</s>")
+    ids, labels = render(CONV, "vicuna_v1", tok, N_IMG)
+    assert ids == reference_ids(tok, prompt)
+    assert ids.count(IMAGE_TOKEN_INDEX) == N_IMG and len(labels) == len(ids)
+    gen, _ = render(CONV[:3], "vicuna_v1", tok, N_IMG, for_generation=True)
+    first_round = prompt.split("</s>")[0] + "</s>"
+    assert gen == reference_ids(tok, first_round + "USER: How many shapes are there? ASSISTANT:")
+    # the original's CLI prompt for v1 checkpoints ("human") is a separate template
+    ids, _ = render(CONV[:2], "llava_v1", tok, N_IMG)
+    assert ids == reference_ids(tok, VICUNA.replace("user", "human") + " USER: <image>\nWhat is in the picture? "
+                                "ASSISTANT: A red circle on the left.</s>")
+
+
+def test_text_only_conversation_has_no_image_tokens(tok):
+    conv = turns("Hello there.", "Hi.")
+    ids, labels = render(conv, "vicuna_v1", tok, N_IMG)
+    assert ids == reference_ids(tok, VICUNA + " USER: Hello there. ASSISTANT: Hi.</s>")
+    assert IMAGE_TOKEN_INDEX not in ids
+
+
+def test_labels_are_exactly_the_replies_and_their_end_token(tok):
+    for name, after in (("vicuna_v1", ""), ("llama_2", " ")):  # llama_2 replies are " " + reply + " " + "</s>"
+        ids, labels = render(CONV, name, tok, N_IMG)
+        assert all(lab in (IGNORE_INDEX, i) for lab, i in zip(labels, ids))
+        runs, run = [], []
+        for i, lab in zip(ids, labels):  # maximal runs of labelled tokens
+            if lab != IGNORE_INDEX:
+                run.append(i)
+            elif run:
+                runs, run = runs + [run], []
+        runs += [run] if run else []
+        replies = [t["value"] for t in CONV[1::2]]
+        assert len(runs) == len(replies)
+        for run, reply in zip(runs, replies):
+            assert run[-1] == tok.eos_id and tok.eos_id not in run[:-1]
+            assert tok.decode(run[:-1]) == reply + after  # (decode drops the space before the first word)
+
+
+def test_training_ids_start_with_the_generation_ids_of_each_prefix(tok):
+    for name in ("vicuna_v1", "llava_v1", "llama_2", "llava_llama_2"):
+        ids, labels = render(CONV, name, tok, N_IMG)
+        reply_starts = []
+        for k in range(0, len(CONV), 2):
+            gen, gen_labels = render(CONV[:k + 1], name, tok, N_IMG, for_generation=True)
+            assert ids[:len(gen)] == gen, (name, k)
+            assert gen_labels == labels[:len(gen)]
+            assert labels[len(gen)] != IGNORE_INDEX and labels[len(gen) - 1] == IGNORE_INDEX  # the reply starts here
+            reply_starts.append(len(gen))
+        assert reply_starts == sorted(reply_starts)
+
+
+def test_llama_2_matches_the_original_prompt_string(tok):
+    system = data.TEMPLATES["llava_llama_2"].system
+    prompt = (f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n<image>\nWhat is in the picture? [/INST] A red circle on the "
+              "left. </s><s>[INST] How many shapes are there? [/INST] There is 1 shape. </s>")
+    assert render(CONV[:4], "llava_llama_2", tok, N_IMG)[0] == reference_ids(tok, prompt)
+
+
+def test_plain_is_image_caption_newline_with_loss_on_caption_and_newline(tok):
+    conv = turns("Describe the image concisely.\n<image>", "A small red circle on the left.")
+    ids, labels = render(conv, "plain", tok, N_IMG)
+    caption = tok.sp.encode("A small red circle on the left.\n")
+    assert ids == [tok.bos_id] + [IMAGE_TOKEN_INDEX] * N_IMG + caption  # the instruction text is dropped
+    assert ids == reference_ids(tok, "<image>A small red circle on the left.\n")
+    assert labels == [IGNORE_INDEX] * (1 + N_IMG) + caption
+    assert tok.sp.id_to_piece(labels[-1]) == "<0x0A>"
+    assert render(conv[:1], "plain", tok, N_IMG, for_generation=True)[0] == ids[:1 + N_IMG]
+
+
+def test_image_placeholder_is_moved_to_the_front_of_its_turn(tok):
+    a = render(turns("Where is it?\n<image>", "Left."), "vicuna_v1", tok, N_IMG)
+    b = render(turns("<image>\nWhere is it?", "Left."), "vicuna_v1", tok, N_IMG)
+    c = render(turns("Where <image> is it?", "Left."), "vicuna_v1", tok, N_IMG)
+    assert a == b and c[0] == reference_ids(tok, VICUNA + " USER: <image>\nWhere  is it? ASSISTANT: Left.</s>")
+
+
+@pytest.mark.parametrize("conv, for_generation, message", [
+    (turns("hi", "hello"), True, "ends with a human turn"),
+    (turns("hi"), False, "must end with an assistant"),
+    ([{"from": "gpt", "value": "hi"}, {"from": "human", "value": "x"}], True, "expected 'human'"),
+    ([{"from": "human", "value": "hi"}, {"from": "bot", "value": "x"}], False, "unknown role 'bot'"),
+    (turns("hi", "see <image>"), False, "without <image>"),
+    ([], False, "non-empty list"),
+])
+def test_render_rejects_malformed_conversations(tok, conv, for_generation, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        render(conv, "vicuna_v1", tok, N_IMG, for_generation=for_generation)
+    with pytest.raises(ValueError, match="unknown template 'nope'"):
+        render(turns("hi", "x"), "nope", tok, N_IMG)
+    with pytest.raises(ValueError, match="plain template"):
+        render(turns("no image", "x"), "plain", tok, N_IMG)
+
+
+def test_truncation_never_splits_an_image_run():
+    ids = [1, 7, 8] + [IMAGE_TOKEN_INDEX] * 4 + [9, 10]
+    labels = [IGNORE_INDEX] * 7 + [9, 10]
+    for max_length in range(4, 7):  # every cut inside the run drops the whole image
+        assert data.truncate(ids, labels, max_length, 4) == (ids[:3], labels[:3])
+    assert data.truncate(ids, labels, 8, 4) == (ids[:8], labels[:8])
+    assert data.truncate(ids, labels, 99, 4) == (ids, labels)
+
+
+def write_rows(path, rows):
+    with open(path, "w") as f:
+        json.dump(rows, f)
+    return str(path)
+
+
+def test_dataset_items_and_collate(tmp_path, demo, tok):
+    image = "train_00000.png"
+    rows = [{"id": "a", "image": image, "conversations": turns("What color?\n<image>", "Red.", "And now?", "Blue.")},
+            {"id": "b", "conversations": turns("Just text.", "Fine.")},
+            {"id": "c", "image": image, "conversations": turns("No placeholder here.", "Ok.")}]
+    ds = data.LLaVADataset(write_rows(tmp_path / "d.json", rows), demo["images"], tok, "vicuna_v1", N_IMG, 32)
+    assert len(ds) == 3 and not ds.skipped
+    a, b, c = ds[0], ds[1], ds[2]
+    assert a["input_ids"].tolist() == render(ds.rows[0][1]["conversations"], "vicuna_v1", tok, N_IMG)[0]
+    assert a["pixel_values"].shape == (1, 3, 32, 32) and b["pixel_values"] is None
+    # an image row without <image>: the image goes in front of the first human turn
+    assert c["input_ids"].tolist() == render(turns("<image>\nNo placeholder here.", "Ok."), "vicuna_v1", tok, N_IMG)[0]
+    assert ds.lengths == [len(a["input_ids"]), -len(b["input_ids"]), len(c["input_ids"])]
+    batch = data.collate([b, a, c], pad_id=tok.pad_id)
+    T = max(len(a["input_ids"]), len(b["input_ids"]), len(c["input_ids"]))
+    assert batch["input_ids"].shape == batch["labels"].shape == (3, T)
+    n = len(b["input_ids"])
+    assert batch["input_ids"][0, :n].tolist() == b["input_ids"].tolist()
+    assert (batch["input_ids"][0, n:] == tok.pad_id).all() and (batch["labels"][0, n:] == IGNORE_INDEX).all()
+    assert torch.equal(batch["pixel_values"], torch.cat([a["pixel_values"], c["pixel_values"]]))
+    assert data.collate([b], pad_id=0)["pixel_values"] is None
+
+
+def test_dataset_truncation_skips_samples_left_without_labels(tmp_path, demo, tok):
+    long_question = "word " * 60
+    rows = [{"id": "short", "image": "train_00000.png", "conversations": turns("<image>\nHi?", "Red.")},
+            {"id": "long", "image": "train_00000.png", "conversations": turns("<image>\n" + long_question, "Red.")},
+            {"id": "cut", "conversations": turns("Hi?", "Red " * 80)}]
+    ds = data.LLaVADataset(write_rows(tmp_path / "d.json", rows), demo["images"], tok, "vicuna_v1", N_IMG, 32,
+                           max_length=60)
+    assert [row["id"] for _, row in ds.rows] == ["short", "cut"]
+    assert ds.skipped == {"no labels after truncation": 1}
+    for i in range(len(ds)):
+        item = ds[i]
+        assert len(item["input_ids"]) <= 60 and (item["labels"] != IGNORE_INDEX).any()
+
+
+BAD_ROWS = [
+    ({"id": "r1", "conversation": []}, "missing conversations"),
+    ({"id": "r2", "conversations": [{"from": "robot", "value": "x"}, {"from": "gpt", "value": "y"}]}, "bad turns"),
+    ({"id": "r3", "conversations": turns("a", "b", "c")}, "bad turns"),
+    ({"id": "r4", "image": "missing.png", "conversations": turns("<image>\na", "b")}, "image not found"),
+    ({"id": "r5", "image": "garbage.png", "conversations": turns("<image>\na", "b")}, "image unreadable"),
+    ({"id": "r6", "conversations": turns("<image>\na", "b")}, "<image> without an image"),
+    ({"id": "r7", "image": ["x.png", "y.png"], "conversations": turns("<image>\na", "b")}, "bad image"),
+    ({"id": "r8", "image": "ok.png", "conversations": turns("<image>\na", "b", "<image>\nc", "d")}, "bad turns"),
+]
+
+
+@pytest.mark.parametrize("row, reason", BAD_ROWS)
+def test_bad_rows_raise_an_error_naming_row_and_file(tmp_path, demo, tok, row, reason):
+    (tmp_path / "garbage.png").write_bytes(b"this is not a png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    good = {"id": "ok", "conversations": turns("a", "b")}
+    path = write_rows(tmp_path / "rows.json", [good, row])
+    with pytest.raises(ValueError, match=re.escape(f"{path}: row 1 (id {row['id']!r}): {reason}")):
+        data.LLaVADataset(path, str(tmp_path), tok, "vicuna_v1", N_IMG, 32)
+
+
+def test_skip_bad_counts_bad_rows_by_reason(tmp_path, tok):
+    (tmp_path / "garbage.png").write_bytes(b"this is not a png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    rows = [{"id": "ok", "conversations": turns("a", "b")}] + [row for row, _ in BAD_ROWS]
+    ds = data.LLaVADataset(write_rows(tmp_path / "rows.json", rows), str(tmp_path), tok, "vicuna_v1", N_IMG, 32,
+                           skip_bad=True)
+    assert len(ds) == 1 and ds.skipped == {"missing conversations": 1, "bad turns": 3, "image not found": 1,
+                                           "image unreadable": 1, "<image> without an image": 1, "bad image": 1}
+
+
+def test_truncated_image_file_fails_in_getitem_naming_row_and_file(tmp_path, demo, tok):
+    png = open(os.path.join(demo["images"], "train_00001.png"), "rb").read()
+    (tmp_path / "cut.png").write_bytes(png[:len(png) // 2])  # valid header, pixel data cut off
+    path = write_rows(tmp_path / "rows.json", [{"id": "x", "image": "cut.png", "conversations": turns("<image>", "b")}])
+    ds = data.LLaVADataset(path, str(tmp_path), tok, "vicuna_v1", N_IMG, 32)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: row 0 (id 'x')") + ".*cut.png"):
+        ds[0]
+    (tmp_path / "broken.json").write_text('[{"id": 1,}]')
+    with pytest.raises(ValueError, match="broken.json: not valid JSON"):
+        data.LLaVADataset(str(tmp_path / "broken.json"), str(tmp_path), tok, "vicuna_v1", N_IMG, 32)
+
+
+def batches_of(sampler, batch_size):
+    order = list(sampler)
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def test_length_grouped_sampler_splits_ranks_groups_modalities_and_is_deterministic():
+    g = torch.Generator().manual_seed(0)
+    lengths = [int(x) * (1 if i % 3 else -1) for i, x in enumerate(torch.randint(10, 500, (203,), generator=g))]
+    bs, ws = 4, 2
+    for group_batches in (1, 50):  # 1: the original's scheme
+        ranks = [data.LengthGroupedSampler(lengths, bs, r, ws, seed=1, group_batches=group_batches) for r in range(ws)]
+        orders = [list(s) for s in ranks]
+        assert len(orders[0]) == len(orders[1]) == len(ranks[0]) == 104  # 203 -> 26 megabatches of 8, padded
+        assert set(orders[0]) | set(orders[1]) == set(range(203))
+        assert orders == [list(s) for s in ranks]  # same seed and epoch -> same order
+        for s in ranks:
+            s.set_epoch(1)
+        assert orders != [list(s) for s in ranks]
+        full = [b for s in ranks for b in batches_of(s, bs)[:-2]]  # the last megabatches mix the leftovers
+        assert all(len({lengths[i] > 0 for i in b}) == 1 for b in full)  # one modality per batch
+        # the two ranks' batches of one step carry similar token totals (longest-first to the lighter rank)
+        steps = list(zip(*(batches_of(s, bs) for s in ranks)))[:-2]
+        gaps = [abs(sum(abs(lengths[i]) for i in a) - sum(abs(lengths[i]) for i in b)) for a, b in steps]
+        assert max(gaps) <= 500
+    # grouping by length: far less padding than batches of a random permutation
+    sampler = data.LengthGroupedSampler(lengths, bs, seed=3)
+    padded = sum(len(b) * max(abs(lengths[i]) for i in b) for b in batches_of(sampler, bs))
+    perm = torch.randperm(203, generator=g).tolist()
+    random_padded = sum(len(perm[i:i + bs]) * max(abs(lengths[j]) for j in perm[i:i + bs]) for i in range(0, 203, bs))
+    assert padded < 0.7 * random_padded
+
+
+def file_hashes(folder):
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return out
+
+
+def test_demo_data_is_byte_identical_for_a_seed(tmp_path, demo):
+    again = data.make_demo_data(str(tmp_path / "again"), seed=0, n_train=240, n_eval=12)
+    other = data.make_demo_data(str(tmp_path / "other"), seed=1, n_train=240, n_eval=12)
+    ref = file_hashes(os.path.dirname(demo["stage1"]))
+    assert len(ref) == 240 + 12 + 4 and ref == file_hashes(os.path.dirname(again["stage1"]))
+    assert ref["stage2.json"] != file_hashes(os.path.dirname(other["stage1"]))["stage2.json"]
+
+
+def test_demo_single_turn_knob_splits_conversations_and_keeps_images(tmp_path, demo):
+    single = data.make_demo_data(str(tmp_path / "single"), seed=0, n_train=240, n_eval=12, single_turn=True,
+                                 extra_kinds=False)
+    ref, new = file_hashes(os.path.dirname(demo["stage1"])), file_hashes(os.path.dirname(single["stage1"]))
+    assert {k: v for k, v in ref.items() if k.startswith("images") or k == "eval.json"} == \
+        {k: v for k, v in new.items() if k.startswith("images") or k == "eval.json"}
+
+    def qa_pairs(rows):
+        return sorted((r["image"], t["value"].replace("<image>", "").strip(), a["value"])
+                      for r in rows if "_conversation" in r["id"]
+                      for t, a in zip(r["conversations"][::2], r["conversations"][1::2]))
+    rows = json.load(open(single["stage2"]))
+    assert len(rows) == sum(len(r["conversations"]) // 2 for r in json.load(open(demo["stage2"]))
+                            if "_conversation" in r["id"])  # no detail or reasoning rows
+    assert all(len(r["conversations"]) == 2 and r["conversations"][0]["value"].startswith("<image>\n") for r in rows)
+    assert qa_pairs(rows) == qa_pairs(json.load(open(demo["stage2"])))  # the same questions, one per sample
+
+
+def test_demo_sizes_knob(tmp_path):
+    large = data.make_demo_data(str(tmp_path / "large"), seed=0, n_train=30, n_eval=4, sizes=("large",))
+    captions = " ".join(r["conversations"][1]["value"] for r in json.load(open(large["stage1"])))
+    assert "large" in captions and "small" not in captions
+    with pytest.raises(ValueError, match="sizes must be"):
+        data.make_demo_data(str(tmp_path / "bad"), sizes=("huge",))
+
+
+def test_demo_data_content(demo, tok):
+    stage1, stage2, evaluation = (json.load(open(demo[k])) for k in ("stage1", "stage2", "eval"))
+    assert len(stage1) == 240 and len(stage2) == 480 and len(evaluation) == 48
+    assert {r["id"].rsplit("_", 1)[1] for r in stage2} == {"conversation", "detail", "reasoning"}
+    train_images = {r["image"] for r in stage1 + stage2}
+    assert not train_images & {e["image"] for e in evaluation}  # held out
+    # every eval question is asked, in the same words, in the training conversations (about other images)
+    asked = {t["value"].replace("<image>", "").strip() for r in stage2 for t in r["conversations"][::2]}
+    assert {e["question"] for e in evaluation} <= asked
+    assert {e["category"] for e in evaluation} == {"color", "shape", "count", "position"}
+    for e in evaluation:  # answers agree with the pixels
+        pixels = np.asarray(Image.open(os.path.join(demo["images"], e["image"])))
+        colors = [c for c, rgb in data.DEMO_COLORS.items() if (pixels == rgb).all(-1).any()]
+        assert len(e["answer"].split()) == 1
+        if e["category"] == "count":
+            assert e["answer"] == str(len(colors))
+        if e["category"] == "color":
+            assert e["answer"] in colors
+        if e["category"] == "position":
+            color = e["question"].split()[3]
+            x = np.nonzero((pixels == data.DEMO_COLORS[color]).all(-1))[1].mean() / pixels.shape[1]
+            assert e["answer"] == data.DEMO_PLACES[int(x * 3)]
+    # both stages load without a skipped row, and a demo prompt is short with this tokenizer
+    s1 = data.LLaVADataset(demo["stage1"], demo["images"], tok, "plain", N_IMG, 32)
+    s2 = data.LLaVADataset(demo["stage2"], demo["images"], tok, "vicuna_v1", N_IMG, 32)
+    assert (len(s1), len(s2)) == (240, 480) and not s1.skipped and not s2.skipped
+    assert max(s2.lengths) < 200 + N_IMG
+
+
+def test_demo_answer_correct():
+    assert data.demo_answer_correct("Red.", "red")
+    assert data.demo_answer_correct(" two", "2") and data.demo_answer_correct("the circle", "circle")
+    assert not data.demo_answer_correct("red circle", "red")
+    assert not data.demo_answer_correct("", "")
+    assert not data.demo_answer_correct("blue", "red")
