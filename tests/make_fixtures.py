@@ -10,19 +10,338 @@ import sys
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
 # ---- section: llama ----
+def tokenizer_corpus(n=3000, seed=0):
+    """Varied English in the shapes of the project's text: chat turns, colours, shapes, counts, punctuation."""
+    import random
+    rng = random.Random(seed)
+    colours = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "grey", "pink", "brown"]
+    shapes = ["circle", "square", "triangle", "star", "rectangle", "hexagon", "ellipse", "cross", "diamond"]
+    nouns = ["image", "picture", "photo", "dog", "cat", "person", "car", "table", "street", "tree", "window", "sky"]
+    verbs = ["shows", "contains", "depicts", "has", "is near", "sits on", "is left of", "is above", "looks like"]
+    questions = ["What colour is the {s}?", "How many {s}s are there?", "Where is the {c} {s}?",
+                 "What is in the {n}?", "Describe the {n} in detail.", "Is there a {c} {s} in the {n}?"]
+    answers = ["The {s} is {c}.", "There are {k} {s}s.", "The {c} {s} is in the top left corner.",
+               "The {n} {v} a {c} {s}.", "Yes, there is a {c} {s} next to the {s2}.", "No.", "{K}."]
+    words = ["the", "a", "an", "of", "and", "to", "in", "is", "it", "that", "with", "for", "on", "as", "this",
+             "be", "at", "by", "from", "or", "what", "which", "there", "their", "can", "would", "about", "people",
+             "time", "large", "small", "bright", "dark", "left", "right", "top", "bottom", "center", "corner"]
+    lines = []
+    for _ in range(n):
+        f = dict(c=rng.choice(colours), s=rng.choice(shapes), s2=rng.choice(shapes), n=rng.choice(nouns),
+                 v=rng.choice(verbs), k=rng.randint(0, 12), K=rng.choice(["Red", "Two", "Three", "Square", "Blue"]))
+        kind = rng.random()
+        if kind < 0.4:
+            lines.append(f"USER: {rng.choice(questions).format(**f)} ASSISTANT: {rng.choice(answers).format(**f)}")
+        elif kind < 0.7:
+            lines.append(rng.choice(answers).format(**f) + " " + " ".join(rng.choices(words, k=rng.randint(3, 12))))
+        else:
+            sentence = " ".join(rng.choices(words + colours + shapes + nouns, k=rng.randint(4, 16)))
+            lines.append(sentence.capitalize() + rng.choice([".", "!", "?", ",", ";", ":", " (1990-2024)."]))
+    return lines
+
+
+def make_tokenizer(out_dir, vocab_size=512):
+    """A LLaMA-style sentencepiece BPE model (byte fallback, unk=0 bos=1 eos=2, no normalisation), ~10 KB."""
+    import sentencepiece as spm
+    path = os.path.join(out_dir, "tokenizer.model")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(tokenizer_corpus()), model_prefix=path[:-len(".model")], vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, split_digits=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+        allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
+        minloglevel=2)
+    os.remove(path[:-len(".model")] + ".vocab")
+    return path
+
+
+def make_llama_reference(out_dir, name, seed, shard=False, **config):
+    """A tiny perturbed LlamaForCausalLM (saved in HF layout) + input ids, logits and 20 greedy tokens."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(attn_implementation="eager", **config)).eval()
+    with torch.no_grad():  # weights far from init so that every norm, head and position matters
+        for key, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 1.0 if "embed" in key else p.shape[1] ** -0.5)
+    folder = os.path.join(out_dir, name)
+    model.save_pretrained(os.path.join(folder, "model"), max_shard_size="100KB" if shard else "1GB")
+    input_ids = torch.randint(0, config["vocab_size"], (2, 12))  # (B, T)
+    prompt = torch.randint(0, config["vocab_size"], (1, 8))  # (1, T)
+    with torch.no_grad():
+        logits = model(input_ids).logits  # (B, T, V)
+        greedy = prompt
+        for _ in range(20):  # full forward each step: the plainest greedy reference
+            next_logits = model(greedy).logits[0, -1]
+            top2 = next_logits.topk(2).values
+            assert top2[0] - top2[1] > 1e-3, "near-tie in the greedy reference: pick another seed"
+            greedy = torch.cat([greedy, next_logits.argmax().view(1, 1)], dim=1)
+    save_file({"input_ids": input_ids, "logits": logits.contiguous(), "prompt": prompt,
+               "greedy": greedy[:, prompt.shape[1]:].contiguous()}, os.path.join(folder, "reference.safetensors"))
+
+
+def make_llama(out_dir):
+    make_tokenizer(out_dir)
+    # grouped-query attention, untied head, rope_theta at default, saved as several shards
+    make_llama_reference(out_dir, "llama_gqa", seed=0, shard=True, vocab_size=256, hidden_size=64,
+                         intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, rms_norm_eps=1e-5)
+    # tied embeddings, explicit head_dim != hidden/heads, linear RoPE scaling, large theta
+    make_llama_reference(out_dir, "llama_tied", seed=1, vocab_size=256, hidden_size=48, intermediate_size=96,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+                         tie_word_embeddings=True, max_position_embeddings=64, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0})
 # ---- end section: llama ----
 
 # ---- section: clip ----
+# Tower: one tiny CLIPVisionModel (odd sizes, 3 layers) saved three ways with identical vision weights:
+#   clip_tiny/      the published vision-only layout ("vision_model." prefix, plus the position_ids buffer that
+#                   older checkpoints carry), made by renaming what transformers 5 writes;
+#   clip_tiny_hf5/  exactly what transformers 5 CLIPVisionModel.save_pretrained writes (no prefix);
+#   clip_full/      a full CLIPModel (tiny text tower, projections, logit_scale), like openai/clip-vit-large-patch14.
+# clip_outputs/tower.safetensors: a fixed pixel input, every hidden state, LLaVA's features (layer -2, CLS dropped).
+# clip_outputs/images + preprocess.safetensors: CLIPImageProcessorPil (the PIL processor LLaVA used; in
+# transformers 5 the default CLIPImageProcessor is the torchvision one) on small images of every mode, plain and
+# after LLaVA's expand2square with the mean colour.
+CLIP_IMAGE_SIZE = 24
+
+
+def make_clip(out_dir):
+    import json
+    import shutil
+    import tempfile
+
+    import numpy as np
+    import skimage.data
+    import torch
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=30,
+                  patch_size=6, layer_norm_eps=1e-5, hidden_act="quick_gelu")
+    model = CLIPVisionModel(CLIPVisionConfig(**vision)).eval()
+    with torch.no_grad():  # perturb everything so that layer norms, biases and the class embedding matter
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.2 if p.ndim == 1 else 0.02))
+    dirs = {k: os.path.join(out_dir, f"clip_{k}") for k in ("tiny", "tiny_hf5", "full", "outputs")}
+    for d in dirs.values():
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d)
+
+    model.save_pretrained(dirs["tiny_hf5"])
+    hf5 = load_file(os.path.join(dirs["tiny_hf5"], "model.safetensors"))
+    assert not any(k.startswith("vision_model.") for k in hf5), "transformers 5 layout expected (no prefix)"
+    published = {f"vision_model.{k}": v for k, v in hf5.items()}
+    published["vision_model.embeddings.position_ids"] = model.embeddings.position_ids.clone()  # (1, N+1) int64
+    save_file(published, os.path.join(dirs["tiny"], "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(os.path.join(dirs["tiny_hf5"], "config.json"), os.path.join(dirs["tiny"], "config.json"))
+
+    text = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=8)
+    full = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).eval()
+    full.vision_model.load_state_dict(model.state_dict())
+    full.save_pretrained(dirs["full"])
+
+    pixel_values = torch.randn(2, 3, 30, 30)
+    with torch.no_grad():
+        out = model(pixel_values, output_hidden_states=True)
+        assert len(out.hidden_states) == 4
+        tensors = {"pixel_values": pixel_values, "features": out.hidden_states[-2][:, 1:]}  # LLaVA's selection
+        tensors.update({f"hidden_states.{i}": h for i, h in enumerate(out.hidden_states)})
+        reloaded = CLIPVisionModel.from_pretrained(dirs["tiny"]).eval()  # transformers reads the published layout
+        assert torch.equal(reloaded(pixel_values).last_hidden_state, out.last_hidden_state)
+        reloaded = CLIPModel.from_pretrained(dirs["full"]).vision_model.eval()
+        assert torch.equal(reloaded(pixel_values).last_hidden_state, out.last_hidden_state)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(dirs["outputs"], "tower.safetensors"))
+
+    # small images, so that both up- and downscaling and odd sizes (truncated long edge, odd crop offsets) occur
+    def small(array, size, crop=None):
+        image = Image.fromarray(array)
+        return (image.crop(crop) if crop else image).resize(size, Image.LANCZOS)
+    astronaut, coffee, chelsea, camera = (skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(),
+                                          skimage.data.camera())
+    rgba = small(astronaut, (33, 45)).convert("RGBA")
+    alpha = np.linspace(0, 255, 33 * 45).round().astype(np.uint8).reshape(45, 33)  # fully clear .. fully opaque
+    rgba.putalpha(Image.fromarray(alpha))
+    la = small(camera, (26, 20)).convert("LA")
+    la.putalpha(Image.fromarray(alpha[:20, :26][:, ::-1].copy()))
+    palette = small(chelsea, (30, 26)).quantize(16)
+    images = {
+        "square.png": small(astronaut, (40, 40)),
+        "landscape.png": small(coffee, (52, 31)),
+        "portrait.png": small(chelsea, (19, 35), crop=(100, 0, 300, 300)),
+        "tiny.png": small(coffee, (7, 5)),
+        "gray.png": small(camera, (37, 29)),
+        "rgba.png": rgba,
+        "la.png": la,
+        "palette.png": palette,
+        "cmyk.tiff": small(coffee, (28, 36)).convert("CMYK"),
+    }
+    palette_clear = palette.copy()
+    palette_clear.info["transparency"] = 3  # one palette entry is transparent
+    images["palette_transparent.png"] = palette_clear
+    os.makedirs(os.path.join(dirs["outputs"], "images"))
+    for name, image in images.items():
+        kwargs = {"transparency": 3} if name == "palette_transparent.png" else {}
+        image.save(os.path.join(dirs["outputs"], "images", name), **kwargs)
+
+    S = CLIP_IMAGE_SIZE
+    processor = CLIPImageProcessorPil(size={"shortest_edge": S}, crop_size={"height": S, "width": S})
+    mean_color = tuple(int(x * 255) for x in processor.image_mean)
+
+    def expand2square(image, color):  # LLaVA's pad-to-square, applied to the RGB image before the processor
+        w, h = image.size
+        if w == h:
+            return image
+        square = Image.new(image.mode, (max(w, h), max(w, h)), color)
+        square.paste(image, (0, (w - h) // 2) if w > h else ((h - w) // 2, 0))
+        return square
+
+    def to_rgb(image):  # the processor's own conversion, so that padding happens after it as in LLaVA
+        return Image.fromarray(processor.convert_to_rgb(image))
+
+    expected, modes = {}, {}
+    for name in images:
+        with Image.open(os.path.join(dirs["outputs"], "images", name)) as image:
+            image.load()
+        modes[name] = image.mode
+        expected[f"{name}.plain"] = processor(image, return_tensors="pt")["pixel_values"][0]
+        padded = expand2square(to_rgb(image), mean_color)
+        expected[f"{name}.pad"] = processor(padded, return_tensors="pt")["pixel_values"][0]
+    save_file(expected, os.path.join(dirs["outputs"], "preprocess.safetensors"))
+    with open(os.path.join(dirs["outputs"], "preprocess.json"), "w") as f:
+        json.dump({"image_size": S, "pad_color": mean_color, "modes": modes}, f, indent=2)
+    total = sum(os.path.getsize(os.path.join(r, f)) for d in dirs.values() for r, _, fs in os.walk(d) for f in fs)
+    print(f"clip fixtures: {total / 1e6:.2f} MB")
 # ---- end section: clip ----
 
 # ---- section: llava ----
+LLAVA_IMAGE_TOKEN = 120  # the image token id of the tiny llava-hf reference (vocab 128 = 120 text ids padded to 64s)
+
+
+def make_llava(out_dir):
+    """tests/fixtures/llava_hf: a tiny LlavaForConditionalGeneration as transformers saves it.
+    tests/fixtures/llava_ref: its inputs and outputs, and the key names/shapes of the published llava-hf layout."""
+    import json
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=30, patch_size=6, projection_dim=16)  # 25 patches + CLS
+    text = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=LLAVA_IMAGE_TOKEN,
+                         image_seq_length=25, projector_hidden_act="gelu", vision_feature_layer=-2,
+                         vision_feature_select_strategy="default")
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # perturb every tensor so that norms, biases and the projector all matter
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    hf_dir = os.path.join(out_dir, "llava_hf")
+    model.save_pretrained(hf_dir)
+
+    img = [LLAVA_IMAGE_TOKEN] * 25
+    ids1 = torch.tensor([[1, 17, 30] + img + [40, 50, 60, 70]])  # (1, 32)
+    ids2 = torch.tensor([[1, 9] + img + [11, 12] + img + [13, 14]])  # (1, 56), two images
+    pix1, pix2 = torch.randn(1, 3, 30, 30), torch.randn(2, 3, 30, 30)
+    labels1 = ids1.masked_fill(ids1 == LLAVA_IMAGE_TOKEN, -100)
+    labels1[:, :3] = -100  # the loss covers only the text after the image
+    with torch.no_grad():
+        out1 = model(input_ids=ids1, pixel_values=pix1, labels=labels1)
+        logits1 = out1.logits
+        logits2 = model(input_ids=ids2, pixel_values=pix2).logits
+        out = model.generate(input_ids=ids1, pixel_values=pix1, max_new_tokens=20, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    greedy1 = out[:, ids1.shape[1]:]
+    assert greedy1.shape[1] == 20
+    ref_dir = os.path.join(out_dir, "llava_ref")
+    os.makedirs(ref_dir, exist_ok=True)
+    save_file({"input_ids_1": ids1, "pixel_values_1": pix1, "logits_1": logits1.contiguous(), "greedy_1": greedy1,
+               "labels_1": labels1, "loss_1": out1.loss.reshape(1),
+               "input_ids_2": ids2, "pixel_values_2": pix2, "logits_2": logits2.contiguous()},
+              os.path.join(ref_dir, "reference.safetensors"))
+
+    # export_hf writes the published llava-1.5-7b-hf names (loadable by transformers 4.x and 5.x alike);
+    # check that transformers loads them strictly before recording them
+    sd = {k: v for k, v in model.state_dict().items()}
+    published = {}
+    for k, v in sd.items():
+        k = k.replace("model.language_model.", "language_model.model.").replace("model.vision_tower.",
+                                                                                 "vision_tower.vision_model.")
+        k = "language_model.lm_head.weight" if k == "lm_head.weight" else k
+        published[k.replace("model.multi_modal_projector.", "multi_modal_projector.")] = v
+    check_dir = os.path.join(out_dir, "llava_ref", "_check")
+    os.makedirs(check_dir, exist_ok=True)
+    model.config.save_pretrained(check_dir)
+    save_file({k: v.contiguous() for k, v in published.items()}, os.path.join(check_dir, "model.safetensors"),
+              metadata={"format": "pt"})
+    _, info = LlavaForConditionalGeneration.from_pretrained(check_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    import shutil
+    shutil.rmtree(check_dir)
+    with open(os.path.join(ref_dir, "export_keys.json"), "w") as f:
+        json.dump({k: list(v.shape) for k, v in sorted(published.items())}, f, indent=0)
+    check_llava_export(out_dir)
+
+
+def check_llava_export(out_dir):
+    """When llava.py is importable: its export_hf output loads in transformers strictly and gives the same logits,
+    both for the reference model and for a model whose vocabulary export_hf must pad."""
+    try:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from llava import IMAGE_TOKEN_INDEX, LLaVA
+    except ImportError as e:
+        print(f"llava export check skipped: {e}")
+        return
+    import tempfile
+    import torch
+    from safetensors.torch import load_file
+    from transformers import LlavaForConditionalGeneration
+
+    ref = load_file(os.path.join(out_dir, "llava_ref", "reference.safetensors"))
+    ours = LLaVA.from_pretrained(os.path.join(out_dir, "llava_hf"))
+    ids = ref["input_ids_1"].masked_fill(ref["input_ids_1"] == LLAVA_IMAGE_TOKEN, IMAGE_TOKEN_INDEX)
+    with tempfile.TemporaryDirectory() as tmp:
+        ours.export_hf(tmp)
+        theirs, info = LlavaForConditionalGeneration.from_pretrained(tmp, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        with torch.no_grad():
+            got = theirs(input_ids=ref["input_ids_1"], pixel_values=ref["pixel_values_1"]).logits
+        assert torch.allclose(got, ref["logits_1"], atol=1e-5), (got - ref["logits_1"]).abs().max()
+    # a model with 100 text ids: export adds the image token (id 100) and pads the vocabulary to 128
+    cfg = ours.config
+    cfg.llm.vocab_size, cfg.image_token_index = 100, None
+    torch.manual_seed(1)
+    small = LLaVA(cfg).eval()
+    with torch.no_grad():
+        want, _ = small(ids, ref["pixel_values_1"])
+    with tempfile.TemporaryDirectory() as tmp:
+        small.export_hf(tmp)
+        theirs, info = LlavaForConditionalGeneration.from_pretrained(tmp, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        assert theirs.config.image_token_index == 100 and theirs.config.text_config.vocab_size == 128
+        with torch.no_grad():
+            got = theirs(input_ids=ids.masked_fill(ids == IMAGE_TOKEN_INDEX, 100), pixel_values=ref["pixel_values_1"]).logits
+        assert torch.allclose(got[..., :100], want, atol=1e-5), (got[..., :100] - want).abs().max()
+    print("llava export check: transformers loads export_hf output strictly, same logits")
 # ---- end section: llava ----
 
 # each section adds (name, make(out_dir)) here; llava's fixture uses the llama tokenizer, so order matters
 MAKERS = [
     # ---- makers: llama ----
+    ("llama", make_llama),
     # ---- makers: clip ----
+    ("clip", make_clip),
     # ---- makers: llava ----
+    ("llava", make_llava),
 ]
 
 if __name__ == "__main__":
