@@ -8,7 +8,7 @@ Figures go to BENCHMARKS.md with the machine, the command and the date.
 """
 import argparse
 
-# ---- section: llama ----
+# ---- llama ----
 import inspect
 import json
 import statistics
@@ -110,9 +110,8 @@ def run_llama(args):
     if len(rates) == 2:
         (p0, d0), (p1, d1) = rates.values()
         print(f"  {'ratio llama.py / ref':24s} prefill {p0 / p1:10.2f}x      decode {d0 / d1:8.2f}x")
-# ---- end section: llama ----
 
-# ---- section: clip ----
+# ---- clip ----
 def clip_args(p):
     p.add_argument("--preset", default="vit-l-14", help="clip.py preset: tiny, vit-l-14, vit-l-14-336")
     p.add_argument("--batch", type=int, default=8)
@@ -188,9 +187,8 @@ def clip_run(args):
         # the same repeat's runs are adjacent in time, so their ratio is the one least moved by outside load
         paired = statistics.median(h / o for h, o in zip(times["transformers"], times[name]))
         print(f"  speed ratio {name} / transformers: {ratio:.2f}x of medians, {paired:.2f}x median of pairs")
-# ---- end section: clip ----
 
-# ---- section: train ----
+# ---- train ----
 # A training step exactly as train.py runs it in one process (AdamW, clipping, bf16 autocast + flash attention on
 # CUDA), on random weights and random tokens: each sample is BOS, one image's placeholders, then text to --seq-len.
 TRAIN_PRESETS = {  # name: (LlamaConfig preset, CLIPVisionConfig preset)
@@ -269,16 +267,11 @@ def train_bench(args):
           f"parameters trained")
     print(f"  {dt * 1e3:.1f} ms/step (median of {args.steps}), {B * T / dt:,.0f} tokens/s, "
           f"{achieved / 1e12:.3g} TFLOP/s{f', MFU {100 * achieved / (peak * 1e12):.1f}%' if peak else ''}, {memory}")
-# ---- end section: train ----
 
 
-# each section adds (name, add_args(parser), run(args)) here
 BENCHES = [
-    # ---- benches: llama ----
     ("llama", add_llama_args, run_llama),
-    # ---- benches: clip ----
     ("clip", clip_args, clip_run),
-    # ---- benches: train ----
     ("train", train_args, train_bench),
 ]
 

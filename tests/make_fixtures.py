@@ -9,7 +9,7 @@ import sys
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
-# ---- section: llama ----
+# ---- llama ----
 def tokenizer_corpus(n=3000, seed=0):
     """Varied English in the shapes of the project's text: chat turns, colours, shapes, counts, punctuation."""
     import random
@@ -94,9 +94,8 @@ def make_llama(out_dir):
                          num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
                          tie_word_embeddings=True, max_position_embeddings=64, rms_norm_eps=1e-6,
                          rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0})
-# ---- end section: llama ----
 
-# ---- section: clip ----
+# ---- clip ----
 # Tower: one tiny CLIPVisionModel (odd sizes, 3 layers) saved three ways with identical vision weights:
 #   clip_tiny/      the published vision-only layout ("vision_model." prefix, plus the position_ids buffer that
 #                   older checkpoints carry), made by renaming what transformers 5 writes;
@@ -218,9 +217,8 @@ def make_clip(out_dir):
         json.dump({"image_size": S, "pad_color": mean_color, "modes": modes}, f, indent=2)
     total = sum(os.path.getsize(os.path.join(r, f)) for d in dirs.values() for r, _, fs in os.walk(d) for f in fs)
     print(f"clip fixtures: {total / 1e6:.2f} MB")
-# ---- end section: clip ----
 
-# ---- section: llava ----
+# ---- llava ----
 LLAVA_IMAGE_TOKEN = 120  # the image token id of the tiny llava-hf reference (vocab 128 = 120 text ids padded to 64s)
 
 
@@ -332,15 +330,11 @@ def check_llava_export(out_dir):
             got = theirs(input_ids=ids.masked_fill(ids == IMAGE_TOKEN_INDEX, 100), pixel_values=ref["pixel_values_1"]).logits
         assert torch.allclose(got[..., :100], want, atol=1e-5), (got[..., :100] - want).abs().max()
     print("llava export check: transformers loads export_hf output strictly, same logits")
-# ---- end section: llava ----
 
-# each section adds (name, make(out_dir)) here; llava's fixture uses the llama tokenizer, so order matters
+# llava's fixture uses the llama tokenizer, so order matters
 MAKERS = [
-    # ---- makers: llama ----
     ("llama", make_llama),
-    # ---- makers: clip ----
     ("clip", make_clip),
-    # ---- makers: llava ----
     ("llava", make_llava),
 ]
 
