@@ -1,6 +1,7 @@
 """Train LLaVA: stage 1 aligns the image features (projector only), stage 2 tunes on instructions (projector + LLM).
 
-    python train.py --stage 1 && python train.py --stage 2        # the built-in demo: a few minutes on a laptop CPU
+    python train.py                                               # the built-in demo: a few minutes on a laptop CPU
+    python train.py --stage 1 && python train.py --stage 2        # the same demo, one stage at a time
     torchrun --nproc_per_node 8 train.py --stage 1 --model vicuna-7b --vision-tower clip-vit-large-patch14 \\
         --data blip_laion_cc_sbu_558k.json --image-folder images --out runs/stage1
     torchrun --nproc_per_node 8 train.py --stage 2 --model vicuna-7b --vision-tower clip-vit-large-patch14 \\
@@ -18,6 +19,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -60,7 +62,7 @@ PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "A10G": 70, "
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", type=int, choices=(1, 2), required=True)
+    p.add_argument("--stage", type=int, choices=(1, 2), help="1 or 2; left out: the whole demo, stage 1 then 2")
     p.add_argument("--model", help="base LLM directory (HF LLaMA/Vicuna), or a LLaVA checkpoint to go on from")
     p.add_argument("--vision-tower", help="CLIP directory (HF layout); not needed with a LLaVA checkpoint")
     p.add_argument("--projector", help="stage-1 output directory; required in stage 2 from a base LLM")
@@ -384,6 +386,11 @@ def all_sum(values, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.stage is None:  # `python train.py` alone: the whole built-in demo, stage 1 then stage 2
+        if args.data or args.model or args.out or args.resume or args.projector:
+            fail("--stage 1 or --stage 2 is required with --data, --model, --out, --resume or --projector")
+        rest = list(sys.argv[1:] if argv is None else argv)
+        return main(rest + ["--stage", "2"]) if main(rest + ["--stage", "1"]) is not None else None
     rank, world, device = setup_distributed()
     cuda = device.type == "cuda"
     args = resolve_args(args, rank)
@@ -494,7 +501,7 @@ def main(argv=None):
     if dist.is_initialized():
         dist.barrier()  # gloo aborts at exit when a rank tears down while another still talks
         dist.destroy_process_group()
-    return model
+    return None if stop else model  # None: ended early, a training state was written
 
 
 if __name__ == "__main__":

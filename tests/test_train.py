@@ -2,6 +2,8 @@
 bad input stops before training. Tiny random-init models on a small slice of the demo data, a few steps each."""
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,6 +53,20 @@ def test_demo_run_lowers_the_loss(demo):
     curve = losses(demo / "stage1")
     assert len(curve) == 8 and sum(curve[-3:]) / 3 < curve[0] - 0.1, curve
     assert (demo / "stage1" / "checkpoints" / "step_0000008" / "state.json").is_file()  # --stop-after saves
+
+
+def test_no_stage_runs_the_whole_demo(demo, tmp_path, capsys):
+    root = tmp_path / "demo"
+    for part in ("data", "base"):  # the fixture's demo inputs, so that only the two stages run here
+        shutil.copytree(demo / part, root / part)
+    model = train.main(["--demo-dir", str(root), "--epochs", "0.02", "--eval-limit", "8"])
+    assert (root / "stage1" / "projector.safetensors").is_file() and (root / "stage2" / "model.safetensors").is_file()
+    assert model is not None and model.llm.embed_tokens.weight.requires_grad  # the model of stage 2
+    out = capsys.readouterr().out
+    assert out.index("stage 1:") < out.index("stage 2:") < out.index("demo accuracy:")
+    assert re.search(r"demo accuracy: \d+\.\d% \(\d+/8\)", out)
+    with pytest.raises(SystemExit, match="--stage 1 or --stage 2 is required"):
+        train.main(["--data", "x.json", "--model", "m"])
 
 
 def test_stage1_trains_only_the_projector(demo, tmp_path):
