@@ -260,7 +260,10 @@ def load_image(path) -> Image.Image:
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")  # convert() decodes the whole file, so truncation shows up here
+            image = image.convert("RGB")  # convert() decodes the whole file, so truncation shows up here
+        # a transparent colour (palette or tRNS) stays in info; LLaVA's processor (transformers 4.31) ignored it
+        image.info.pop("transparency", None)
+        return image
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image file {path}: {e}") from e
 

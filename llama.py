@@ -282,8 +282,10 @@ class Llama(nn.Module):
             expected.pop("lm_head.weight")
         check_state_dict(expected, tensors, files, ignore=IGNORED_KEYS)
         wanted = model.state_dict().keys()
-        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in hf_to_llama_keys(tensors).items()
-              if k in wanted}
+        sd = {k: v for k, v in hf_to_llama_keys(tensors).items() if k in wanted}
+        del tensors  # convert one tensor at a time, freeing each original: no second copy of the whole model
+        for k, v in sd.items():
+            sd[k] = v.to(dtype) if v.is_floating_point() else v
         if config.tie_word_embeddings:
             sd["lm_head.weight"] = sd["embed_tokens.weight"]
         model.load_state_dict(sd, strict=True, assign=True)
@@ -389,8 +391,8 @@ class Tokenizer:
     def encode(self, text: str, bos=True, eos=False) -> list:
         return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
 
-    def decode(self, ids) -> str:
-        return self.sp.decode([int(i) for i in ids])
+    def decode(self, ids) -> str:  # ids past the vocabulary (llava-hf pads its 32000 to 32064 rows) decode to ""
+        return self.sp.decode([i for i in map(int, ids) if 0 <= i < self.vocab_size])
 
     def stream(self) -> "StreamDecoder":
         return StreamDecoder(self)
@@ -428,6 +430,7 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (always at least the most likely token)
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        drop[..., 0] = False  # top_p <= 0 would drop every token
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -201,6 +201,13 @@ def test_load_image_is_rgb_with_alpha_dropped():
     assert image.mode == "RGB" and image.size == (33, 45)
     with Image.open(path) as rgba:  # like LLaVA's Image.open(f).convert("RGB"): colour channels kept, alpha dropped
         assert np.array_equal(np.asarray(image), np.asarray(rgba)[..., :3])
+    # a transparent palette entry is not whitened either: LLaVA's pixels are those of convert("RGB")
+    path = os.path.join(OUTPUTS, "images", "palette_transparent.png")
+    with Image.open(path) as palette:
+        rgb = palette.convert("RGB")
+    for pad in (False, True):
+        expected = preprocess(Image.fromarray(np.asarray(rgb)), 24, pad_to_square=pad)  # no transparency info
+        assert torch.equal(preprocess(load_image(path), 24, pad_to_square=pad), expected)
 
 
 def test_missing_and_corrupt_images_raise_naming_the_file(tmp_path):

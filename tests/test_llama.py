@@ -157,6 +157,26 @@ def test_save_pretrained_round_trip_keeps_hf_layout(tmp_path):
         assert (tied(ref["input_ids"]) - load("llama_tied")[0](ref["input_ids"])).abs().max() == 0
 
 
+def test_loading_to_another_dtype_keeps_no_second_copy(monkeypatch):
+    """fp16 7B -> bf16 on one GPU: each file tensor is freed once converted, not held until all are converted."""
+    import weakref
+    import llama
+    originals, load_checkpoint = [], llama._load_checkpoint
+
+    def tracked(path, device="cpu"):
+        tensors, files = load_checkpoint(path, device)
+        originals.extend(weakref.ref(t) for t in tensors.values())
+        return tensors, files
+    alive = []
+    real_load = Llama.load_state_dict
+    monkeypatch.setattr(llama, "_load_checkpoint", tracked)
+    monkeypatch.setattr(Llama, "load_state_dict", lambda self, *a, **k: (
+        alive.append(sum(r() is not None for r in originals)), real_load(self, *a, **k))[1])
+    model = Llama.from_pretrained(os.path.join(FIXTURES, "llama_gqa", "model"), dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert len(originals) > 10 and alive[0] <= 1  # at most the loop's last tensor
+
+
 def test_missing_key_is_named(tmp_path):
     folder, tensors = tied_copy(tmp_path)
     del tensors["model.layers.2.mlp.up_proj.weight"]
@@ -268,6 +288,8 @@ def test_tokenizer_equals_raw_sentencepiece_and_round_trips():
         assert ids == raw.encode(text)
         assert tokenizer.encode(text, bos=True, eos=True) == [1] + ids + [2]
         assert tokenizer.decode(ids) == text  # byte fallback and identity normalisation keep everything
+        # a model with a padded vocabulary (llava-hf: 32064 rows, 32000 pieces) may sample an id past the pieces
+        assert tokenizer.decode(ids + [512, 600]) == text and tokenizer.stream().push(511 + 64) == ""
     assert any(raw.id_to_piece(i).startswith("<0x") for i in tokenizer.encode(TEXTS[4]))  # emoji -> byte pieces
 
 
@@ -304,3 +326,5 @@ def test_sample_greedy_temperature_and_top_p():
     assert abs((draws == 2).float().mean().item() - 0.2) < 0.03
     cold = sample(logits[:1].expand(4000, 3), 0.05, 1.0, generator)  # low temperature: nearly greedy
     assert (cold == 0).float().mean() > 0.99
+    for top_p in (0.0, -1.0, 1e-9):  # a nucleus that no token fills keeps the most likely token, never none
+        assert sample(logits[:1].expand(100, 3), 1.0, top_p, generator).tolist() == [0] * 100
