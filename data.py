@@ -433,13 +433,13 @@ def _turns(values):
 
 
 def make_demo_data(out_dir, seed=0, n_train=2000, n_eval=50, image_size=64, max_shapes=3, vocab_size=512,
-                   single_turn=False, extra_kinds=True, sizes=("small", "large")):
+                   single_turn=False, extra_share=1.0, sizes=("small", "large")):
     """Write the demo dataset; the same arguments give the same bytes. Returns the paths:
     {"images", "stage1", "stage2", "eval", "tokenizer"}. n_train images give n_train captions (stage 1) and, per
     image, one conversation of 2-4 questions (or with single_turn, each question as its own sample, image first)
-    and, with extra_kinds, a detailed description or a reasoning sample; n_eval held-out images give 4 questions
-    each (eval.json). sizes: which of "small", "large" to draw. single_turn and extra_kinds change neither the
-    images nor eval.json."""
+    and, for extra_share of the images, a detailed description or a reasoning sample (half each); n_eval held-out
+    images give 4 questions each (eval.json). sizes: which of "small", "large" to draw. single_turn and extra_share
+    change neither the images nor eval.json."""
     rng = random.Random(seed)
     if not sizes or not set(sizes) <= set(DEMO_SIZES):
         raise ValueError(f"sizes must be a non-empty subset of {tuple(DEMO_SIZES)}, got {sizes!r}")
@@ -474,7 +474,8 @@ def make_demo_data(out_dir, seed=0, n_train=2000, n_eval=50, image_size=64, max_
             extra, (q, a) = ("detail", (rng.choice(DETAIL_PROMPTS), _detail(shapes))) if i % 2 == 0 else \
                 ("reasoning", _reasoning(rng, shapes))
             q = _with_image(rng, q)
-            if extra_kinds:
+            # images come in pairs (detail, reasoning); keeping evenly spaced pairs keeps both kinds at any share
+            if int((i // 2 + 1) * extra_share) > int(i // 2 * extra_share):
                 stage2.append({"id": f"{split}_{i:05d}_{extra}", "image": name, "conversations": _turns([q, a])})
     for key, rows in (("stage1", stage1), ("stage2", stage2), ("eval", evaluation)):
         _write(paths[key], (json.dumps(rows, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode())

@@ -293,7 +293,7 @@ def test_demo_data_is_byte_identical_for_a_seed(tmp_path, demo):
 
 def test_demo_single_turn_knob_splits_conversations_and_keeps_images(tmp_path, demo):
     single = data.make_demo_data(str(tmp_path / "single"), seed=0, n_train=240, n_eval=12, single_turn=True,
-                                 extra_kinds=False)
+                                 extra_share=0)
     ref, new = file_hashes(os.path.dirname(demo["stage1"])), file_hashes(os.path.dirname(single["stage1"]))
     assert {k: v for k, v in ref.items() if k.startswith("images") or k == "eval.json"} == \
         {k: v for k, v in new.items() if k.startswith("images") or k == "eval.json"}
@@ -307,6 +307,14 @@ def test_demo_single_turn_knob_splits_conversations_and_keeps_images(tmp_path, d
                             if "_conversation" in r["id"])  # no detail or reasoning rows
     assert all(len(r["conversations"]) == 2 and r["conversations"][0]["value"].startswith("<image>\n") for r in rows)
     assert qa_pairs(rows) == qa_pairs(json.load(open(demo["stage2"])))  # the same questions, one per sample
+
+
+def test_demo_extra_share_keeps_a_share_of_detail_and_reasoning_rows(tmp_path, demo):
+    quarter = data.make_demo_data(str(tmp_path / "quarter"), seed=0, n_train=240, n_eval=12, extra_share=0.25)
+    rows, full = json.load(open(quarter["stage2"])), json.load(open(demo["stage2"]))
+    extras = [r for r in rows if "_conversation" not in r["id"]]
+    assert sum("_detail" in r["id"] for r in extras) == sum("_reasoning" in r["id"] for r in extras) == 30
+    assert all(r in full for r in rows) and len(full) - len(rows) == 180  # the same rows, fewer extras
 
 
 def test_demo_sizes_knob(tmp_path):
