@@ -17,7 +17,7 @@ import torch
 
 from clip import load_image, preprocess
 from data import demo_answer_correct, render
-from generate_data import APIError, ChatClient, append_jsonl, read_jsonl, repair_jsonl
+from generate_data import APIError, ChatClient, append_jsonl, read_jsonl, repair_jsonl, write_atomic
 from llama import Tokenizer
 from llava import LLaVA
 
@@ -306,12 +306,6 @@ def summarize_reviews(reviews):
 # command line
 
 
-def write_json(path, obj):  # temp file + rename: a crash never leaves a half-written summary
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
 def make_client(args, model):
     api_key = os.environ.get(args.api_key_env)
     if not api_key:
@@ -380,7 +374,7 @@ def main(argv=None):
             scores = f"reference {s['reference']:.2f}, model {s['model']:.2f}, relative {s['relative']:.1f}%" \
                 if s["n"] else "no scored reviews"
             print(f"{key:>12}: {scores} (n={s['n']}, failed={s['failed']})")
-    write_json(os.path.join(args.out, "summary.json"), summary)
+    write_atomic(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=1))  # never half-written
 
 
 if __name__ == "__main__":

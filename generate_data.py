@@ -100,7 +100,7 @@ class ChatClient:
         body = {"model": self.model, "messages": messages, "temperature": self.temperature,
                 "max_tokens": self.max_tokens}
         headers = {"Authorization": f"Bearer {self._api_key}", "Content-Type": "application/json"}
-        reason = ""
+        reason, retry_after = "", None
         for attempt in range(self.max_retries + 1):
             if attempt:
                 # exponential backoff with jitter (so workers do not retry in lockstep), at least Retry-After

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from clip import CLIP_MEAN, CLIP_STD, CLIPVisionConfig, CLIPVisionTower
-from llama import Llama, LlamaConfig, _load_checkpoint, check_state_dict, generate as llama_generate
+from llama import Llama, LlamaConfig, _atomic_write, _load_checkpoint, check_state_dict, generate as llama_generate
 from projector import PROJECTORS, build_projector
 
 IMAGE_TOKEN_INDEX = -200  # the original release's placeholder id: never a real vocabulary id
@@ -345,14 +345,9 @@ def _read_json(file) -> dict:
             raise ValueError(f"{file}: invalid JSON ({e})") from e
 
 
-def _atomic(file, write):
-    write(file + ".tmp")  # same folder, so os.replace is atomic: a crash never leaves a half-written file
-    os.replace(file + ".tmp", file)
-
-
 def _save_json(file, d):
-    _atomic(file, lambda tmp: Path(tmp).write_text(json.dumps(d, indent=2)))
+    _atomic_write(file, lambda tmp: Path(tmp).write_text(json.dumps(d, indent=2)))
 
 
 def _save_tensors(file, tensors):
-    _atomic(file, lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+    _atomic_write(file, lambda tmp: save_file(tensors, tmp, {"format": "pt"}))

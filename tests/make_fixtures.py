@@ -111,7 +111,6 @@ CLIP_IMAGE_SIZE = 24
 def make_clip(out_dir):
     import json
     import shutil
-    import tempfile
 
     import numpy as np
     import skimage.data
