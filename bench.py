@@ -215,6 +215,7 @@ def train_bench(args):
     from contextlib import nullcontext
     from types import SimpleNamespace
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    import demo
     import train
     from clip import CLIPVisionConfig
     from llama import LlamaConfig
@@ -224,8 +225,8 @@ def train_bench(args):
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     llm_name, vision_name = TRAIN_PRESETS[args.preset]
-    llm = LlamaConfig.from_name(llm_name) if llm_name else LlamaConfig(vocab_size=512, **train.DEMO_LLM)
-    vision = CLIPVisionConfig.from_name(vision_name) if vision_name else CLIPVisionConfig(**train.DEMO_CLIP)
+    llm = LlamaConfig.from_name(llm_name) if llm_name else LlamaConfig(vocab_size=512, **demo.DEMO_LLM)
+    vision = CLIPVisionConfig.from_name(vision_name) if vision_name else CLIPVisionConfig(**demo.DEMO_CLIP)
     torch.manual_seed(0)
     with torch.device(device):
         model = train.set_stage(LLaVA(LLaVAConfig(llm=llm, vision=vision)), args.stage)

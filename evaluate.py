@@ -7,127 +7,30 @@ prompt data.render gives training for the same human turn.
   demo   the demo's held-out questions (runs/demo/data/eval.json): exact-match accuracy.
 """
 import argparse
-import json
 import os
 import re
 import sys
 from collections import defaultdict
 
-import torch
-
-from clip import load_image, preprocess
-from data import demo_answer_correct, render
-from generate_data import APIError, ChatClient, append_jsonl, read_jsonl, repair_jsonl, write_atomic
-from llama import Tokenizer
-from llava import LLaVA
+from api import APIError, ChatClient
+from demo import demo_items, score_demo
+from fileio import append_jsonl, read_jsonl, read_records, repair_jsonl, require, write_json
+from inference import answer_fn, load_model, tally
 
 # -----------------------------------------------------------------------------------------------------------------
 # answering with the model
 
 
-@torch.no_grad()
-def answer(model, tokenizer, question, image_path=None, max_new_tokens=128):
-    """Greedy single-turn answer; the prompt is token-for-token what training rendered for the same human turn."""
-    cfg = model.config
-    text = "<image>\n" + question if image_path is not None else question
-    input_ids, _ = render([{"from": "human", "value": text}], cfg.template, tokenizer, cfg.num_image_tokens,
-                          for_generation=True)
-    device = next(model.parameters()).device
-    pixel_values = None if image_path is None else preprocess(  # (1, 3, S, S)
-        load_image(image_path), cfg.image_size, pad_to_square=cfg.image_aspect_ratio == "pad"
-    ).to(device, next(model.vision_tower.parameters()).dtype)
-    ids = torch.tensor([input_ids], dtype=torch.long, device=device)  # (1, T)
-    model.llm.setup_cache(1, ids.shape[1] + max_new_tokens, device=device, dtype=next(model.llm.parameters()).dtype)
-    out = list(model.generate(ids, pixel_values, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id))
-    model.llm.reset_cache()  # a 7B cache is ~0.5 MB per position: do not keep it between questions
-    return tokenizer.decode(out[:-1] if out and out[-1] == tokenizer.eos_id else out).strip()
-
-
-def model_answer_fn(model, tokenizer, max_new_tokens):
-    """The answer_fn the modes take: item {"text", "image_path"} -> reply (tests pass their own)."""
-    return lambda item: answer(model, tokenizer, item["text"], item.get("image_path"), max_new_tokens)
-
-
-def load_model(path, device=None, dtype=None):
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    model = LLaVA.from_pretrained(path, device=device, dtype=dtype).eval()
-    return model, Tokenizer(path)
-
-
-def answer_all(items, answer_fn, out_path, model_id="llava"):
-    """{question_id: answer_fn(item)} for all items, appended to out_path as they come; ids already there are
+def answer_all(items, ask, out_path, model_id="llava"):
+    """{question_id: ask(item)} for all items, appended to out_path as they come; ids already there are
     skipped, so an interrupted run continues where it stopped."""
     done = {r["question_id"]: r["text"] for r in repair_jsonl(out_path)}  # repair: cut a torn last line
     for item in (item for item in items if item["question_id"] not in done):
-        done[item["question_id"]] = text = answer_fn(item)
+        done[item["question_id"]] = text = ask(item)
         append_jsonl(out_path, {"question_id": item["question_id"], "prompt": item["text"], "text": text,
                                 "model_id": model_id})
     return {item["question_id"]: done[item["question_id"]] for item in items}
 
-
-# -----------------------------------------------------------------------------------------------------------------
-# input files
-
-
-def read_records(path):
-    """A JSON list or a JSONL file; a bad line is an error naming the file and line (inputs are never torn)."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    is_list = text.lstrip().startswith("[")
-    records = []
-    for n, line in enumerate([text] if is_list else text.splitlines(), 1):
-        try:
-            records += [json.loads(line)] if line.strip() else []
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}{'' if is_list else f', line {n}'}: invalid JSON: {e}") from None
-    return records[0] if is_list else records
-
-
-def require(record, key, where):
-    if key not in record:
-        raise ValueError(f"{where}: missing key {key!r}")
-    return record[key]
-
-
-# -----------------------------------------------------------------------------------------------------------------
-# demo mode
-
-
-def demo_items(data_dir, limit=None):
-    path = os.path.join(data_dir, "eval.json")
-    items = []
-    for n, record in enumerate(read_records(path)[:limit]):
-        where = f"{path}, item {n}"
-        # LLaVA JSON convention: image paths are relative to the image folder (data_dir/images); accept data_dir too
-        image = os.path.join(data_dir, "images", require(record, "image", where))
-        items.append({"question_id": require(record, "id", where), "text": require(record, "question", where),
-                      "answer": require(record, "answer", where), "category": record.get("category", "all"),
-                      "image_path": image if os.path.exists(image) else os.path.join(data_dir, record["image"])})
-    return items
-
-
-def tally(rows):
-    """(category, correct, unparsed) rows -> {"all" | category: {"correct", "total", "unparsed", "accuracy" (%)}}."""
-    stats = defaultdict(lambda: {"correct": 0, "total": 0, "unparsed": 0})
-    for category, correct, unparsed in rows:
-        for key in {"all", category}:
-            stats[key]["total"] += 1
-            stats[key]["correct"] += bool(correct)
-            stats[key]["unparsed"] += bool(unparsed)
-    for s in stats.values():
-        s["accuracy"] = 100.0 * s["correct"] / s["total"]
-    return dict(stats)
-
-
-def score_demo(items, answer_fn):
-    return tally((item["category"], demo_answer_correct(answer_fn(item), item["answer"]), False) for item in items)
-
-
-def demo_accuracy(model, tokenizer, data_dir, limit=None, max_new_tokens=16):
-    """(correct, total) on <data_dir>/eval.json, greedy; train.py prints it at the end of the demo."""
-    stats = score_demo(demo_items(data_dir, limit), model_answer_fn(model, tokenizer, max_new_tokens))
-    return (stats["all"]["correct"], stats["all"]["total"]) if stats else (0, 0)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -355,17 +258,17 @@ def main(argv=None):
         ref_client = None if args.references else make_client(args, args.reference_model or args.judge_model)
     os.makedirs(args.out, exist_ok=True)
     model, tokenizer = load_model(args.model, args.device, args.dtype)
-    answer_fn = model_answer_fn(model, tokenizer, args.max_new_tokens)
+    ask = answer_fn(model, tokenizer, args.max_new_tokens)
 
     if args.mode in ("demo", "mc"):
         if args.mode == "demo":
-            summary = score_demo(items, answer_fn)
+            summary = score_demo(items, ask)
         else:
-            summary = score_mc(items, answer_all(items, answer_fn, os.path.join(args.out, "answers.jsonl")))
+            summary = score_mc(items, answer_all(items, ask, os.path.join(args.out, "answers.jsonl")))
         for key, s in sorted(summary.items()):
             print(f"{key:>24}: {s['accuracy']:5.1f}% ({s['correct']}/{s['total']}, {s['unparsed']} unparseable)")
     else:
-        predictions = answer_all(items, answer_fn, os.path.join(args.out, "answers.jsonl"))
+        predictions = answer_all(items, ask, os.path.join(args.out, "answers.jsonl"))
         references = reference_answers(items, args.references, ref_client, os.path.join(args.out, "references.jsonl"))
         reviews = review_all(items, references, predictions, judge_client, os.path.join(args.out, "reviews.jsonl"),
                              args.retries)
@@ -374,7 +277,7 @@ def main(argv=None):
             scores = f"reference {s['reference']:.2f}, model {s['model']:.2f}, relative {s['relative']:.1f}%" \
                 if s["n"] else "no scored reviews"
             print(f"{key:>12}: {scores} (n={s['n']}, failed={s['failed']})")
-    write_atomic(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=1))  # never half-written
+    write_json(os.path.join(args.out, "summary.json"), summary, indent=1)  # never half-written
 
 
 if __name__ == "__main__":

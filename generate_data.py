@@ -12,196 +12,24 @@ list that data.py trains on.
 """
 import argparse
 import concurrent.futures as cf
-import email.utils
 import json
 import os
 import random
 import re
 import sys
-import threading
-import time
 
-import requests
 from tqdm import tqdm
+
+from api import APIError, ChatClient, FatalAPIError
+from fileio import append_jsonl, read_json, read_jsonl, repair_jsonl, write_text
 
 PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 TASKS = ("conversation", "detail", "complex")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Chat-completions client: raw HTTP with retries, a rate limit, and a key that never leaves the Authorization header
-# ---------------------------------------------------------------------------------------------------------------------
-class APIError(Exception):
-    """A request that failed for good (retries used up, or refused): the pair is recorded as failed, the run goes on."""
-
-
-class FatalAPIError(APIError):
-    """A non-retryable HTTP status (401/403 and other 4xx). `status` says which; 401/403 stop the whole run."""
-
-    def __init__(self, message, status):
-        super().__init__(message)
-        self.status = status
-
-
-class RateLimiter:
-    """Spaces request starts at least 60/rpm seconds apart, across all worker threads."""
-
-    def __init__(self, rpm):
-        self.interval = 60.0 / rpm if rpm else 0.0
-        self.next_start = 0.0
-        self.lock = threading.Lock()
-
-    def wait(self):
-        with self.lock:
-            now = time.monotonic()
-            start = max(now, self.next_start)
-            self.next_start = start + self.interval
-        time.sleep(max(0.0, start - now))
-
-
-def retry_after_seconds(value):
-    """Retry-After is either seconds or an HTTP date; None when absent or unreadable."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        try:
-            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
-
-
-class ChatClient:
-    def __init__(self, base_url, api_key, model, temperature=0.7, max_tokens=1024, timeout=60.0, max_retries=6,
-                 rpm=None, backoff=1.0, max_backoff=60.0):
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self._api_key = api_key  # private, left out of repr, scrubbed from every error text
-        self.model, self.temperature, self.max_tokens = model, temperature, max_tokens
-        self.timeout, self.max_retries = timeout, max_retries
-        self.backoff, self.max_backoff = backoff, max_backoff
-        self.limiter = RateLimiter(rpm)
-        self._local = threading.local()  # one requests.Session (connection pool) per worker thread
-
-    def __repr__(self):
-        return f"ChatClient(url={self.url!r}, model={self.model!r})"
-
-    def scrub(self, text):
-        text = str(text)
-        return text.replace(self._api_key, "***") if self._api_key else text
-
-    def _session(self):
-        if not hasattr(self._local, "session"):
-            self._local.session = requests.Session()
-        return self._local.session
-
-    def complete(self, messages):
-        """One chat completion -> {"content", "finish_reason", "usage", "model"}; raises APIError / FatalAPIError."""
-        body = {"model": self.model, "messages": messages, "temperature": self.temperature,
-                "max_tokens": self.max_tokens}
-        headers = {"Authorization": f"Bearer {self._api_key}", "Content-Type": "application/json"}
-        reason, retry_after = "", None
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                # exponential backoff with jitter (so workers do not retry in lockstep), at least Retry-After
-                wait = min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-                time.sleep(wait if retry_after is None else retry_after)
-            retry_after = None
-            self.limiter.wait()
-            try:
-                r = self._session().post(self.url, json=body, headers=headers, timeout=self.timeout)
-            except requests.Timeout:
-                reason = f"timeout after {self.timeout}s"
-                continue
-            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:  # refused or dropped
-                reason = "connection error: " + self.scrub(e)[:200]
-                continue
-            if r.status_code == 200:
-                try:
-                    data = r.json()
-                    choice = data["choices"][0]
-                    return {"content": choice["message"].get("content") or "",
-                            "finish_reason": choice.get("finish_reason"), "usage": data.get("usage") or {},
-                            "model": data.get("model", self.model)}
-                except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-                    reason = "malformed response: " + self.scrub(r.text)[:200]
-                    continue
-            message = f"HTTP {r.status_code} from {self.url}: {self.scrub(r.text)[:300]}"
-            if r.status_code == 429 or r.status_code >= 500:
-                reason, retry_after = message, retry_after_seconds(r.headers.get("Retry-After"))
-                continue
-            if r.status_code in (401, 403):
-                message += " -- the API key was refused; check the key and its permissions"
-            raise FatalAPIError(message, r.status_code)
-        raise APIError(f"gave up after {self.max_retries + 1} attempts; last error: {reason}")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# JSONL that survives a crash: append + flush + fsync per record; a torn last line is skipped on read and cut on repair
-# ---------------------------------------------------------------------------------------------------------------------
-def append_jsonl(path, record):
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")  # one write: a crash leaves at most a torn last line
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _scan_jsonl(path):
-    """(records, byte offset after the last good line). A bad line before the last one is corruption: an error."""
-    with open(path, "rb") as f:
-        data = f.read()
-    complete = data[: data.rfind(b"\n") + 1]  # a tail without its newline is torn, even if it parses
-    lines = complete.split(b"\n")[:-1]
-    records, good_end = [], 0
-    for i, line in enumerate(lines):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                if i < len(lines) - 1:
-                    raise ValueError(f"{path}: line {i + 1} is not valid JSON (corrupt file?)") from None
-                break  # a garbled last line (a crash can leave zero bytes): torn
-        good_end += len(line) + 1
-    return records, good_end
-
-
-def read_jsonl(path):
-    return _scan_jsonl(path)[0] if os.path.exists(path) else []
-
-
-def repair_jsonl(path):
-    """Cut a torn last line so that appending continues a valid file; returns the good records."""
-    if not os.path.exists(path):
-        return []
-    records, good_end = _scan_jsonl(path)
-    if good_end < os.path.getsize(path):
-        with open(path, "r+b") as f:
-            f.truncate(good_end)
-            os.fsync(f.fileno())
-    return records
-
-
-def write_atomic(path, text):
-    """Temp file in the same folder, fsync, rename: readers see the old file or the new one, never half of one."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # COCO annotations -> the text context GPT-4 sees: captions, then one `name: [x1, y1, x2, y2]` line per object
 # ---------------------------------------------------------------------------------------------------------------------
-def _load_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from None
-
-
 def _field(row, key, path, where):
     if not isinstance(row, dict) or key not in row:
         raise ValueError(f"{path}: {where} has no key {key!r}")
@@ -210,7 +38,7 @@ def _field(row, key, path, where):
 
 def load_coco(captions_path, instances_path=None):
     """-> {image_id: {"file_name", "width", "height", "captions": [str], "boxes": [(name, x1, y1, x2, y2)]}}"""
-    caps = _load_json(captions_path)
+    caps = read_json(captions_path)
     images = {}
     for i, row in enumerate(_field(caps, "images", captions_path, "the top level")):
         where = f"images[{i}]"
@@ -223,7 +51,7 @@ def load_coco(captions_path, instances_path=None):
             raise ValueError(f"{captions_path}: {where} refers to image_id {image_id} not in 'images'")
         images[image_id]["captions"].append(" ".join(str(_field(row, "caption", captions_path, where)).split()))
     if instances_path:
-        inst = _load_json(instances_path)
+        inst = read_json(instances_path)
         names = {c["id"]: c["name"] for c in _field(inst, "categories", instances_path, "the top level")}
         for i, row in enumerate(_field(inst, "annotations", instances_path, "the top level")):
             where = f"annotations[{i}]"
@@ -403,7 +231,7 @@ def export(out_path, export_path):
         if record["id"] not in seen:
             seen.add(record["id"])
             data.append({"id": record["id"], "image": record["image"], "conversations": record["conversations"]})
-    write_atomic(export_path, json.dumps(data, ensure_ascii=False, indent=1))
+    write_text(export_path, json.dumps(data, ensure_ascii=False, indent=1))
     print(f"exported {len(data)} samples to {export_path}")
 
 
@@ -474,7 +302,7 @@ def main(argv=None):
     wanted = {(i, t) for i in selected for t in tasks}
     if args.retry_failed and any((r["image_id"], r["task"]) in wanted for r in failures):
         failures = [r for r in failures if (r["image_id"], r["task"]) not in wanted]
-        write_atomic(failed_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in failures))
+        write_text(failed_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in failures))
     skip = done | {(r["image_id"], r["task"]) for r in failures}
     pairs = [(i, t) for i in selected for t in tasks if (i, t) not in skip]
     print(f"{len(wanted)} pairs requested: {len(wanted & done)} already done, {len(wanted & skip) - len(wanted & done)}"

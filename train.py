@@ -38,26 +38,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
-from clip import CLIPVisionConfig, CLIPVisionTower
-from llama import Llama, LlamaConfig, Tokenizer
+from demo import DEMO_RECIPES, build_demo_inputs, demo_accuracy
+from llama import Tokenizer
 from llava import LLaVA
 
 # The paper's recipe for the real models (LLaVA-1.5: stage 1 lr 1e-3 batch 256, stage 2 lr 2e-5 batch 128, 1 epoch).
 RECIPES = {1: dict(lr=2e-3, epochs=1, batch_size=128, template="plain"),
            2: dict(lr=2e-5, epochs=3, batch_size=32, template="vicuna_v1")}
-# The demo: tiny random-init models, trained from scratch in minutes on 2 CPU cores. The frozen random tower keeps
-# colour and position (one layer: LayerNorm'd random patch projections); a fast projector learns to read it.
-DEMO_RECIPES = {1: dict(lr=1e-3, epochs=1, batch_size=32, template="plain"),
-                2: dict(lr=2e-3, projector_lr=1e-2, epochs=4, batch_size=16, template="vicuna_v1")}
-DEMO_LLM = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=4, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=512)
-DEMO_CLIP = dict(hidden_size=192, intermediate_size=384, num_hidden_layers=1, num_attention_heads=4,
-                 image_size=48, patch_size=8)  # 36 image tokens; select_layer -2 = the embeddings
-DEMO_POSITION_STD = 1.0
-# one shape per image and one question per sample: tiny models trained from scratch learn to read the image from
-# these in minutes, but not from multi-turn conversations about several shapes. A detail or reasoning sample for a
-# quarter of the images keeps all three kinds of instruction data; one for every image took 3.5 min and scored 72%
-DEMO_DATA = dict(max_shapes=1, sizes=("large",), single_turn=True, extra_share=0.25)
 PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "A10G": 70, "4090": 165}  # dense bf16, for MFU
 
 
@@ -153,27 +140,6 @@ def resolve_args(args, rank):
     if args.stage == 2 and not llava_checkpoint and args.projector is None:
         fail("stage 2 from a base LLM needs the stage-1 projector: give --projector <stage-1 output directory>")
     return args
-
-
-def build_demo_inputs(root, rank):
-    """The demo's shapes data and tiny random-init base checkpoints in HF layout (loaded back the normal way)."""
-    data_dir, base = root / "data", root / "base"
-    if rank == 0 and not (data_dir / "eval.json").is_file():
-        data.make_demo_data(str(data_dir), seed=0, **DEMO_DATA)
-    if rank == 0 and not (base / "clip" / "model.safetensors").is_file():
-        tokenizer = Tokenizer(str(data_dir / "tokenizer.model"))
-        torch.manual_seed(0)
-        llm_config = LlamaConfig(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
-                                 eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, **DEMO_LLM)
-        Llama(llm_config).save_pretrained(str(base / "llm"))
-        shutil.copy(data_dir / "tokenizer.model", base / "llm" / "tokenizer.model")
-        tower = CLIPVisionTower(CLIPVisionConfig(**DEMO_CLIP))
-        # a trained CLIP's position embeddings carry where a patch is; random ones at the usual std 0.02 vanish
-        # next to the patch features, so the demo's are drawn as large as those
-        torch.nn.init.normal_(tower.embeddings.position_embedding.weight, std=DEMO_POSITION_STD)
-        tower.save_pretrained(str(base / "clip"))
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def build_model(args):
@@ -492,9 +458,8 @@ def main(argv=None):
         save_output(model, args, rank, cuda)
         log(f"saved {'projector' if args.stage == 1 else 'model'} to {args.out}")
         if args.demo and args.stage == 2 and rank == 0:
-            import evaluate  # the demo's last line: held-out questions answered by the saved checkpoint
-            trained_model = LLaVA.from_pretrained(args.out).eval()
-            correct, total = evaluate.demo_accuracy(trained_model, Tokenizer(args.out),
+            trained_model = LLaVA.from_pretrained(args.out).eval()  # the demo's last line: held-out accuracy
+            correct, total = demo_accuracy(trained_model, Tokenizer(args.out),
                                                     str(Path(args.demo_dir) / "data"), limit=args.eval_limit)
             print(f"demo accuracy: {100 * correct / max(total, 1):.1f}% ({correct}/{total})")
     for s, handler in handlers.items():

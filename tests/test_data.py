@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import data
+from demo import DEMO_COLORS, DEMO_PLACES, demo_answer_correct, make_demo_data
 from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX, render
 from llama import Tokenizer
 
@@ -17,7 +18,7 @@ N_IMG = 5  # image placeholders per image in these tests
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    return data.make_demo_data(str(tmp_path_factory.mktemp("demo")), seed=0, n_train=240, n_eval=12)
+    return make_demo_data(str(tmp_path_factory.mktemp("demo")), seed=0, n_train=240, n_eval=12)
 
 
 @pytest.fixture(scope="module")
@@ -284,15 +285,15 @@ def file_hashes(folder):
 
 
 def test_demo_data_is_byte_identical_for_a_seed(tmp_path, demo):
-    again = data.make_demo_data(str(tmp_path / "again"), seed=0, n_train=240, n_eval=12)
-    other = data.make_demo_data(str(tmp_path / "other"), seed=1, n_train=240, n_eval=12)
+    again = make_demo_data(str(tmp_path / "again"), seed=0, n_train=240, n_eval=12)
+    other = make_demo_data(str(tmp_path / "other"), seed=1, n_train=240, n_eval=12)
     ref = file_hashes(os.path.dirname(demo["stage1"]))
     assert len(ref) == 240 + 12 + 4 and ref == file_hashes(os.path.dirname(again["stage1"]))
     assert ref["stage2.json"] != file_hashes(os.path.dirname(other["stage1"]))["stage2.json"]
 
 
 def test_demo_single_turn_knob_splits_conversations_and_keeps_images(tmp_path, demo):
-    single = data.make_demo_data(str(tmp_path / "single"), seed=0, n_train=240, n_eval=12, single_turn=True,
+    single = make_demo_data(str(tmp_path / "single"), seed=0, n_train=240, n_eval=12, single_turn=True,
                                  extra_share=0)
     ref, new = file_hashes(os.path.dirname(demo["stage1"])), file_hashes(os.path.dirname(single["stage1"]))
     assert {k: v for k, v in ref.items() if k.startswith("images") or k == "eval.json"} == \
@@ -310,7 +311,7 @@ def test_demo_single_turn_knob_splits_conversations_and_keeps_images(tmp_path, d
 
 
 def test_demo_extra_share_keeps_a_share_of_detail_and_reasoning_rows(tmp_path, demo):
-    quarter = data.make_demo_data(str(tmp_path / "quarter"), seed=0, n_train=240, n_eval=12, extra_share=0.25)
+    quarter = make_demo_data(str(tmp_path / "quarter"), seed=0, n_train=240, n_eval=12, extra_share=0.25)
     rows, full = json.load(open(quarter["stage2"])), json.load(open(demo["stage2"]))
     extras = [r for r in rows if "_conversation" not in r["id"]]
     assert sum("_detail" in r["id"] for r in extras) == sum("_reasoning" in r["id"] for r in extras) == 30
@@ -318,11 +319,11 @@ def test_demo_extra_share_keeps_a_share_of_detail_and_reasoning_rows(tmp_path, d
 
 
 def test_demo_sizes_knob(tmp_path):
-    large = data.make_demo_data(str(tmp_path / "large"), seed=0, n_train=30, n_eval=4, sizes=("large",))
+    large = make_demo_data(str(tmp_path / "large"), seed=0, n_train=30, n_eval=4, sizes=("large",))
     captions = " ".join(r["conversations"][1]["value"] for r in json.load(open(large["stage1"])))
     assert "large" in captions and "small" not in captions
     with pytest.raises(ValueError, match="sizes must be"):
-        data.make_demo_data(str(tmp_path / "bad"), sizes=("huge",))
+        make_demo_data(str(tmp_path / "bad"), sizes=("huge",))
 
 
 def test_demo_data_content(demo, tok):
@@ -337,7 +338,7 @@ def test_demo_data_content(demo, tok):
     assert {e["category"] for e in evaluation} == {"color", "shape", "count", "position"}
     for e in evaluation:  # answers agree with the pixels
         pixels = np.asarray(Image.open(os.path.join(demo["images"], e["image"])))
-        colors = [c for c, rgb in data.DEMO_COLORS.items() if (pixels == rgb).all(-1).any()]
+        colors = [c for c, rgb in DEMO_COLORS.items() if (pixels == rgb).all(-1).any()]
         assert len(e["answer"].split()) == 1
         if e["category"] == "count":
             assert e["answer"] == str(len(colors))
@@ -345,8 +346,8 @@ def test_demo_data_content(demo, tok):
             assert e["answer"] in colors
         if e["category"] == "position":
             color = e["question"].split()[3]
-            x = np.nonzero((pixels == data.DEMO_COLORS[color]).all(-1))[1].mean() / pixels.shape[1]
-            assert e["answer"] == data.DEMO_PLACES[int(x * 3)]
+            x = np.nonzero((pixels == DEMO_COLORS[color]).all(-1))[1].mean() / pixels.shape[1]
+            assert e["answer"] == DEMO_PLACES[int(x * 3)]
     # both stages load without a skipped row, and a demo prompt is short with this tokenizer
     s1 = data.LLaVADataset(demo["stage1"], demo["images"], tok, "plain", N_IMG, 32)
     s2 = data.LLaVADataset(demo["stage2"], demo["images"], tok, "vicuna_v1", N_IMG, 32)
@@ -355,8 +356,8 @@ def test_demo_data_content(demo, tok):
 
 
 def test_demo_answer_correct():
-    assert data.demo_answer_correct("Red.", "red")
-    assert data.demo_answer_correct(" two", "2") and data.demo_answer_correct("the circle", "circle")
-    assert not data.demo_answer_correct("red circle", "red")
-    assert not data.demo_answer_correct("", "")
-    assert not data.demo_answer_correct("blue", "red")
+    assert demo_answer_correct("Red.", "red")
+    assert demo_answer_correct(" two", "2") and demo_answer_correct("the circle", "circle")
+    assert not demo_answer_correct("red circle", "red")
+    assert not demo_answer_correct("", "")
+    assert not demo_answer_correct("blue", "red")

@@ -4,8 +4,11 @@ import os
 import pytest
 import torch
 
+import demo
 import evaluate
-from generate_data import ChatClient
+import fileio
+import inference
+from api import ChatClient
 from tests.fake_openai import FakeOpenAI
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -204,7 +207,7 @@ def test_mc_bad_answer_is_named(tmp_path):
     with open(path, "a") as f:
         f.write("{not json\n")
     with pytest.raises(ValueError, match="sqa.jsonl, line 2"):
-        evaluate.read_records(path)
+        fileio.read_records(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -247,11 +250,11 @@ def test_demo_accuracy_counts(tmp_path, monkeypatch):
     def fake_answer(model, tokenizer, question, image_path=None, max_new_tokens=128):
         seen.append(image_path)
         return replies[question]
-    monkeypatch.setattr(evaluate, "answer", fake_answer)
-    assert evaluate.demo_accuracy(None, None, data_dir) == (3, 5)
+    monkeypatch.setattr(inference, "answer", fake_answer)
+    assert demo.demo_accuracy(None, None, data_dir) == (3, 5)
     assert seen[0] == os.path.join(data_dir, "images", "0.png")
-    assert evaluate.demo_accuracy(None, None, data_dir, limit=2) == (1, 2)
-    stats = evaluate.score_demo(evaluate.demo_items(data_dir), lambda item: replies[item["text"]])
+    assert demo.demo_accuracy(None, None, data_dir, limit=2) == (1, 2)
+    stats = demo.score_demo(demo.demo_items(data_dir), lambda item: replies[item["text"]])
     assert {k: (s["correct"], s["total"]) for k, s in stats.items()} == {
         "all": (3, 5), "colour": (1, 2), "shape": (1, 1), "count": (1, 2)}
 
@@ -260,7 +263,7 @@ def test_answer_matches_full_forward_greedy(tiny_checkpoint, tmp_path):
     """answer() (KV cache, eos stripped) == greedy decoding by re-running the full forward, with the same prompt."""
     from clip import load_image, preprocess
     from data import render
-    model, tokenizer = evaluate.load_model(tiny_checkpoint, "cpu", "float32")
+    model, tokenizer = inference.load_model(tiny_checkpoint, "cpu", "float32")
     image = make_demo_dir(tmp_path, [("c", "x")]) + "/images/0.png"
     cfg = model.config
     ids, _ = render([{"from": "human", "value": "<image>\nWhat is this?"}], cfg.template, tokenizer,
@@ -275,7 +278,7 @@ def test_answer_matches_full_forward_greedy(tiny_checkpoint, tmp_path):
             if new[-1] == tokenizer.eos_id:
                 new.pop()
                 break
-    assert evaluate.answer(model, tokenizer, "What is this?", image, max_new_tokens=8) == tokenizer.decode(new).strip()
+    assert inference.answer(model, tokenizer, "What is this?", image, max_new_tokens=8) == tokenizer.decode(new).strip()
 
 
 def test_demo_cli_writes_summary(tiny_checkpoint, tmp_path, capsys):
@@ -289,7 +292,7 @@ def test_demo_cli_writes_summary(tiny_checkpoint, tmp_path, capsys):
 
 def test_judge_and_mc_cli(tiny_checkpoint, tmp_path, monkeypatch):
     from PIL import Image
-    from generate_data import read_jsonl
+    from fileio import read_jsonl
     q, ctx, refs = bench_files(tmp_path)
     for name in ("a.jpg", "b.jpg"):
         Image.new("RGB", (50, 30), (200, 10, 10)).save(tmp_path / name)
@@ -322,12 +325,12 @@ def test_judge_and_mc_cli(tiny_checkpoint, tmp_path, monkeypatch):
 
 
 def test_demo_accuracy_on_the_demo_format(tmp_path, monkeypatch):
-    from data import make_demo_data
+    from demo import make_demo_data
     paths = make_demo_data(str(tmp_path), n_train=4, n_eval=2)
     gold = {(item["question"], item["image"]): item["answer"] for item in json.load(open(paths["eval"]))}
     assert len(gold) == 8  # 4 questions per eval image
-    monkeypatch.setattr(evaluate, "answer", lambda m, t, question, image_path, n: (
+    monkeypatch.setattr(inference, "answer", lambda m, t, question, image_path, n: (
         "The " + gold[question, os.path.basename(image_path)] + "." if question.startswith("What") else "wrong"))
     expected = sum(question.startswith("What") for question, _ in gold)
     assert 0 < expected < 8
-    assert evaluate.demo_accuracy(None, None, str(tmp_path)) == (expected, 8)
+    assert demo.demo_accuracy(None, None, str(tmp_path)) == (expected, 8)

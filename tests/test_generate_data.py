@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+import api
+import fileio
 import generate_data as gd
 from tests.fake_openai import FakeOpenAI
 
@@ -53,7 +55,7 @@ def cli(server, cap, inst, out, *extra):
 
 
 def pairs_in(path):
-    return [(r["image_id"], r["task"]) for r in gd.read_jsonl(str(path))]
+    return [(r["image_id"], r["task"]) for r in fileio.read_jsonl(str(path))]
 
 
 def all_pairs(n_images):
@@ -122,7 +124,7 @@ def test_prompts_parse_as_their_own_task():
 # --------------------------------------------------------------------------------------------------------------------
 def test_client_retries_every_transient_fault():
     with FakeOpenAI(reply=lambda m: "hi") as server:
-        client = gd.ChatClient(server.url, KEY, "gpt-test", timeout=0.5, backoff=0.01)
+        client = api.ChatClient(server.url, KEY, "gpt-test", timeout=0.5, backoff=0.01)
         server.push("429:0.4", "500", "503", "drop", "malformed", "slow:1.5")
         start = time.monotonic()
         result = client.complete([{"role": "user", "content": "x"}])
@@ -135,24 +137,24 @@ def test_client_retries_every_transient_fault():
 
 def test_client_fatal_and_give_up():
     with FakeOpenAI() as server:
-        client = gd.ChatClient(server.url, KEY, "gpt-test", timeout=1, backoff=0.01, max_retries=2)
+        client = api.ChatClient(server.url, KEY, "gpt-test", timeout=1, backoff=0.01, max_retries=2)
         for status in ("400", "404", "401", "403"):
             server.push(status)
-            with pytest.raises(gd.FatalAPIError) as e:
+            with pytest.raises(api.FatalAPIError) as e:
                 client.complete([{"role": "user", "content": "x"}])
             assert e.value.status == int(status)
             assert KEY not in str(e.value) and KEY not in repr(e.value) and KEY not in repr(client)
         assert "refused" in str(e.value)
         assert len(server.requests) == 4  # no retry on a 4xx
         server.push("500", "503", "500", "ok")
-        with pytest.raises(gd.APIError, match="gave up after 3 attempts.*500") as e:
+        with pytest.raises(api.APIError, match="gave up after 3 attempts.*500") as e:
             client.complete([{"role": "user", "content": "x"}])
-        assert not isinstance(e.value, gd.FatalAPIError) and len(server.requests) == 7
+        assert not isinstance(e.value, api.FatalAPIError) and len(server.requests) == 7
 
 
 def test_rate_limit_spaces_requests():
     with FakeOpenAI() as server:
-        client = gd.ChatClient(server.url, KEY, "gpt-test", rpm=600)  # one request per 0.1 s
+        client = api.ChatClient(server.url, KEY, "gpt-test", rpm=600)  # one request per 0.1 s
         start = time.monotonic()
         for _ in range(4):
             client.complete([{"role": "user", "content": "x"}])
@@ -170,7 +172,7 @@ def test_run_faults_headers_resume_export(tmp_path, monkeypatch, capsys):
         server.on(lambda m: "img3" in m[-1]["content"] and task_of(m) == "detail", "length", times=None)
         server.on(lambda m: "img4" in m[-1]["content"] and task_of(m) == "complex", "400", times=None)
         assert gd.main(cli(server, cap, inst, out, "--parse-retries", "2", "--export", str(exported))) == 0
-        done, fails = pairs_in(out), gd.read_jsonl(str(failed))
+        done, fails = pairs_in(out), fileio.read_jsonl(str(failed))
         # every pair exactly once, in the output or in the failures
         assert sorted(done + [(r["image_id"], r["task"]) for r in fails]) == sorted(all_pairs(4))
         reasons = {(r["image_id"], r["task"]): r["reason"] for r in fails}
@@ -182,7 +184,7 @@ def test_run_faults_headers_resume_export(tmp_path, monkeypatch, capsys):
         # the two unusable pairs were each asked 1 + --parse-retries times; an HTTP 400 is not retried
         assert asked.count(("img2", "conversation")) == asked.count(("img3", "detail")) == 3
         assert asked.count(("img4", "complex")) == 1
-        for record in gd.read_jsonl(str(out)):
+        for record in fileio.read_jsonl(str(out)):
             tag = f"img{record['image_id']}"
             assert tag in record["raw"] and record["model"] == "gpt-test" and record["usage"]["prompt_tokens"] > 0
             assert record["conversations"][0]["value"].startswith("<image>\n")
@@ -217,7 +219,7 @@ def test_run_faults_headers_resume_export(tmp_path, monkeypatch, capsys):
         server._rules.clear()
         assert gd.main(cli(server, cap, inst, out, "--retry-failed")) == 0
         assert len(server.requests) == n + 3
-        assert sorted(pairs_in(out)) == sorted(all_pairs(4)) and gd.read_jsonl(str(failed)) == []
+        assert sorted(pairs_in(out)) == sorted(all_pairs(4)) and fileio.read_jsonl(str(failed)) == []
     captured = capsys.readouterr()
     assert "this run: 3 done, 0 failed" in captured.out
     for path in tmp_path.iterdir():
@@ -272,21 +274,21 @@ def test_dry_run_needs_no_key_and_no_network(tmp_path, monkeypatch, capsys):
 # --------------------------------------------------------------------------------------------------------------------
 def test_jsonl_torn_and_corrupt_lines(tmp_path):
     path = str(tmp_path / "x.jsonl")
-    gd.append_jsonl(path, {"a": 1})
-    gd.append_jsonl(path, {"a": 2})
+    fileio.append_jsonl(path, {"a": 1})
+    fileio.append_jsonl(path, {"a": 2})
     with open(path, "a") as f:
         f.write('{"a": 3}')  # parses, but without its newline the write may be incomplete: torn
-    assert gd.read_jsonl(path) == [{"a": 1}, {"a": 2}]
-    assert gd.repair_jsonl(path) == [{"a": 1}, {"a": 2}]
+    assert fileio.read_jsonl(path) == [{"a": 1}, {"a": 2}]
+    assert fileio.repair_jsonl(path) == [{"a": 1}, {"a": 2}]
     with open(path) as f:
         assert f.read() == '{"a": 1}\n{"a": 2}\n'
     with open(path, "a") as f:
         f.write("\0\0\0\0\n")  # zeros a crash can leave behind
-    assert gd.repair_jsonl(path) == [{"a": 1}, {"a": 2}] and os.path.getsize(path) == 18
+    assert fileio.repair_jsonl(path) == [{"a": 1}, {"a": 2}] and os.path.getsize(path) == 18
     with open(path, "w") as f:
         f.write('{"a": 1}\n{"a": \n{"a": 2}\n')
     with pytest.raises(ValueError, match="x.jsonl: line 2"):
-        gd.read_jsonl(path)
+        fileio.read_jsonl(path)
 
 
 def test_resume_redoes_a_torn_line(tmp_path, monkeypatch):

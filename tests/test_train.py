@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from demo import build_demo_inputs
 from clip import CLIPVisionTower
 from llama import Llama
 from llava import LLaVA
@@ -27,7 +28,7 @@ torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared CPU
 def demo(tmp_path_factory):
     """The demo's data and base checkpoints, 32-sample slices of its stage-1/2 data, and a stage-1 projector."""
     root = tmp_path_factory.mktemp("demo")
-    train.build_demo_inputs(root, rank=0)
+    build_demo_inputs(root, rank=0)
     for stage in (1, 2):
         rows = json.loads((root / "data" / f"stage{stage}.json").read_text())
         (root / f"small{stage}.json").write_text(json.dumps(rows[:32]))

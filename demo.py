@@ -1,0 +1,263 @@
+"""The built-in demo: everything `python train.py` needs to show LLaVA learning on a laptop CPU in minutes.
+
+make_demo_data     a synthetic "shapes" dataset in LLaVA's JSON format (stage-1 captions, stage-2 instructions of the
+                   paper's three kinds, held-out questions) and a sentencepiece tokenizer trained on its text
+build_demo_inputs  that data plus tiny random-init CLIP and LLaMA checkpoints written in HF layout, so the real
+                   loading path runs
+demo_accuracy      held-out exact-match accuracy of a trained checkpoint (train.py prints it at the end)
+"""
+import io
+import json
+import os
+import random
+import shutil
+
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+
+from clip import CLIPVisionConfig, CLIPVisionTower
+from data import IMAGE_TOKEN, TEMPLATES
+from fileio import read_records, require, write_bytes
+from inference import answer_fn, tally
+from llama import Llama, LlamaConfig, Tokenizer
+
+# The demo: tiny random-init models, trained from scratch in minutes on 2 CPU cores. The frozen random tower keeps
+# colour and position (one layer: LayerNorm'd random patch projections); a fast projector learns to read it.
+DEMO_RECIPES = {1: dict(lr=1e-3, epochs=1, batch_size=32, template="plain"),
+                2: dict(lr=2e-3, projector_lr=1e-2, epochs=4, batch_size=16, template="vicuna_v1")}
+DEMO_LLM = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=4, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=512)
+DEMO_CLIP = dict(hidden_size=192, intermediate_size=384, num_hidden_layers=1, num_attention_heads=4,
+                 image_size=48, patch_size=8)  # 36 image tokens; select_layer -2 = the embeddings
+DEMO_POSITION_STD = 1.0
+# one shape per image and one question per sample: tiny models trained from scratch learn to read the image from
+# these in minutes, but not from multi-turn conversations about several shapes. A detail or reasoning sample for a
+# quarter of the images keeps all three kinds of instruction data; one for every image took 3.5 min and scored 72%
+DEMO_DATA = dict(max_shapes=1, sizes=("large",), single_turn=True, extra_share=0.25)
+
+# Synthetic "shapes": 1-3 shapes per image, each of a different kind and colour, in different thirds (left, middle,
+# right) of the image, so every demo question has one short exact answer. Stage 2 holds the paper's three kinds of
+# instruction data (conversation, detailed description, complex reasoning); the conversations use the eval
+# questions' exact phrasing, in LLaVA-1.5's short-answer form, on other images.
+
+DEMO_COLORS = {"red": (220, 20, 20), "green": (20, 160, 40), "blue": (30, 60, 230), "yellow": (240, 200, 0),
+               "purple": (140, 30, 170)}
+DEMO_SHAPES = ("circle", "square", "triangle")
+DEMO_PLACES = ("left", "middle", "right")
+DEMO_SIZES = {"small": 0.36, "large": 0.46}  # radius / width of a third: shapes stay recognisable at a tower's 32 px
+SHORT_ANSWER = "Answer the question using a single word or phrase."  # LLaVA-1.5's prompt for short answers
+CAPTION_PROMPTS = ("Describe the image concisely.", "Provide a brief description of the given image.",
+                   "Give a short and clear explanation of the subsequent image.",
+                   "Summarize the visual content of the image.")
+DETAIL_PROMPTS = ("Describe the following image in detail.", "Provide a detailed description of the given image.",
+                  "Give an elaborate explanation of the image you see.",
+                  "Explain the various aspects of the image before you.")
+
+
+def _draw_shapes(shapes, size):
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)  # no anti-aliasing: every shape pixel has exactly its colour
+    for s in shapes:
+        x, y, r, fill = s["x"], s["y"], s["r"], DEMO_COLORS[s["color"]]
+        box = (x - r, y - r, x + r, y + r)
+        if s["shape"] == "circle":
+            draw.ellipse(box, fill=fill)
+        elif s["shape"] == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
+    return image
+
+
+def _random_shapes(rng, image_size, max_shapes, sizes):
+    k, shapes, third = rng.randint(1, max_shapes), [], image_size / 3
+    for place, kind, color in zip(sorted(rng.sample(range(3), k)), rng.sample(DEMO_SHAPES, k),
+                                  rng.sample(sorted(DEMO_COLORS), k)):
+        size = sizes[(rng.random() < 0.5) % len(sizes)]  # one draw per shape whatever `sizes` holds
+        r = round(third * DEMO_SIZES[size])
+        x = round(third * (place + 0.5)) + rng.randint(-(round(third / 2) - r - 1), round(third / 2) - r - 1)
+        y = rng.randint(r + 2, image_size - r - 3)
+        shapes.append(dict(shape=kind, color=color, place=DEMO_PLACES[place], size=size, x=x, y=y, r=r))
+    return shapes
+
+
+def _where(place):
+    return "in the middle" if place == "middle" else f"on the {place}"
+
+
+def _demo_questions(rng, shapes):
+    """[(category, question, short answer, sentence answer)] about these shapes, one per category."""
+    s, k = rng.choice(shapes), len(shapes)
+    absent = rng.choice([(c, t) for c in sorted(DEMO_COLORS) for t in DEMO_SHAPES
+                         if not any(x["color"] == c and x["shape"] == t for x in shapes)])
+    exists = rng.random() < 0.5
+    c, t = (s["color"], s["shape"]) if exists else absent
+    return [
+        ("color", f"What color is the {s['shape']}?", s["color"], f"The {s['shape']} is {s['color']}."),
+        ("shape", f"What shape is the {s['color']} object?", s["shape"], f"The {s['color']} object is a {s['shape']}."),
+        ("count", "How many shapes are there?", str(k), f"There {'is 1 shape' if k == 1 else f'are {k} shapes'}."),
+        ("position", f"Where is the {s['color']} {s['shape']}?", s["place"],
+         f"The {s['color']} {s['shape']} is {_where(s['place'])}."),
+        ("existence", f"Is there a {c} {t}?", "yes" if exists else "no",
+         f"Yes, there is a {c} {t} {_where(s['place'])}." if exists else f"No, there is no {c} {t}."),
+    ]
+
+
+def _with_image(rng, text):
+    return f"{IMAGE_TOKEN}\n{text}" if rng.random() < 0.7 else f"{text}\n{IMAGE_TOKEN}"
+
+
+def _reasoning(rng, shapes):
+    k, s = len(shapes), rng.choice(shapes)
+    names = [f"the {x['color']} {x['shape']}" for x in shapes]
+    listed = names[0] if k == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    kind = rng.randrange(3)  # which is leftmost / what remains without one / do the colours differ
+    if kind == 0:
+        first = shapes[0]  # shapes are ordered left to right
+        why = "it is the only shape" if k == 1 else f"the other shapes are further right: {listed}"
+        return ("Which shape is furthest to the left?",
+                f"The {first['color']} {first['shape']} is furthest to the left, because {why}.")
+    if kind == 1:
+        rest = [n for n, x in zip(names, shapes) if x is not s]
+        left = f"{len(rest)} would be left: " + " and ".join(rest) if rest else "none would be left"
+        return (f"If the {s['color']} {s['shape']} were removed, how many shapes would be left?",
+                f"There {'are' if k > 1 else 'is'} {k} now, so {left}.")
+    same = f"Yes, trivially: there is only one shape, {listed}." if k == 1 else \
+        f"No. There are {k} shapes, {listed}, each of a different color."
+    return "Do all the shapes have the same color?", same
+
+
+def _detail(shapes):
+    k = len(shapes)
+    return f"The image shows {'one shape' if k == 1 else f'{k} shapes'} on a white background." + "".join(
+        f" {_where(s['place']).capitalize()} there is a {s['size']} {s['color']} {s['shape']}." for s in shapes)
+
+
+def _turns(values):
+    return [{"from": ("human", "gpt")[j % 2], "value": v} for j, v in enumerate(values)]
+
+
+def make_demo_data(out_dir, seed=0, n_train=2000, n_eval=50, image_size=64, max_shapes=3, vocab_size=512,
+                   single_turn=False, extra_share=1.0, sizes=("small", "large")):
+    """Write the demo dataset; the same arguments give the same bytes. Returns the paths:
+    {"images", "stage1", "stage2", "eval", "tokenizer"}. n_train images give n_train captions (stage 1) and, per
+    image, one conversation of 2-4 questions (or with single_turn, each question as its own sample, image first)
+    and, for extra_share of the images, a detailed description or a reasoning sample (half each); n_eval held-out
+    images give 4 questions each (eval.json). sizes: which of "small", "large" to draw. single_turn and extra_share
+    change neither the images nor eval.json."""
+    rng = random.Random(seed)
+    if not sizes or not set(sizes) <= set(DEMO_SIZES):
+        raise ValueError(f"sizes must be a non-empty subset of {tuple(DEMO_SIZES)}, got {sizes!r}")
+    paths = {key: os.path.join(out_dir, name) for key, name in (("images", "images"), ("stage1", "stage1.json"),
+             ("stage2", "stage2.json"), ("eval", "eval.json"), ("tokenizer", "tokenizer.model"))}
+    os.makedirs(paths["images"], exist_ok=True)
+    stage1, stage2, evaluation = [], [], []
+    for split, n in (("train", n_train), ("eval", n_eval)):
+        for i in range(n):
+            shapes = _random_shapes(rng, image_size, max_shapes, sizes)
+            name = f"{split}_{i:05d}.png"
+            _draw_shapes(shapes, image_size).save(os.path.join(paths["images"], name), optimize=False,
+                                                  compress_level=6)
+            questions = _demo_questions(rng, shapes)
+            if split == "eval":
+                evaluation += [{"id": f"{split}_{i:05d}_{cat}", "image": name, "category": cat, "answer": short,
+                                "question": f"{q}\n{SHORT_ANSWER}"} for cat, q, short, _ in questions[:4]]
+                continue
+            caption = "; ".join(f"a {s['size']} {s['color']} {s['shape']} {_where(s['place'])}" for s in shapes)
+            stage1.append({"id": f"{split}_{i:05d}", "image": name, "conversations": _turns(
+                [_with_image(rng, rng.choice(CAPTION_PROMPTS)), caption[0].upper() + caption[1:] + "."])})
+            qa = []
+            for cat, q, short, sentence in rng.sample(questions, rng.randint(2, 4)):
+                short_form = rng.random() < 0.6
+                qa += [f"{q}\n{SHORT_ANSWER}" if short_form else q, short if short_form else sentence]
+            first = _with_image(rng, qa[0])
+            # tiny models learn image questions much faster from single-turn samples with the image first
+            convs = [[f"{IMAGE_TOKEN}\n{qa[j]}", qa[j + 1]] for j in range(0, len(qa), 2)] if single_turn else \
+                [[first] + qa[1:]]
+            stage2 += [{"id": f"{split}_{i:05d}_conversation" + (str(j) if single_turn else ""), "image": name,
+                        "conversations": _turns(values)} for j, values in enumerate(convs)]
+            extra, (q, a) = ("detail", (rng.choice(DETAIL_PROMPTS), _detail(shapes))) if i % 2 == 0 else \
+                ("reasoning", _reasoning(rng, shapes))
+            q = _with_image(rng, q)
+            # images come in pairs (detail, reasoning); keeping evenly spaced pairs keeps both kinds at any share
+            if int((i // 2 + 1) * extra_share) > int(i // 2 * extra_share):
+                stage2.append({"id": f"{split}_{i:05d}_{extra}", "image": name, "conversations": _turns([q, a])})
+    for key, rows in (("stage1", stage1), ("stage2", stage2), ("eval", evaluation)):
+        write_bytes(paths[key], (json.dumps(rows, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode())
+    # the tokenizer learns the demo text, with each line as often as it occurs, and the prompts of the default
+    # template (system prompt and roles once per turn), so that prompts take few tokens
+    lines = [line for t in TEMPLATES.values() for line in t.system.split("\n")] + ["[INST] <<SYS>> <</SYS>> [/INST]"]
+    for row in stage1 + stage2:
+        lines.append(TEMPLATES["vicuna_v1"].system)
+        for turn in row["conversations"]:
+            role = "USER: " if turn["from"] == "human" else "ASSISTANT: "
+            lines += (role + turn["value"].replace(IMAGE_TOKEN, "")).split("\n")
+    model = io.BytesIO()
+    # LLaMA's tokenizer settings (BPE, byte fallback, digits split, no normalisation, dummy prefix); one thread and
+    # a fixed input order make the model file byte-identical from run to run
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([x for x in lines if x.strip()]), model_writer=model, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, split_digits=True,
+        allow_whitespace_only_pieces=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    write_bytes(paths["tokenizer"], model.getvalue())
+    return paths
+
+
+_NUMBERS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5"}
+
+
+def demo_answer_correct(prediction: str, answer: str) -> bool:
+    """Exact match after normalising case, punctuation, articles and number words ("Two." == "2")."""
+    def norm(text):
+        words = "".join(ch if ch.isalnum() or ch.isspace() else " " for ch in text.lower()).split()
+        return " ".join(_NUMBERS.get(w, w) for w in words if w not in ("a", "an", "the"))
+    return norm(prediction) == norm(answer) != ""
+
+
+def build_demo_inputs(root, rank):
+    """The demo's shapes data and tiny random-init base checkpoints in HF layout (loaded back the normal way)."""
+    data_dir, base = root / "data", root / "base"
+    if rank == 0 and not (data_dir / "eval.json").is_file():
+        make_demo_data(str(data_dir), seed=0, **DEMO_DATA)
+    if rank == 0 and not (base / "clip" / "model.safetensors").is_file():
+        tokenizer = Tokenizer(str(data_dir / "tokenizer.model"))
+        torch.manual_seed(0)
+        llm_config = LlamaConfig(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+                                 eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, **DEMO_LLM)
+        Llama(llm_config).save_pretrained(str(base / "llm"))
+        shutil.copy(data_dir / "tokenizer.model", base / "llm" / "tokenizer.model")
+        tower = CLIPVisionTower(CLIPVisionConfig(**DEMO_CLIP))
+        # a trained CLIP's position embeddings carry where a patch is; random ones at the usual std 0.02 vanish
+        # next to the patch features, so the demo's are drawn as large as those
+        torch.nn.init.normal_(tower.embeddings.position_embedding.weight, std=DEMO_POSITION_STD)
+        tower.save_pretrained(str(base / "clip"))
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def demo_items(data_dir, limit=None):
+    path = os.path.join(data_dir, "eval.json")
+    items = []
+    for n, record in enumerate(read_records(path)[:limit]):
+        where = f"{path}, item {n}"
+        # LLaVA JSON convention: image paths are relative to the image folder (data_dir/images); accept data_dir too
+        image = os.path.join(data_dir, "images", require(record, "image", where))
+        items.append({"question_id": require(record, "id", where), "text": require(record, "question", where),
+                      "answer": require(record, "answer", where), "category": record.get("category", "all"),
+                      "image_path": image if os.path.exists(image) else os.path.join(data_dir, record["image"])})
+    return items
+
+
+def score_demo(items, answer_fn):
+    return tally((item["category"], demo_answer_correct(answer_fn(item), item["answer"]), False) for item in items)
+
+
+def demo_accuracy(model, tokenizer, data_dir, limit=None, max_new_tokens=16):
+    """(correct, total) on <data_dir>/eval.json, greedy; train.py prints it at the end of the demo."""
+    stats = score_demo(demo_items(data_dir, limit), answer_fn(model, tokenizer, max_new_tokens))
+    return (stats["all"]["correct"], stats["all"]["total"]) if stats else (0, 0)
+
+
