@@ -1,11 +1,11 @@
 """CLIP ViT vision tower (the eyes of LLaVA) and CLIP image preprocessing, with pillow + numpy.
 
-The tower mirrors Hugging Face's CLIPVisionModel module names, so loading `openai/clip-vit-large-patch14(-336)` is a
-prefix strip. LLaVA reads the hidden states of the penultimate layer (`select_layer=-2`) and drops the CLS token;
-the layers after the selected one are never computed and `post_layernorm` is unused (it is kept so that
-checkpoints load strictly and save back unchanged).
+The tower mirrors Hugging Face's CLIPVisionModel module names, so loading a CLIPVisionModel folder is a prefix strip
+(full CLIPModel checkpoints such as `openai/clip-vit-large-patch14(-336)` and `.bin` files: formats.load_clip).
+LLaVA reads the hidden states of the penultimate layer (`select_layer=-2`) and drops the CLS token; the layers
+after the selected one are never computed and `post_layernorm` is unused (it is kept so that checkpoints load
+strictly and save back unchanged).
 """
-import json
 import os
 from dataclasses import dataclass
 
@@ -14,19 +14,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from safetensors import safe_open
-from safetensors.torch import save_file
+
+from fileio import read_json, save_tensors, write_json
+from llama import load_checkpoint, load_strict, typed_fields
 
 # OpenAI CLIP's training statistics; the pad colour is LLaVA's `tuple(int(x * 255) for x in image_mean)`.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PAD_COLOR = tuple(int(x * 255) for x in CLIP_MEAN)  # (122, 116, 104)
 
-# Tensors of a CLIPVisionModel / full CLIPModel checkpoint that the vision tower skips on purpose: the text tower,
-# the contrastive heads, and the position_ids buffer old checkpoints stored (positions are always 0..N).
-SKIPPED_PREFIXES = ("text_model.",)
-SKIPPED_KEYS = {"visual_projection.weight", "text_projection.weight", "logit_scale",
-                "vision_model.embeddings.position_ids", "embeddings.position_ids"}
+# the position_ids buffer older checkpoints stored: positions are always 0..N, so it is never read
+SKIPPED_KEYS = {"vision_model.embeddings.position_ids", "embeddings.position_ids"}
 
 
 @dataclass
@@ -53,12 +51,14 @@ class CLIPVisionConfig:  # field names as in HF CLIPVisionConfig
         return (self.image_size // self.patch_size) ** 2
 
     @classmethod
-    def from_hf(cls, d: dict) -> "CLIPVisionConfig":
-        d = d.get("vision_config", d)  # a full CLIPModel config nests the vision part
+    def from_hf(cls, d: dict, source="config.json") -> "CLIPVisionConfig":
+        """An HF CLIPVisionConfig dict (a full CLIPModel's nests it: see formats.py); errors name `source`."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
         # missing fields take the defaults of transformers' CLIPVisionConfig, as transformers itself does
         defaults = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                         image_size=224, patch_size=32, layer_norm_eps=1e-5, hidden_act="quick_gelu", num_channels=3)
-        return cls(**{k: d.get(k, v) for k, v in defaults.items()})
+        return cls(**typed_fields(cls, {k: d.get(k, v) for k, v in defaults.items()}, source))
 
     def to_hf(self) -> dict:
         fields = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -178,78 +178,28 @@ class CLIPVisionTower(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32) -> "CLIPVisionTower":
-        config = CLIPVisionConfig.from_hf(_read_json(os.path.join(path, "config.json")))
+        """A CLIPVisionModel folder: config.json + model.safetensors (or a sharded index), published names."""
+        config_file = os.path.join(path, "config.json")
+        config = CLIPVisionConfig.from_hf(read_json(config_file), config_file)
         with torch.device("meta"):  # no memory until the checkpoint tensors are assigned
             model = cls(config)
-        tensors, file = load_checkpoint(path, skip=is_skipped_key)
-        names = clip_to_tower_keys({k: k for k in tensors})  # tower key -> key in the file, for error messages
-        state = clip_to_tower_keys(tensors)
-        expected = model.state_dict()
-        for key in expected:
-            if key not in state:
-                raise KeyError(f"{file}: missing tensor '{key}' (published name 'vision_model.{key}')")
-            if state[key].shape != expected[key].shape:
-                raise ValueError(f"{file}: tensor '{names[key]}' has shape {tuple(state[key].shape)}, "
-                                 f"expected {tuple(expected[key].shape)} for config {config}")
-        unexpected = [names[k] for k in state if k not in expected]
-        if unexpected:
-            raise KeyError(f"{file}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-        model.load_state_dict(state, strict=True, assign=True)
-        return model.eval()
+        tensors, files = load_checkpoint(path, device, skip=lambda key: key in SKIPPED_KEYS)
+        return load_strict(model, tensors, files, clip_to_tower_keys, tower_to_clip_keys, device, dtype).eval()
 
     def save_pretrained(self, path):
-        os.makedirs(path, exist_ok=True)  # temp name in the same folder + os.replace: never a half-written file
+        os.makedirs(path, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in tower_to_clip_keys(self.state_dict()).items()}
-        save_file(tensors, os.path.join(path, "model.safetensors.tmp"), metadata={"format": "pt"})
-        os.replace(os.path.join(path, "model.safetensors.tmp"), os.path.join(path, "model.safetensors"))
-        with open(os.path.join(path, "config.json.tmp"), "w") as f:
-            json.dump(self.config.to_hf(), f, indent=2)
-        os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
+        save_tensors(os.path.join(path, "model.safetensors"), tensors)
+        write_json(os.path.join(path, "config.json"), self.config.to_hf())
 
 
 def clip_to_tower_keys(sd: dict) -> dict:
-    """Published ("vision_model.x") or transformers-5 ("x") names -> tower names ("x"); other keys unchanged."""
-    out = {}
-    for key, value in sd.items():
-        name = key.removeprefix("vision_model.")
-        if name in out:
-            raise KeyError(f"tensor '{name}' appears both with and without the 'vision_model.' prefix")
-        out[name] = value
-    return out
+    """Published names ("vision_model.x") -> tower names ("x"); other keys unchanged."""
+    return {k.removeprefix("vision_model."): v for k, v in sd.items()}
 
 
 def tower_to_clip_keys(sd: dict) -> dict:
     return {f"vision_model.{k}": v for k, v in sd.items()}
-
-
-def is_skipped_key(key: str) -> bool:
-    return key.startswith(SKIPPED_PREFIXES) or key in SKIPPED_KEYS
-
-
-def load_checkpoint(path, skip=lambda key: False) -> tuple:
-    """(tensors, file) from model.safetensors (or an older pytorch_model.bin); skipped keys are never read."""
-    file = os.path.join(path, "model.safetensors")
-    if os.path.exists(file):
-        try:
-            with safe_open(file, framework="pt", device="cpu") as f:  # reads only the tensors asked for
-                return {k: f.get_tensor(k) for k in f.keys() if not skip(k)}, file
-        except Exception as e:
-            raise ValueError(f"{file}: cannot read safetensors file ({e})") from e
-    file = os.path.join(path, "pytorch_model.bin")
-    if os.path.exists(file):  # weights_only: a pickle may hold code, never run it
-        return {k: v for k, v in torch.load(file, map_location="cpu", weights_only=True).items() if not skip(k)}, file
-    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
-
-
-def _read_json(file) -> dict:
-    if not os.path.exists(file):
-        raise FileNotFoundError(f"{file} not found")
-    with open(file) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: invalid JSON ({e})") from e
 
 
 # ---- preprocessing: transformers' slow (PIL) CLIPImageProcessor, which LLaVA used, step for step ----

@@ -2,6 +2,8 @@
 
 Loads and saves Hugging Face `LlamaForCausalLM` folders (config.json + safetensors, single file or sharded) with the
 same tensor names minus the "model." prefix, so LLaMA-2, Vicuna, TinyLlama and SmolLM checkpoints load unchanged.
+The checkpoint readers here (`load_checkpoint`, `load_strict`) are shared by clip.py, llava.py and formats.py, which
+maps every other layout (pickle `.bin` shards, the original LLaVA release, llava-hf) onto these names.
 Also here: a static KV cache indexed by token positions (prefill and decode share one forward), the sentencepiece
 tokenizer with a streaming decoder, and sampling / generation.
 
@@ -14,15 +16,18 @@ tokenizer with a streaming decoder, and sampling / generation.
 Not implemented (refused when a config asks for it): biases in attention/MLP, activations other than SiLU,
 RoPE scaling other than "linear" (e.g. Llama-3's "llama3", "dynamic", "yarn").
 """
-import json
 import os
-from dataclasses import asdict, dataclass
+import typing
+from dataclasses import MISSING, asdict, dataclass, fields
 
 import sentencepiece as spm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from torch.utils.checkpoint import checkpoint
+
+from fileio import read_json, save_tensors, write_json
 
 
 @dataclass
@@ -44,39 +49,44 @@ class LlamaConfig:
     head_dim: int = 0  # 0: hidden_size // num_attention_heads
 
     def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")
 
     @classmethod
-    def from_hf(cls, d: dict) -> "LlamaConfig":
+    def from_hf(cls, d: dict, source="config.json") -> "LlamaConfig":
+        """An HF LlamaConfig dict; `source` (the file) is named in every error."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
         if d.get("model_type", "llama") != "llama":
-            raise ValueError(f"model_type {d['model_type']!r} is not supported (only 'llama')")
+            raise ValueError(f"{source}: model_type {d['model_type']!r} is not supported (only 'llama')")
         for key, allowed in [("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")]:
             if key in d and d[key] != allowed:
-                raise ValueError(f"config {key}={d[key]!r} is not supported (only {allowed!r})")
+                raise ValueError(f"{source}: {key}={d[key]!r} is not supported (only {allowed!r})")
         # transformers < 5 writes rope_theta + rope_scaling at top level; >= 5 writes one rope_parameters dict
         rope = dict(d.get("rope_parameters") or {})
         rope.update(d.get("rope_scaling") or {})
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "linear"):
-            raise ValueError(f"rope scaling type {rope_type!r} is not supported (only 'default' and 'linear')")
-        eos = d.get("eos_token_id", 2)
-        if isinstance(eos, list):
-            raise ValueError(f"several eos_token_id {eos} are not supported (one id expected)")
-        return cls(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-                   intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
-                   num_attention_heads=d["num_attention_heads"],
-                   num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-                   rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-                   rope_theta=d.get("rope_theta", rope.get("rope_theta", 10000.0)),
-                   max_position_embeddings=d.get("max_position_embeddings", 2048),
-                   tie_word_embeddings=d.get("tie_word_embeddings", False),
-                   bos_token_id=d.get("bos_token_id", 1), eos_token_id=eos,
-                   pad_token_id=d.get("pad_token_id") if d.get("pad_token_id") is not None else 0,
-                   rope_scaling_factor=float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0,
-                   head_dim=d.get("head_dim") or 0)
+            raise ValueError(f"{source}: rope scaling type {rope_type!r} is not supported (only 'default', 'linear')")
+        if isinstance(d.get("eos_token_id"), list):
+            raise ValueError(f"{source}: several eos_token_id {d['eos_token_id']} are not supported (one id expected)")
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        values = {k: d[k] for k in sizes if k in d}  # required: a missing one is named by typed_fields
+        get = lambda key, default: default if d.get(key) is None else d[key]  # noqa: E731  (null = not given)
+        values.update(num_key_value_heads=get("num_key_value_heads", d.get("num_attention_heads")),
+                      rms_norm_eps=get("rms_norm_eps", 1e-6), rope_theta=get("rope_theta", rope.get("rope_theta", 1e4)),
+                      max_position_embeddings=get("max_position_embeddings", 2048),
+                      tie_word_embeddings=get("tie_word_embeddings", False), bos_token_id=get("bos_token_id", 1),
+                      eos_token_id=get("eos_token_id", 2), pad_token_id=get("pad_token_id", 0),
+                      rope_scaling_factor=rope.get("factor", 1.0) if rope_type == "linear" else 1.0,
+                      head_dim=get("head_dim", 0))
+        return cls(**typed_fields(cls, values, source))
 
     def to_hf(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "rope_scaling_factor"}
@@ -106,6 +116,24 @@ PRESETS = {  # sizes from the published config.json files
                         num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096),
 }
 PRESETS["vicuna-7b"] = PRESETS["llama-2-7b"]  # Vicuna-7B v1.5 (LLaVA-1.5's LLM) is a LLaMA-2-7B fine-tune
+
+
+def typed_fields(cls, values: dict, source) -> dict:
+    """`values` checked against the dataclass `cls`'s field types where config input enters: JSON holds "64" or 4.0
+    as easily as 64, and either would otherwise fail deep inside the model. ints stay ints (4.0 is refused), an int
+    is a fine float; a missing field without a default is named."""
+    out = {}
+    for f in fields(cls):
+        if f.name not in values:
+            if f.default is MISSING:
+                raise ValueError(f"{source}: missing {f.name!r}")
+            continue
+        value, kinds = values[f.name], typing.get_args(f.type) or (f.type,)  # `int | None` -> (int, NoneType)
+        if type(value) not in kinds and not (float in kinds and type(value) is int):
+            names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise ValueError(f"{source}: {f.name} is {value!r}, expected {names}")
+        out[f.name] = float(value) if float in kinds and type(value) is int else value
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- the model
@@ -206,6 +234,7 @@ class Llama(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.cache_len = 0  # max_seq_len of the KV cache, 0 when there is none
+        self.gradient_checkpointing = False  # training: recompute each block in backward instead of storing it
         self.apply(self._init_weights)
         self.tie_weights()
 
@@ -221,6 +250,10 @@ class Llama(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
 
     def setup_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None) -> None:
+        """Preallocate the KV cache: forward(..., input_pos) then writes and reads positions < max_seq_len."""
+        if not 0 < max_seq_len <= self.config.max_position_embeddings:
+            raise ValueError(f"KV cache length {max_seq_len} is not in 1..max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
         device = device or self.embed_tokens.weight.device
         dtype = dtype or self.embed_tokens.weight.dtype
         c = self.config
@@ -237,76 +270,45 @@ class Llama(nn.Module):
         self.cache_len = 0
 
     def forward(self, input_ids=None, inputs_embeds=None, input_pos=None):
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        """input_pos (T,): increasing KV-cache slots of the tokens (setup_cache first); None: positions 0..T-1."""
+        assert (input_ids is None) != (inputs_embeds is None), "pass exactly one of input_ids and inputs_embeds"
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
-        B, T, _ = x.shape
-        kv_len, mask = None, None
-        if input_pos is None:
-            positions = torch.arange(T, device=x.device)
-            last = T - 1
-        else:
-            positions = input_pos
-            if input_pos.shape != (T,):
-                raise ValueError(f"input_pos has shape {tuple(input_pos.shape)}, expected ({T},): one per token")
-            if self.cache_len == 0:
-                raise ValueError("input_pos given but no KV cache: call setup_cache(batch_size, max_seq_len) first")
-            last = int(input_pos.max())  # positions must be increasing: the last token sees the longest prefix
-            if last >= self.cache_len:
-                raise ValueError(f"position {last} is past the KV cache (max_seq_len={self.cache_len})")
-            if B > self.layers[0].self_attn.k_cache.shape[0]:
-                raise ValueError(f"batch {B} is larger than the KV cache batch "
-                                 f"{self.layers[0].self_attn.k_cache.shape[0]}")
-            kv_len = last + 1
+        T = x.shape[1]
+        kv_len, mask = None, None  # no cache: plain causal attention
+        if input_pos is not None:
+            kv_len = int(input_pos[-1]) + 1  # the last token sees the longest prefix
+            assert kv_len <= self.cache_len, f"position {kv_len - 1} is past the KV cache ({self.cache_len} slots)"
             if T > 1 and kv_len != T:  # prefill after earlier positions: token i sees cache slots <= input_pos[i]
                 mask = torch.arange(kv_len, device=x.device)[None, :] <= input_pos[:, None]  # (T, L)
-            # T == 1: sees the whole prefix (no mask); kv_len == T: positions 0..T-1, plain causal
-        if last >= self.config.max_position_embeddings:
-            raise ValueError(f"position {last} is past max_position_embeddings="
-                             f"{self.config.max_position_embeddings}")
+        positions = torch.arange(T, device=x.device) if input_pos is None else input_pos  # (T,)
         cos, sin = rope_cos_sin(self.config, positions, x.dtype)  # (T, hd)
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, kv_len, mask)
+            x = (checkpoint(layer, x, cos, sin, input_pos, kv_len, mask, use_reentrant=False)
+                 if self.gradient_checkpointing and self.training else layer(x, cos, sin, input_pos, kv_len, mask))
         return self.lm_head(self.norm(x))  # (B, T, vocab)
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32) -> "Llama":
+        """An HF LlamaForCausalLM folder: config.json + model.safetensors or a sharded model.safetensors index."""
         config_file = os.path.join(path, "config.json")
-        with open(config_file) as f:
-            config = LlamaConfig.from_hf(json.load(f))
+        config = LlamaConfig.from_hf(read_json(config_file), config_file)
         with torch.device("meta"):  # no memory until the checkpoint tensors are assigned
             model = cls(config)
-        tensors, files = _load_checkpoint(path, device)
-        expected = {k: v.shape for k, v in llama_to_hf_keys(model.state_dict()).items()}
-        if config.tie_word_embeddings:
-            expected.pop("lm_head.weight")
-        check_state_dict(expected, tensors, files, ignore=IGNORED_KEYS)
-        wanted = model.state_dict().keys()
-        sd = {k: v for k, v in hf_to_llama_keys(tensors).items() if k in wanted}
-        del tensors  # convert one tensor at a time, freeing each original: no second copy of the whole model
-        for k, v in sd.items():
-            sd[k] = v.to(dtype) if v.is_floating_point() else v
-        if config.tie_word_embeddings:
-            sd["lm_head.weight"] = sd["embed_tokens.weight"]
-        model.load_state_dict(sd, strict=True, assign=True)
-        model.tie_weights()
-        return model.eval()
+        tensors, files = load_checkpoint(path, device, skip=lambda key: "rotary_emb.inv_freq" in key)
+        return load_strict(model, tensors, files, hf_to_llama_keys, llama_to_hf_keys, device, dtype).eval()
 
     def save_pretrained(self, path) -> None:
         os.makedirs(path, exist_ok=True)
         sd = llama_to_hf_keys(self.state_dict())
         if self.config.tie_word_embeddings:
             sd.pop("lm_head.weight")  # HF layout: the tied head is not stored
-        sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-        _atomic_write(os.path.join(path, "model.safetensors"), lambda tmp: save_file(sd, tmp, {"format": "pt"}))
-        text = json.dumps(self.config.to_hf(), indent=2)
-        _atomic_write(os.path.join(path, "config.json"), lambda tmp: open(tmp, "w").write(text))
+        save_tensors(os.path.join(path, "model.safetensors"), {k: v.detach().contiguous().cpu() for k, v in sd.items()})
+        write_json(os.path.join(path, "config.json"), self.config.to_hf())
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
-
-IGNORED_KEYS = ("rotary_emb.inv_freq",)  # old HF checkpoints stored this recomputable buffer
-
+# Shared by every loader (clip.py, llava.py, formats.py): read tensors and the file each came from, then fill a
+# meta-device model strictly. Old HF checkpoints also stored "rotary_emb.inv_freq", a recomputable buffer: skipped.
 
 def hf_to_llama_keys(sd: dict) -> dict:
     return {k.removeprefix("model."): v for k, v in sd.items()}
@@ -316,64 +318,97 @@ def llama_to_hf_keys(sd: dict) -> dict:
     return {k if k.startswith("lm_head.") else "model." + k: v for k, v in sd.items()}
 
 
-def _atomic_write(path, write):
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
+def read_index(index) -> dict:
+    """A shard index (NAME.index.json) as {tensor name: shard file}; every shard must lie inside the index's folder."""
+    content = read_json(index)
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: no 'weight_map' {{tensor name: shard file}}")
+    folder = os.path.dirname(os.path.abspath(index))
+    files = {}
+    for key, shard in weight_map.items():
+        # lexical check (not realpath): the HF hub cache links every file to a blob outside the folder
+        file = os.path.normpath(os.path.join(folder, shard))
+        if os.path.commonpath([folder, file]) != folder:
+            raise ValueError(f"{index}: shard {shard!r} of {key!r} lies outside the checkpoint folder")
+        files[key] = file
+    return files
 
 
-def _load_file(file, device="cpu"):
-    if file.endswith(".bin"):  # pickle: only tensors, never code
-        return torch.load(file, map_location=device, weights_only=True)
-    return load_file(file, device=str(device))
+def read_safetensors(file, device="cpu", skip=lambda key: False) -> dict:
+    try:
+        with safe_open(file, framework="pt", device=str(device)) as f:  # reads only the tensors asked for
+            return {k: f.get_tensor(k) for k in f.keys() if not skip(k)}
+    except SafetensorError as e:
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
 
 
-def _load_checkpoint(path, device="cpu"):
-    """(tensors, key -> file it came from). Accepts a folder (single file or sharded index) or one file."""
+def load_checkpoint(path, device="cpu", skip=lambda key: False, single="model.safetensors", read=read_safetensors):
+    """(tensors, {key: the file it came from}) from one file, or from a folder holding `single` or its shard index
+    `single`.index.json. Skipped keys are never read. formats.py passes single="pytorch_model.bin", read=read_bin."""
     path = os.fspath(path)
-    if os.path.isfile(path):
-        tensors = _load_file(path, device)
-        return tensors, {k: path for k in tensors}
-    for index_name, single in [("model.safetensors.index.json", "model.safetensors"),
-                               ("pytorch_model.bin.index.json", "pytorch_model.bin")]:
-        index = os.path.join(path, index_name)
-        if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            tensors, files = {}, {}
-            for shard in sorted(set(weight_map.values())):
-                file = os.path.join(path, shard)
-                if not os.path.exists(file):
-                    raise FileNotFoundError(f"{index} lists shard {file}, which does not exist")
-                part = _load_file(file, device)
-                for key in sorted(k for k, s in weight_map.items() if s == shard):
-                    if key not in part:
-                        raise KeyError(f"{file}: key {key!r} listed in {index} is not in the shard")
-                for key in part:
-                    files[key] = file
-                tensors.update(part)
-            return tensors, files
-        if os.path.exists(os.path.join(path, single)):
-            return _load_checkpoint(os.path.join(path, single), device)
-    raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+    index = os.path.join(path, single + ".index.json")
+    if os.path.isfile(path) or os.path.isfile(os.path.join(path, single)):
+        weight_map = None
+        shards = [path if os.path.isfile(path) else os.path.join(path, single)]
+    elif os.path.isfile(index):
+        weight_map = read_index(index)
+        shards = sorted(set(weight_map.values()))
+    else:
+        raise FileNotFoundError(f"{path}: no {single} or {single}.index.json")
+    tensors, files = {}, {}
+    for shard in shards:
+        if not os.path.isfile(shard):
+            raise FileNotFoundError(f"{index} lists shard {shard}, which does not exist")
+        part = read(shard, device, skip)
+        for key in [k for k, s in (weight_map or {}).items() if s == shard and not skip(k) and k not in part]:
+            raise KeyError(f"{shard}: key {key!r} listed in {index} is not in the shard")
+        files.update(dict.fromkeys(part, shard))
+        tensors.update(part)
+    return tensors, files
 
 
-def load_safetensors_dir(path) -> dict:
-    return _load_checkpoint(path)[0]
-
-
-def check_state_dict(expected: dict, got: dict, file, ignore=()) -> None:
-    """Strict key and shape check. file: a path, or a dict key -> path (sharded checkpoints)."""
-    where = (lambda k: file.get(k, "checkpoint")) if isinstance(file, dict) else (lambda k: file)
-    for key, shape in expected.items():
-        if key not in got:
-            source = os.path.dirname(next(iter(file.values()), "")) if isinstance(file, dict) else file
-            raise KeyError(f"{source}: missing key {key!r} (expected shape {tuple(shape)})")
-        if tuple(got[key].shape) != tuple(shape):
-            raise ValueError(f"{where(key)}: key {key!r} has shape {tuple(got[key].shape)}, expected {tuple(shape)}")
-    for key in got:
-        if key not in expected and not any(pattern in key for pattern in ignore):
-            raise KeyError(f"{where(key)}: unexpected key {key!r}")
+def load_strict(model, tensors: dict, files: dict, to_model=None, to_file=None, device="cpu", dtype=torch.float32):
+    """Fill a (meta-device) `model` from checkpoint `tensors` (file names; `files`: name -> file) renamed by `to_model`
+    (its inverse `to_file` names what is missing), strictly: every parameter present with its shape and, where a
+    weight is expected, a floating dtype; nothing unexpected. Errors name the key and the file. A tied parameter (one
+    Parameter under two names) is read once, under its first name. `tensors` is emptied as it is converted: each
+    file tensor is freed once converted to `dtype`, so there is never a second copy of the whole model."""
+    to_model, to_file = to_model or (lambda sd: sd), to_file or (lambda sd: sd)
+    sources = sorted(set(files.values()))  # named for a missing key: the one file, or the folder of the shards
+    folder = sources[0] if len(sources) == 1 else os.path.commonpath([os.path.dirname(s) for s in sources] or ["."])
+    names = to_model({k: k for k in tensors})  # model key -> key in the file
+    if len(names) < len(tensors):
+        raise KeyError(f"{folder}: several tensors map to one key: {sorted(set(tensors) - set(names.values()))}")
+    state = dict(to_model(tensors))  # a new dict even for the identity map: the caller's is emptied
+    tensors.clear()
+    params, first, tied = model.state_dict(keep_vars=True), {}, {}
+    for key, p in params.items():
+        tied[key] = first.setdefault(id(p), key)
+    tied = {k: v for k, v in tied.items() if k != v}  # alias -> the name it is stored under
+    for key, p in params.items():
+        if key in tied:
+            continue
+        where = f"{files[names[key]]}: key {names[key]!r}" if key in state else ""
+        if key not in state:
+            name = next(iter(to_file({key: 0})))
+            raise KeyError(f"{folder}: missing key {name!r}{f' ({key})' if name != key else ''} "
+                           f"(expected shape {tuple(p.shape)})")
+        if tuple(state[key].shape) != tuple(p.shape):
+            raise ValueError(f"{where} has shape {tuple(state[key].shape)}, expected {tuple(p.shape)}")
+        if p.is_floating_point() and not state[key].is_floating_point():
+            raise ValueError(f"{where} holds {state[key].dtype}, expected a floating-point weight")
+    for key in state:
+        if key not in params or key in tied:
+            raise KeyError(f"{files[names[key]]}: unexpected key {names[key]!r}")
+    for key, value in state.items():  # in place: each file tensor is freed as soon as it is converted
+        state[key] = value.to(device=device, dtype=dtype if value.is_floating_point() else None)
+    state.update({alias: state[key] for alias, key in tied.items()})
+    model.load_state_dict(state, strict=True, assign=True)
+    for alias, key in tied.items():  # assign=True made two Parameters of the shared one: share it again
+        module, _, name = alias.rpartition(".")
+        setattr(model.get_submodule(module), name, model.get_parameter(key))
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizer
@@ -383,7 +418,10 @@ class Tokenizer:
         file = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else os.fspath(path)
         if not os.path.isfile(file):
             raise FileNotFoundError(f"no sentencepiece tokenizer at {file}")
-        self.sp = spm.SentencePieceProcessor(model_file=file)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=file)
+        except (RuntimeError, OSError) as e:  # sentencepiece's own message names neither the file nor the cause
+            raise ValueError(f"{file}: not a sentencepiece model ({e})") from None
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.sp.unk_id()  # LLaVA pads with unk
         self.vocab_size = self.sp.get_piece_size()
@@ -440,8 +478,10 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
 def generate(model: Llama, input_ids=None, inputs_embeds=None, *, max_new_tokens: int, temperature=0.0, top_p=1.0,
              eos_id=None, start_pos=0, generator=None):
     """Yield new token ids (batch 1). The caller runs model.setup_cache first; positions < start_pos are reused."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("generate takes exactly one of input_ids and inputs_embeds")
     prompt = input_ids if input_ids is not None else inputs_embeds
-    if prompt is None or prompt.shape[0] != 1:
+    if prompt.shape[0] != 1:
         raise ValueError("generate takes one prompt: input_ids (1, T) or inputs_embeds (1, T, C)")
     T = prompt.shape[1]
     if start_pos + T + max_new_tokens > model.cache_len:

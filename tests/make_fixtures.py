@@ -290,11 +290,14 @@ def make_llava(out_dir):
 
 
 def check_llava_export(out_dir):
-    """When llava.py is importable: its export_hf output loads in transformers strictly and gives the same logits,
-    both for the reference model and for a model whose vocabulary export_hf must pad."""
+    """When llava.py is importable: formats.export_hf output loads in transformers strictly and gives the same logits,
+    both for the reference model and for a model whose vocabulary export_hf must pad; and a model exported with its
+    tokenizer answers from the folder alone (AutoProcessor + LlavaForConditionalGeneration): the same prompt ids as
+    data.py's renderer, the same pixels as clip.preprocess, the same logits and greedy tokens as ours."""
     try:
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from llava import IMAGE_TOKEN_INDEX, LLaVA
+        import formats
+        from llava import IMAGE_TOKEN_INDEX, LLaVA, LLaVAConfig
     except ImportError as e:
         print(f"llava export check skipped: {e}")
         return
@@ -307,28 +310,79 @@ def check_llava_export(out_dir):
     ours = LLaVA.from_pretrained(os.path.join(out_dir, "llava_hf"))
     ids = ref["input_ids_1"].masked_fill(ref["input_ids_1"] == LLAVA_IMAGE_TOKEN, IMAGE_TOKEN_INDEX)
     with tempfile.TemporaryDirectory() as tmp:
-        ours.export_hf(tmp)
+        formats.export_hf(ours, tmp)
         theirs, info = LlavaForConditionalGeneration.from_pretrained(tmp, output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"], info
         with torch.no_grad():
             got = theirs(input_ids=ref["input_ids_1"], pixel_values=ref["pixel_values_1"]).logits
         assert torch.allclose(got, ref["logits_1"], atol=1e-5), (got - ref["logits_1"]).abs().max()
     # a model with 100 text ids: export adds the image token (id 100) and pads the vocabulary to 128
-    cfg = ours.config
-    cfg.llm.vocab_size, cfg.image_token_index = 100, None
+    cfg = LLaVAConfig(**{**ours.config.__dict__, "image_token_index": None})
+    cfg.llm = type(cfg.llm)(**{**cfg.llm.__dict__, "vocab_size": 100})
     torch.manual_seed(1)
     small = LLaVA(cfg).eval()
     with torch.no_grad():
         want, _ = small(ids, ref["pixel_values_1"])
     with tempfile.TemporaryDirectory() as tmp:
-        small.export_hf(tmp)
+        formats.export_hf(small, tmp)
         theirs, info = LlavaForConditionalGeneration.from_pretrained(tmp, output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"], info
         assert theirs.config.image_token_index == 100 and theirs.config.text_config.vocab_size == 128
         with torch.no_grad():
             got = theirs(input_ids=ids.masked_fill(ids == IMAGE_TOKEN_INDEX, 100), pixel_values=ref["pixel_values_1"]).logits
         assert torch.allclose(got[..., :100], want, atol=1e-5), (got[..., :100] - want).abs().max()
-    print("llava export check: transformers loads export_hf output strictly, same logits")
+    check_llava_processor_export(out_dir, ours.config)
+    print("llava export check: transformers loads export_hf output strictly, same logits; the processor answers alone")
+
+
+def check_llava_processor_export(out_dir, config):
+    """A tiny LLaVA over the fixture tokenizer (512 pieces, so <image> = 512), exported with it: transformers'
+    AutoProcessor renders and tokenizes the chat and preprocesses the image, and the model generates, from the
+    exported folder alone."""
+    import tempfile
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    import formats
+    from clip import preprocess
+    from data import TEMPLATES, render
+    from llama import Tokenizer
+    from llava import IMAGE_TOKEN_INDEX, LLaVA, LLaVAConfig
+
+    tokenizer_file = os.path.join(out_dir, "tokenizer.model")
+    tokenizer = Tokenizer(tokenizer_file)
+    cfg = LLaVAConfig(**{**config.__dict__, "image_token_index": None, "image_aspect_ratio": "pad"})
+    cfg.llm = type(cfg.llm)(**{**cfg.llm.__dict__, "vocab_size": tokenizer.vocab_size})
+    torch.manual_seed(2)
+    model = LLaVA(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    image = Image.open(os.path.join(out_dir, "clip_outputs", "images", "landscape.png")).convert("RGB")
+    question = "What colour is the circle?"
+    chat = [{"role": "system", "content": TEMPLATES["vicuna_v1"].system},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    with tempfile.TemporaryDirectory() as tmp:
+        formats.export_hf(model, tmp, tokenizer=tokenizer_file)
+        processor = AutoProcessor.from_pretrained(tmp)
+        theirs = LlavaForConditionalGeneration.from_pretrained(tmp).eval()
+        assert processor.image_token_id == tokenizer.vocab_size
+        inputs = processor(text=processor.apply_chat_template(chat, add_generation_prompt=True), images=image,
+                           return_tensors="pt")
+        with torch.no_grad():
+            logits = theirs(**inputs).logits
+            greedy = theirs.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    ids, _ = render([{"from": "human", "value": "<image>\n" + question}], "vicuna_v1", tokenizer,
+                    cfg.num_image_tokens, for_generation=True)
+    hf_ids = inputs["input_ids"].masked_fill(inputs["input_ids"] == processor.image_token_id, IMAGE_TOKEN_INDEX)
+    assert hf_ids[0].tolist() == list(ids), "the processor's prompt ids differ from data.render's"
+    pixel_values = preprocess(image, cfg.image_size, pad_to_square=True)
+    assert torch.equal(inputs["pixel_values"], pixel_values), "the processor's pixels differ from clip.preprocess"
+    with torch.no_grad():
+        want, _ = model(hf_ids, pixel_values)
+    assert torch.allclose(logits[..., :tokenizer.vocab_size], want, atol=1e-5), (logits[..., :512] - want).abs().max()
+    model.llm.setup_cache(1, hf_ids.shape[1] + 12)
+    assert list(model.generate(hf_ids, pixel_values, max_new_tokens=12)) == greedy.tolist()
 
 # llava's fixture uses the llama tokenizer, so order matters
 MAKERS = [

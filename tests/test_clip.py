@@ -13,7 +13,7 @@ from clip import (CLIPVisionConfig, CLIPVisionTower, PAD_COLOR, clip_to_tower_ke
                   tower_to_clip_keys)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
-LAYOUTS = ["clip_tiny", "clip_tiny_hf5", "clip_full"]  # published prefix, transformers-5 (no prefix), full CLIPModel
+# the published CLIPVisionModel layout; transformers-5 and full CLIPModel folders are formats.py's (test_formats.py)
 OUTPUTS = os.path.join(FIXTURES, "clip_outputs")
 REFERENCE = load_file(os.path.join(OUTPUTS, "tower.safetensors"))
 PREPROCESS = load_file(os.path.join(OUTPUTS, "preprocess.safetensors"))
@@ -24,9 +24,8 @@ def tower(layout="clip_tiny", **kw):
     return CLIPVisionTower.from_pretrained(os.path.join(FIXTURES, layout), **kw)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_every_hidden_state_and_llava_features_match_reference(layout):
-    model = tower(layout)
+def test_every_hidden_state_and_llava_features_match_reference():
+    model = tower("clip_tiny")
     x = REFERENCE["pixel_values"]
     with torch.no_grad():
         states = model.hidden_states(x)
@@ -36,13 +35,6 @@ def test_every_hidden_state_and_llava_features_match_reference(layout):
         torch.testing.assert_close(state, REFERENCE[f"hidden_states.{i}"], atol=1e-4, rtol=0, msg=f"layer {i}")
     assert features.shape == (2, 25, 32)
     torch.testing.assert_close(features, REFERENCE["features"], atol=1e-4, rtol=0)
-
-
-def test_all_layouts_load_identical_weights():
-    states = [tower(layout).state_dict() for layout in LAYOUTS]
-    for other in states[1:]:
-        assert other.keys() == states[0].keys()
-        assert all(torch.equal(other[k], states[0][k]) for k in states[0])
 
 
 @pytest.mark.parametrize("select_layer", [0, 1, -1, -2, 3])
@@ -72,7 +64,7 @@ def test_bad_selection_and_input_size_raise():
 
 
 def test_dtype_and_device_are_applied():
-    model = tower("clip_full", dtype=torch.bfloat16)
+    model = tower("clip_tiny", dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert {p.device.type for p in model.parameters()} == {"cpu"}  # nothing left on meta
     with torch.no_grad():
@@ -82,7 +74,7 @@ def test_dtype_and_device_are_applied():
 
 
 def test_save_pretrained_writes_published_layout(tmp_path):
-    model = tower("clip_tiny_hf5")
+    model = tower("clip_tiny")
     model.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "model.safetensors")
     published = load_file(os.path.join(FIXTURES, "clip_tiny", "model.safetensors"))
@@ -97,20 +89,19 @@ def test_save_pretrained_writes_published_layout(tmp_path):
                                    REFERENCE["features"], atol=1e-4, rtol=0)
 
 
-def test_pickle_checkpoint_loads_like_safetensors(tmp_path):
-    shutil.copy(os.path.join(FIXTURES, "clip_full", "config.json"), tmp_path / "config.json")
-    torch.save(load_file(os.path.join(FIXTURES, "clip_full", "model.safetensors")), tmp_path / "pytorch_model.bin")
-    model = CLIPVisionTower.from_pretrained(tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(model(REFERENCE["pixel_values"]), REFERENCE["features"], atol=1e-4, rtol=0)
-
-
-def _edited_checkpoint(tmp_path, edit):
+def _edited_checkpoint(tmp_path, edit=lambda tensors: None):
     d = tmp_path / "ckpt"
     shutil.copytree(os.path.join(FIXTURES, "clip_tiny"), d)
     tensors = load_file(d / "model.safetensors")
     edit(tensors)
     save_file(tensors, d / "model.safetensors")
+    return d
+
+
+def _edited_config(tmp_path, **change):
+    d = _edited_checkpoint(tmp_path)
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, **change}))
     return d
 
 
@@ -134,18 +125,48 @@ def test_wrong_shape_raises_naming_key_and_shapes(tmp_path):
         CLIPVisionTower.from_pretrained(d)
 
 
-def test_missing_and_corrupt_checkpoint_files_raise_naming_them(tmp_path):
-    d = tmp_path / "ckpt"
-    shutil.copytree(os.path.join(FIXTURES, "clip_tiny"), d)
+def test_integer_tensor_where_a_weight_belongs_names_key_and_file(tmp_path):
+    d = _edited_checkpoint(tmp_path, lambda t: t.update(
+        {"vision_model.pre_layrnorm.weight": torch.ones(32, dtype=torch.int64)}))
+    with pytest.raises(ValueError, match=r"model\.safetensors: key 'vision_model\.pre_layrnorm\.weight' holds "
+                                         r"torch\.int64"):
+        CLIPVisionTower.from_pretrained(d)
+
+
+def test_corrupt_safetensors_names_the_file(tmp_path):
+    d = _edited_checkpoint(tmp_path)
     (d / "model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="model.safetensors"):
         CLIPVisionTower.from_pretrained(d)
+
+
+def test_missing_weights_file_raises_naming_what_is_looked_for(tmp_path):
+    d = _edited_checkpoint(tmp_path)
     os.remove(d / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         CLIPVisionTower.from_pretrained(d)
+
+
+def test_missing_config_names_the_file(tmp_path):
+    d = _edited_checkpoint(tmp_path)
     os.remove(d / "config.json")
     with pytest.raises(FileNotFoundError, match="config.json"):
         CLIPVisionTower.from_pretrained(d)
+
+
+def test_malformed_config_names_the_file(tmp_path):
+    d = _edited_checkpoint(tmp_path)
+    (d / "config.json").write_text('{"hidden_size": ')
+    with pytest.raises(ValueError, match=r"config\.json: invalid JSON"):
+        CLIPVisionTower.from_pretrained(d)
+
+
+@pytest.mark.parametrize("change, message", [({"hidden_size": "32"}, r"hidden_size is '32', expected int"),
+                                             ({"patch_size": 6.0}, r"patch_size is 6\.0, expected int"),
+                                             ({"hidden_act": 1}, r"hidden_act is 1, expected str")])
+def test_config_value_of_the_wrong_type_names_file_and_key(tmp_path, change, message):
+    with pytest.raises(ValueError, match=r"config\.json: " + message):
+        CLIPVisionTower.from_pretrained(_edited_config(tmp_path, **change))
 
 
 def test_key_mapping_is_a_prefix_strip_with_inverse():
@@ -153,27 +174,27 @@ def test_key_mapping_is_a_prefix_strip_with_inverse():
     tower_keys = clip_to_tower_keys(published)
     assert tower_keys == {"pre_layrnorm.weight": 1, "encoder.layers.0.mlp.fc1.bias": 2}
     assert tower_to_clip_keys(tower_keys) == published
-    assert clip_to_tower_keys(tower_keys) == tower_keys  # transformers-5 names are already tower names
-    with pytest.raises(KeyError, match="pre_layrnorm.weight"):
-        clip_to_tower_keys({"vision_model.pre_layrnorm.weight": 1, "pre_layrnorm.weight": 2})
 
 
-def test_config_from_hf_presets_and_round_trip():
-    vision = json.load(open(os.path.join(FIXTURES, "clip_tiny", "config.json")))
-    full = json.load(open(os.path.join(FIXTURES, "clip_full", "config.json")))
-    config = CLIPVisionConfig.from_hf(vision)
-    assert config == CLIPVisionConfig.from_hf(full)
+def test_config_from_hf():
+    config = CLIPVisionConfig.from_hf(json.load(open(os.path.join(FIXTURES, "clip_tiny", "config.json"))))
     assert (config.hidden_size, config.num_hidden_layers, config.image_size, config.num_patches) == (32, 3, 30, 25)
     assert CLIPVisionConfig.from_hf(config.to_hf()) == config
-    assert CLIPVisionConfig.from_name("vit-l-14").num_patches == 256
-    assert CLIPVisionConfig.from_name("vit-l-14-336").num_patches == 576
+
+
+@pytest.mark.parametrize("name, patches, count", [("vit-l-14", 256, 303179776), ("vit-l-14-336", 576, 303507456)])
+def test_presets_have_the_published_sizes(name, patches, count):
+    assert CLIPVisionConfig.from_name(name).num_patches == patches
     with torch.device("meta"):  # parameter counts of transformers' CLIPVisionModel at these sizes
-        for name, count in [("vit-l-14", 303179776), ("vit-l-14-336", 303507456)]:
-            assert sum(p.numel() for p in CLIPVisionTower(CLIPVisionConfig.from_name(name)).parameters()) == count
+        assert sum(p.numel() for p in CLIPVisionTower(CLIPVisionConfig.from_name(name)).parameters()) == count
+
+
+def test_unknown_preset_and_activation_are_refused():
     with pytest.raises(ValueError, match="vit-b"):
         CLIPVisionConfig.from_name("vit-b")
     with pytest.raises(ValueError, match="hidden_act"):
-        CLIPVisionConfig.from_hf({**vision, "hidden_act": "relu"})
+        CLIPVisionConfig.from_hf({**json.load(open(os.path.join(FIXTURES, "clip_tiny", "config.json"))),
+                                  "hidden_act": "relu"})
 
 
 @pytest.mark.parametrize("pad", [False, True])

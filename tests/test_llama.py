@@ -7,8 +7,9 @@ import sentencepiece as spm
 import torch
 from safetensors.torch import load_file, save_file
 
-from llama import (Llama, LlamaConfig, Tokenizer, check_state_dict, generate, hf_to_llama_keys, llama_to_hf_keys,
-                   load_safetensors_dir, sample)
+import llama
+from llama import (Llama, LlamaConfig, Tokenizer, generate, hf_to_llama_keys, llama_to_hf_keys, load_checkpoint,
+                   load_strict, sample)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 MODELS = ["llama_gqa", "llama_tied"]  # gqa: sharded, 2 KV heads; tied: tied head, head_dim 16 != 48/4, linear RoPE
@@ -24,6 +25,20 @@ def tied_copy(tmp_path):
     folder = tmp_path / "ckpt"
     shutil.copytree(os.path.join(FIXTURES, "llama_tied", "model"), folder)
     return folder, load_file(folder / "model.safetensors")
+
+
+def sharded_copy(tmp_path):
+    """A writable sharded checkpoint: (folder, its index as a dict)."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(os.path.join(FIXTURES, "llama_gqa", "model"), folder)
+    return folder, json.loads((folder / "model.safetensors.index.json").read_text())
+
+
+def edited_config(tmp_path, **change):
+    folder, _ = tied_copy(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in {**config, **change}.items() if v is not None}))
+    return folder
 
 
 # ------------------------------------------------------------------------------------------ parity with transformers
@@ -45,17 +60,28 @@ def test_greedy_tokens_match_transformers(name):
     assert tokens == ref["greedy"][0].tolist()
 
 
+GQA = os.path.join(FIXTURES, "llama_gqa", "model")
+
+
 def test_sharded_checkpoint_is_read_from_every_shard():
-    folder = os.path.join(FIXTURES, "llama_gqa", "model")
-    with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+    with open(os.path.join(GQA, "model.safetensors.index.json")) as f:
         shards = set(json.load(f)["weight_map"].values())
     assert len(shards) > 1
-    tensors = load_safetensors_dir(folder)
-    for shard in shards:  # every tensor of every shard arrives unchanged
-        for key, value in load_file(os.path.join(folder, shard)).items():
-            assert torch.equal(tensors[key], value)
-    model = Llama.from_pretrained(folder)
-    assert set(load_safetensors_dir(os.path.join(folder, sorted(shards)[0]))) < set(tensors)  # one file alone
+    tensors, files = load_checkpoint(GQA)
+    for shard in shards:  # every tensor of every shard arrives unchanged, with the file it came from
+        for key, value in load_file(os.path.join(GQA, shard)).items():
+            assert torch.equal(tensors[key], value) and files[key] == os.path.join(GQA, shard)
+
+
+def test_one_shard_file_reads_alone():
+    tensors, _ = load_checkpoint(GQA)
+    shard = sorted(json.load(open(os.path.join(GQA, "model.safetensors.index.json")))["weight_map"].values())[0]
+    assert set(load_checkpoint(os.path.join(GQA, shard))[0]) < set(tensors)
+
+
+def test_sharded_model_holds_the_checkpoint_weights():
+    model = Llama.from_pretrained(GQA)
+    tensors, _ = load_checkpoint(GQA)
     assert torch.equal(model.layers[1].mlp.down_proj.weight, tensors["model.layers.1.mlp.down_proj.weight"])
 
 
@@ -101,26 +127,72 @@ def test_inputs_embeds_equals_input_ids():
     model, ref = load("llama_tied")
     with torch.no_grad():
         assert torch.allclose(model(inputs_embeds=model.embed_tokens(ref["input_ids"])), model(ref["input_ids"]))
+
+
+def test_generate_takes_exactly_one_prompt_form():
+    model, ref = load("llama_tied")
+    model.setup_cache(1, 32)
     with pytest.raises(ValueError, match="exactly one"):
+        next(generate(model, ref["prompt"], inputs_embeds=model.embed_tokens(ref["prompt"]), max_new_tokens=2))
+    with pytest.raises(AssertionError, match="exactly one"):  # the forward pass itself keeps an assert
         model(ref["input_ids"], inputs_embeds=model.embed_tokens(ref["input_ids"]))
 
 
-def test_positions_past_cache_or_max_position_raise():
-    model, ref = load("llama_tied")  # max_position_embeddings = 64
-    with pytest.raises(ValueError, match="max_position_embeddings"):
-        model(torch.zeros(1, 65, dtype=torch.long))
-    with pytest.raises(ValueError, match="setup_cache"):
+def test_cache_longer_than_max_position_embeddings_is_refused():
+    model, _ = load("llama_tied")  # max_position_embeddings = 64
+    with pytest.raises(ValueError, match="max_position_embeddings=64"):
+        model.setup_cache(1, 65)
+    model.setup_cache(1, 64)  # every position up to the limit
+    assert model.cache_len == 64
+
+
+def test_generate_past_the_cache_length_raises():
+    model, ref = load("llama_tied")
+    model.setup_cache(1, 64)
+    with pytest.raises(ValueError, match="KV cache length"):
+        next(generate(model, ref["prompt"], max_new_tokens=57))  # 8 + 57 > 64
+
+
+def test_cached_forward_past_the_cache_or_without_one_fails_its_assert():
+    model, ref = load("llama_tied")
+    with pytest.raises(AssertionError, match="past the KV cache"):  # no cache: zero slots
         model(ref["prompt"], input_pos=torch.arange(8))
     model.setup_cache(1, 8)
-    with pytest.raises(ValueError, match="past the KV cache"):
+    with pytest.raises(AssertionError, match="past the KV cache"):
         model(torch.zeros(1, 1, dtype=torch.long), input_pos=torch.tensor([8]))
-    model.setup_cache(1, 100)
-    with pytest.raises(ValueError, match="max_position_embeddings"):
-        model(torch.zeros(1, 1, dtype=torch.long), input_pos=torch.tensor([64]))
-    with pytest.raises(ValueError, match="KV cache length"):
-        next(generate(model, ref["prompt"], max_new_tokens=93))
+
+
+def test_reset_cache_frees_it():
+    model, _ = load("llama_tied")
+    model.setup_cache(1, 8)
     model.reset_cache()
     assert model.layers[0].self_attn.k_cache is None and model.cache_len == 0
+
+
+# ------------------------------------------------------------------------------------- gradient checkpointing
+
+def test_gradient_checkpointing_runs_every_layer_inside_checkpoint_with_equal_gradients(monkeypatch):
+    model, ref = load("llama_gqa")
+    assert model.gradient_checkpointing is False
+    model.train()
+    model(ref["input_ids"]).float().square().mean().backward()
+    plain = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    calls, real_checkpoint = [], llama.checkpoint
+    monkeypatch.setattr(llama, "checkpoint", lambda fn, *a, **kw: (calls.append(kw), real_checkpoint(fn, *a, **kw))[1])
+    model.gradient_checkpointing = True
+    model(ref["input_ids"]).float().square().mean().backward()
+    assert calls == [{"use_reentrant": False}] * len(model.layers)
+    for key, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_gradient_checkpointing_is_off_in_eval_mode(monkeypatch):
+    model, ref = load("llama_gqa")
+    model.gradient_checkpointing = True
+    monkeypatch.setattr(llama, "checkpoint", lambda *a, **kw: pytest.fail("checkpoint() in eval mode"))
+    with torch.no_grad():
+        assert (model(ref["input_ids"]) - ref["logits"]).abs().max() <= 1e-4
 
 
 def test_generate_stops_and_leaves_cache_ready_for_the_next_turn():
@@ -142,34 +214,36 @@ def test_generate_stops_and_leaves_cache_ready_for_the_next_turn():
 # ----------------------------------------------------------------------------------------- loading: strictness
 
 def test_save_pretrained_round_trip_keeps_hf_layout(tmp_path):
-    model, ref = load("llama_gqa")
+    model, _ = load("llama_gqa")
     model.save_pretrained(tmp_path / "out")
     again = Llama.from_pretrained(tmp_path / "out")
-    assert set(load_file(tmp_path / "out" / "model.safetensors")) == set(load_safetensors_dir(
-        os.path.join(FIXTURES, "llama_gqa", "model")))
+    assert set(load_file(tmp_path / "out" / "model.safetensors")) == set(load_checkpoint(GQA)[0])
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
-    tied, _ = load("llama_tied")
+
+
+def test_tied_head_is_saved_once_and_tied_again_on_load(tmp_path):
+    tied, ref = load("llama_tied")
     tied.save_pretrained(tmp_path / "tied")
     assert "lm_head.weight" not in load_file(tmp_path / "tied" / "model.safetensors")
-    tied = Llama.from_pretrained(tmp_path / "tied")
-    assert tied.lm_head.weight is tied.embed_tokens.weight
+    again = Llama.from_pretrained(tmp_path / "tied")
+    assert again.lm_head.weight is again.embed_tokens.weight
     with torch.no_grad():
-        assert (tied(ref["input_ids"]) - load("llama_tied")[0](ref["input_ids"])).abs().max() == 0
+        assert (again(ref["input_ids"]) - tied(ref["input_ids"])).abs().max() == 0
+    assert not [f for f in os.listdir(tmp_path / "tied") if f.endswith(".tmp")]  # fileio's atomic writes
 
 
 def test_loading_to_another_dtype_keeps_no_second_copy(monkeypatch):
     """fp16 7B -> bf16 on one GPU: each file tensor is freed once converted, not held until all are converted."""
     import weakref
-    import llama
-    originals, load_checkpoint = [], llama._load_checkpoint
+    originals, real_read = [], llama.load_checkpoint
 
-    def tracked(path, device="cpu"):
-        tensors, files = load_checkpoint(path, device)
+    def tracked(*args, **kwargs):
+        tensors, files = real_read(*args, **kwargs)
         originals.extend(weakref.ref(t) for t in tensors.values())
         return tensors, files
     alive = []
     real_load = Llama.load_state_dict
-    monkeypatch.setattr(llama, "_load_checkpoint", tracked)
+    monkeypatch.setattr(llama, "load_checkpoint", tracked)
     monkeypatch.setattr(Llama, "load_state_dict", lambda self, *a, **k: (
         alive.append(sum(r() is not None for r in originals)), real_load(self, *a, **k))[1])
     model = Llama.from_pretrained(os.path.join(FIXTURES, "llama_gqa", "model"), dtype=torch.bfloat16)
@@ -205,16 +279,75 @@ def test_wrong_shape_is_named_with_its_shard(tmp_path):
         Llama.from_pretrained(folder)
 
 
-def test_rotary_inv_freq_is_ignored_and_nothing_else(tmp_path):
+def test_rotary_inv_freq_is_ignored(tmp_path):
     folder, tensors = tied_copy(tmp_path)
     tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
     save_file(tensors, folder / "model.safetensors")
     model = Llama.from_pretrained(folder)
     assert set(llama_to_hf_keys(model.state_dict())) - {"lm_head.weight"} == set(tensors) - {
         "model.layers.0.self_attn.rotary_emb.inv_freq"}
-    with pytest.raises(KeyError, match="unexpected key 'extra'"):
-        check_state_dict({"a": (2,)}, {"a": torch.zeros(2), "extra": torch.zeros(1)}, "f.safetensors",
-                         ignore=("rotary_emb.inv_freq",))
+
+
+def test_strict_loading_ignores_nothing_else():
+    with torch.device("meta"):
+        layer = torch.nn.Linear(2, 1, bias=False)
+    with pytest.raises(KeyError, match="f.safetensors: unexpected key 'extra'"):
+        load_strict(layer, {"weight": torch.zeros(1, 2), "extra": torch.zeros(1)},
+                    {"weight": "f.safetensors", "extra": "f.safetensors"})
+
+
+def test_integer_tensor_where_a_weight_belongs_names_key_and_file(tmp_path):
+    folder, tensors = tied_copy(tmp_path)
+    tensors["model.norm.weight"] = torch.ones(48, dtype=torch.int64)
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model\.safetensors: key 'model\.norm\.weight' holds torch\.int64"):
+        Llama.from_pretrained(folder)
+
+
+def test_truncated_safetensors_names_the_file(tmp_path):
+    folder, _ = tied_copy(tmp_path)
+    content = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(content[: len(content) // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors file"):
+        Llama.from_pretrained(folder)
+
+
+def test_shard_index_without_weight_map_names_the_index(tmp_path):
+    folder, index = sharded_copy(tmp_path)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": index["metadata"]}))
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: no 'weight_map'"):
+        Llama.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("shard", ["../../etc/passwd", "/etc/passwd", "sub/../../model.safetensors"])
+def test_shard_outside_the_folder_is_refused_naming_the_index(tmp_path, shard):
+    folder, index = sharded_copy(tmp_path)
+    index["weight_map"]["model.norm.weight"] = shard
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"index\.json: shard .* lies outside the checkpoint folder"):
+        Llama.from_pretrained(folder)
+
+
+def test_malformed_config_json_names_the_file(tmp_path):
+    folder, _ = tied_copy(tmp_path)
+    (folder / "config.json").write_text('{"hidden_size": 48,')
+    with pytest.raises(ValueError, match=r"config\.json: invalid JSON"):
+        Llama.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"hidden_size": "48"}, r"hidden_size is '48', expected int"),
+    ({"num_attention_heads": 4.0}, r"num_attention_heads is 4\.0, expected int"),
+    ({"vocab_size": None}, r"missing 'vocab_size'"),
+    ({"tie_word_embeddings": "yes"}, r"tie_word_embeddings is 'yes', expected bool"),
+    ({"rms_norm_eps": "1e-6"}, r"rms_norm_eps is '1e-6', expected float")])
+def test_config_value_of_the_wrong_type_names_file_and_key(tmp_path, change, message):
+    with pytest.raises(ValueError, match=r"config\.json: " + message):
+        Llama.from_pretrained(edited_config(tmp_path, **change))
+
+
+def test_config_int_is_a_fine_float(tmp_path):
+    assert Llama.from_pretrained(edited_config(tmp_path, rms_norm_eps=1)).config.rms_norm_eps == 1.0
 
 
 def test_key_mapping_is_a_pure_prefix_rename_with_inverse():
@@ -222,9 +355,16 @@ def test_key_mapping_is_a_pure_prefix_rename_with_inverse():
     ours = hf_to_llama_keys(hf)
     assert ours == {"embed_tokens.weight": 1, "layers.0.mlp.up_proj.weight": 2, "lm_head.weight": 3}
     assert llama_to_hf_keys(ours) == hf
+
+
+def test_key_mapping_round_trips_every_model_key():
     model = Llama(LlamaConfig.from_name("tiny"))
     assert set(model.state_dict()) == set(hf_to_llama_keys(llama_to_hf_keys(model.state_dict())))
-    assert not any("rotary" in k or "cache" in k for k in model.state_dict())  # no non-checkpoint state
+
+
+def test_model_state_holds_only_checkpoint_tensors():
+    model = Llama(LlamaConfig.from_name("tiny"))
+    assert not any("rotary" in k or "cache" in k for k in model.state_dict())
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -242,20 +382,31 @@ def test_meta_init_then_to_empty_and_load_works(name):  # the FSDP path: no RoPE
 
 # ------------------------------------------------------------------------------------------------------ config
 
-def test_config_reads_both_rope_styles_and_round_trips():
-    base = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
-                num_key_value_heads=2)
-    old = LlamaConfig.from_hf({**base, "rope_theta": 1e6, "rope_scaling": {"type": "linear", "factor": 4.0}})
-    new = LlamaConfig.from_hf({**base, "rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}})
+ROPE_BASE = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2)
+
+
+def test_config_reads_both_rope_styles():
+    old = LlamaConfig.from_hf({**ROPE_BASE, "rope_theta": 1e6, "rope_scaling": {"type": "linear", "factor": 4.0}})
+    new = LlamaConfig.from_hf({**ROPE_BASE, "rope_parameters": {"rope_type": "linear", "factor": 4.0,
+                                                                 "rope_theta": 1e6}})
     assert old == new and old.rope_theta == 1e6 and old.rope_scaling_factor == 4.0 and old.head_dim == 4
-    with open(os.path.join(FIXTURES, "llama_gqa", "model", "config.json")) as f:
-        hf = json.load(f)
-    config = LlamaConfig.from_hf(hf)
-    assert config.num_key_value_heads == 2 and config.rms_norm_eps == 1e-5 and not config.tie_word_embeddings
-    for name in ["tiny", "tinyllama-1.1b", "llama-2-7b", "vicuna-7b", "llama-2-13b", "smollm-135m"]:
-        preset = LlamaConfig.from_name(name)
-        assert LlamaConfig.from_hf(json.loads(json.dumps(preset.to_hf()))) == preset
     assert LlamaConfig.from_hf(new.to_hf()) == new
+
+
+def test_config_from_the_fixture():
+    with open(os.path.join(GQA, "config.json")) as f:
+        config = LlamaConfig.from_hf(json.load(f))
+    assert config.num_key_value_heads == 2 and config.rms_norm_eps == 1e-5 and not config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("name", ["tiny", "tinyllama-1.1b", "llama-2-7b", "vicuna-7b", "llama-2-13b", "smollm-135m"])
+def test_presets_round_trip_through_hf_json(name):
+    preset = LlamaConfig.from_name(name)
+    assert LlamaConfig.from_hf(json.loads(json.dumps(preset.to_hf()))) == preset
+
+
+def test_unknown_preset_is_refused():
     with pytest.raises(ValueError, match="unknown preset"):
         LlamaConfig.from_name("gpt-2")
 
@@ -279,18 +430,38 @@ TEXTS = ["USER: What colour is the circle?\nASSISTANT: Red.", "  two leading spa
          "", "1234567890 3.14"]
 
 
-def test_tokenizer_equals_raw_sentencepiece_and_round_trips():
+def test_tokenizer_special_ids():
+    tokenizer = Tokenizer(FIXTURES)
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.vocab_size) == (1, 2, 0, 512)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_tokenizer_equals_raw_sentencepiece_and_round_trips(text):
     tokenizer = Tokenizer(FIXTURES)
     raw = spm.SentencePieceProcessor(model_file=os.path.join(FIXTURES, "tokenizer.model"))
-    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.vocab_size) == (1, 2, 0, 512)
-    for text in TEXTS:
-        ids = tokenizer.encode(text, bos=False)
-        assert ids == raw.encode(text)
-        assert tokenizer.encode(text, bos=True, eos=True) == [1] + ids + [2]
-        assert tokenizer.decode(ids) == text  # byte fallback and identity normalisation keep everything
-        # a model with a padded vocabulary (llava-hf: 32064 rows, 32000 pieces) may sample an id past the pieces
-        assert tokenizer.decode(ids + [512, 600]) == text and tokenizer.stream().push(511 + 64) == ""
-    assert any(raw.id_to_piece(i).startswith("<0x") for i in tokenizer.encode(TEXTS[4]))  # emoji -> byte pieces
+    ids = tokenizer.encode(text, bos=False)
+    assert ids == raw.encode(text)
+    assert tokenizer.encode(text, bos=True, eos=True) == [1] + ids + [2]
+    assert tokenizer.decode(ids) == text  # byte fallback and identity normalisation keep everything
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_ids_past_the_pieces_decode_to_nothing(text):
+    # a model with a padded vocabulary (llava-hf: 32064 rows, 32000 pieces) may sample an id past the pieces
+    tokenizer = Tokenizer(FIXTURES)
+    ids = tokenizer.encode(text, bos=False)
+    assert tokenizer.decode(ids + [512, 600]) == text and tokenizer.stream().push(511 + 64) == ""
+
+
+def test_emoji_become_byte_pieces():
+    tokenizer = Tokenizer(FIXTURES)
+    assert any(tokenizer.sp.id_to_piece(i).startswith("<0x") for i in tokenizer.encode(TEXTS[4]))
+
+
+def test_corrupt_tokenizer_model_names_the_file(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"\x00not a sentencepiece model" * 10)
+    with pytest.raises(ValueError, match=r"tokenizer\.model: not a sentencepiece model"):
+        Tokenizer(tmp_path)
 
 
 def test_stream_equals_full_decode_and_never_splits_a_character():
@@ -302,29 +473,55 @@ def test_stream_equals_full_decode_and_never_splits_a_character():
         stream = tokenizer.stream()
         pieces = [stream.push(i) for i in ids]
         assert "".join(pieces) + stream.flush() == tokenizer.decode(ids)
+
+
+def test_stream_never_splits_a_character():
+    tokenizer = Tokenizer(os.path.join(FIXTURES, "tokenizer.model"))
     stream = tokenizer.stream()
     pieces = [stream.push(i) for i in tokenizer.encode("a 🐍 b", bos=False)]
     assert "" in pieces and any("🐍" in p for p in pieces)  # held back until the emoji's last byte arrives
     assert not any("\ufffd" in p for p in pieces)
+
+
+def test_missing_tokenizer_names_the_path():
     with pytest.raises(FileNotFoundError, match="nowhere"):
         Tokenizer("/nowhere/tokenizer.model")
+
+
+def test_tokenizer_takes_pathlib_folders_and_files():
     from pathlib import Path
-    for path in [Path(FIXTURES), Path(FIXTURES) / "tokenizer.model"]:  # pathlib works as well as str
+    tokenizer = Tokenizer(FIXTURES)
+    for path in [Path(FIXTURES), Path(FIXTURES) / "tokenizer.model"]:
         assert Tokenizer(path).encode("red circle") == tokenizer.encode("red circle")
 
 
 # ----------------------------------------------------------------------------------------------------- sampling
 
-def test_sample_greedy_temperature_and_top_p():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]))  # (2, 3)
-    assert sample(logits).tolist() == [0, 2]
+LOGITS = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]))  # (2, 3)
+
+
+def test_sample_greedy():
+    assert sample(LOGITS).tolist() == [0, 2]
+
+
+def test_sample_top_p_keeps_the_nucleus_renormalised():
     generator = torch.Generator().manual_seed(0)
-    draws = sample(logits[:1].expand(4000, 3), 1.0, 0.6, generator)  # keep {0, 1}: 0.5 < 0.6
+    draws = sample(LOGITS[:1].expand(4000, 3), 1.0, 0.6, generator)  # keep {0, 1}: 0.5 < 0.6
     assert set(draws.unique().tolist()) == {0, 1}
     assert abs((draws == 0).float().mean().item() - 0.5 / 0.8) < 0.03
-    draws = sample(logits[:1].expand(4000, 3), 1.0, 1.0, generator)
+
+
+def test_sample_temperature_one_follows_the_distribution():
+    draws = sample(LOGITS[:1].expand(4000, 3), 1.0, 1.0, torch.Generator().manual_seed(0))
     assert abs((draws == 2).float().mean().item() - 0.2) < 0.03
-    cold = sample(logits[:1].expand(4000, 3), 0.05, 1.0, generator)  # low temperature: nearly greedy
+
+
+def test_sample_low_temperature_is_nearly_greedy():
+    cold = sample(LOGITS[:1].expand(4000, 3), 0.05, 1.0, torch.Generator().manual_seed(0))
     assert (cold == 0).float().mean() > 0.99
-    for top_p in (0.0, -1.0, 1e-9):  # a nucleus that no token fills keeps the most likely token, never none
-        assert sample(logits[:1].expand(100, 3), 1.0, top_p, generator).tolist() == [0] * 100
+
+
+@pytest.mark.parametrize("top_p", [0.0, -1.0, 1e-9])
+def test_empty_nucleus_keeps_the_most_likely_token(top_p):
+    generator = torch.Generator().manual_seed(0)
+    assert sample(LOGITS[:1].expand(100, 3), 1.0, top_p, generator).tolist() == [0] * 100

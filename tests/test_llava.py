@@ -1,14 +1,14 @@
+"""llava.py against transformers' LlavaForConditionalGeneration (fixtures from tests/make_fixtures.py), and its own
+checkpoint format. The other layouts (llava-hf keys, the original release, export) are tests/test_formats.py's."""
 import json
 import os
-import shutil
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from llava import (IMAGE_TOKEN_INDEX, LLaVA, LLaVAConfig, hf_to_llava_keys, llava_to_hf_keys, llava_to_original_keys,
-                   original_to_llava_keys)
+from llava import IMAGE_TOKEN_INDEX, LLaVA, LLaVAConfig
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 HF_DIR = os.path.join(FIXTURES, "llava_hf")  # tiny LlavaForConditionalGeneration saved by transformers 5
@@ -30,12 +30,19 @@ def logits_of(model, ids, pixel_values):
         return model(ours(ids), pixel_values)[0]
 
 
-def test_logits_and_loss_match_transformers(model):
+# ------------------------------------------------------------------------------------ parity with transformers
+
+def test_logits_match_transformers(model):
     torch.testing.assert_close(logits_of(model, REF["input_ids_1"], REF["pixel_values_1"]), REF["logits_1"],
                                atol=1e-4, rtol=0)
-    # two images in one prompt: features go to the placeholders in order
+
+
+def test_two_images_fill_their_placeholders_in_order(model):
     torch.testing.assert_close(logits_of(model, REF["input_ids_2"], REF["pixel_values_2"]), REF["logits_2"],
                                atol=1e-4, rtol=0)
+
+
+def test_loss_matches_transformers(model):
     with torch.no_grad():
         _, loss = model(ours(REF["input_ids_1"]), REF["pixel_values_1"], labels=REF["labels_1"])
     torch.testing.assert_close(loss.reshape(1), REF["loss_1"], atol=1e-5, rtol=0)
@@ -48,172 +55,7 @@ def test_greedy_generation_matches_transformers(model):
     assert tokens == REF["greedy_1"][0].tolist()
 
 
-def test_config_from_llava_hf(model):
-    c = model.config
-    assert (c.projector_type, c.select_layer, c.select_feature, c.image_token_index) == ("mlp2x_gelu", -2, "patch", 120)
-    assert c.num_image_tokens == 25 and c.image_size == 30 and c.llm.vocab_size == 128
-
-
-def write_hf_variant(tmp_path, rename):
-    shutil.copy(os.path.join(HF_DIR, "config.json"), tmp_path / "config.json")
-    sd = load_file(os.path.join(HF_DIR, "model.safetensors"))
-    save_file({rename(k): v for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
-    return str(tmp_path)
-
-
-def published_name(key):  # llava-1.5-7b-hf on the hub: the tower keeps "vision_model."
-    return key.replace("vision_tower.", "vision_tower.vision_model.", 1)
-
-
-def in_memory_name(key):  # transformers >= 4.52 module names
-    if key.startswith("language_model.lm_head."):
-        return key.removeprefix("language_model.")
-    return "model." + key.replace("language_model.model.", "language_model.", 1)
-
-
-@pytest.mark.parametrize("rename", [published_name, in_memory_name])
-def test_llava_hf_key_variants_load_identically(model, tmp_path, rename):
-    other = LLaVA.from_pretrained(write_hf_variant(tmp_path, rename))
-    for key, value in model.state_dict().items():
-        assert torch.equal(other.state_dict()[key], value), key
-
-
-def test_key_mappings_are_inverse(model):
-    sd = model.state_dict()
-    assert hf_to_llava_keys(llava_to_hf_keys(sd)).keys() == sd.keys()
-    assert original_to_llava_keys(llava_to_original_keys(sd)).keys() == sd.keys()
-    assert "language_model.model.layers.0.self_attn.q_proj.weight" in llava_to_hf_keys(sd)
-    assert "model.mm_projector.2.bias" in llava_to_original_keys(sd)
-
-
-def write_original_release(model, out, clip_dir, pickle_shards):
-    """The same weights as liuhaotian/llava-v1.5-7b stores them: no tower inside, tower in a CLIP folder."""
-    model.vision_tower.save_pretrained(clip_dir)
-    sd = llava_to_original_keys({k: v for k, v in model.state_dict().items() if not k.startswith("vision_tower.")})
-    config = {**model.config.llm.to_hf(), "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava",
-              "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_projector_type": "mlp2x_gelu",
-              "mm_hidden_size": 32, "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
-              "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "mm_patch_merge_type": "flat",
-              "image_aspect_ratio": "pad", "tune_mm_mlp_adapter": False, "use_mm_proj": True}
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(config, f)
-    if not pickle_shards:
-        save_file(sd, os.path.join(out, "model.safetensors"))
-        return
-    # two pickle shards + index, plus the rotary buffer transformers 4.31 saved
-    keys = sorted(sd)
-    shards = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
-              "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2:]}
-    sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
-    shards["pytorch_model-00001-of-00002.bin"].append("model.layers.0.self_attn.rotary_emb.inv_freq")
-    for name, part in shards.items():
-        torch.save({k: sd[k] for k in part}, os.path.join(out, name))
-    with open(os.path.join(out, "pytorch_model.bin.index.json"), "w") as f:
-        json.dump({"weight_map": {k: name for name, part in shards.items() for k in part}}, f)
-
-
-@pytest.mark.parametrize("pickle_shards", [False, True])
-def test_original_release_layout_loads_to_identical_outputs(model, tmp_path, pickle_shards):
-    out, clip_dir = str(tmp_path / "llava-v1.5"), str(tmp_path / "clip")
-    write_original_release(model, out, clip_dir, pickle_shards)
-    with pytest.raises(FileNotFoundError, match="vision_tower="):
-        LLaVA.from_pretrained(out)
-    loaded = LLaVA.from_pretrained(out, vision_tower=clip_dir)
-    assert loaded.config.image_aspect_ratio == "pad" and loaded.config.projector_type == "mlp2x_gelu"
-    assert torch.equal(logits_of(loaded, REF["input_ids_2"], REF["pixel_values_2"]),
-                       logits_of(model, REF["input_ids_2"], REF["pixel_values_2"]))
-
-
-def test_own_layout_round_trip_keeps_weights_and_settings(model, tmp_path):
-    config = LLaVAConfig(**{**model.config.__dict__, "template": "plain", "image_aspect_ratio": "square"})
-    changed = LLaVA(config)
-    changed.load_state_dict(model.state_dict())
-    changed.save_pretrained(tmp_path)
-    loaded = LLaVA.from_pretrained(str(tmp_path))
-    assert loaded.config == config
-    assert json.load(open(tmp_path / "config.json"))["format"] == "llava-minimal"
-    for key, value in changed.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key], value), key
-    assert all(not p.requires_grad for p in loaded.vision_tower.parameters())
-
-
-def test_save_and_load_projector(model, tmp_path):
-    model.save_projector(tmp_path)
-    with safe_open(str(tmp_path / "projector.safetensors"), "pt") as f:
-        assert set(f.keys()) == {"projector.0.weight", "projector.0.bias", "projector.2.weight", "projector.2.bias"}
-    torch.manual_seed(0)
-    fresh = LLaVA(model.config)
-    fresh.load_projector(tmp_path)
-    for key, value in model.projector.state_dict().items():
-        assert torch.equal(fresh.projector.state_dict()[key], value), key
-    # a stage-1 projector from the original release (mm_projector.bin)
-    orig = tmp_path / "orig"
-    orig.mkdir()
-    torch.save(llava_to_original_keys({"projector." + k: v for k, v in model.projector.state_dict().items()}),
-               orig / "mm_projector.bin")
-    fresh = LLaVA(model.config)
-    fresh.load_projector(orig)
-    assert torch.equal(fresh.projector[2].weight, model.projector[2].weight)
-
-
-def test_load_projector_is_strict(model, tmp_path):
-    model.save_projector(tmp_path)
-    tensors = load_file(str(tmp_path / "projector.safetensors"))
-    del tensors["projector.2.bias"]
-    save_file(tensors, str(tmp_path / "projector.safetensors"))
-    with pytest.raises(KeyError, match="projector.2.bias") as err:
-        LLaVA(model.config).load_projector(tmp_path)
-    assert "projector.safetensors" in str(err.value)
-    linear = LLaVAConfig(**{**model.config.__dict__, "projector_type": "linear"})
-    with pytest.raises(ValueError, match="projector_type"):
-        LLaVA(linear).load_projector(tmp_path)
-
-
-def test_strict_loading_names_key_and_file(tmp_path):
-    shutil.copy(os.path.join(HF_DIR, "config.json"), tmp_path / "config.json")
-    sd = load_file(os.path.join(HF_DIR, "model.safetensors"))
-    sd["multi_modal_projector.linear_3.weight"] = torch.zeros(2)
-    save_file(sd, str(tmp_path / "model.safetensors"))
-    with pytest.raises(KeyError, match="linear_3") as err:
-        LLaVA.from_pretrained(str(tmp_path))
-    assert "model.safetensors" in str(err.value)
-    del sd["multi_modal_projector.linear_3.weight"], sd["language_model.model.norm.weight"]
-    save_file(sd, str(tmp_path / "model.safetensors"))
-    with pytest.raises(KeyError, match="llm.norm.weight"):
-        LLaVA.from_pretrained(str(tmp_path))
-
-
-def test_export_hf_writes_the_recorded_keys_and_reloads(model, tmp_path):
-    model.export_hf(tmp_path, tokenizer=os.path.join(FIXTURES, "tokenizer.model"))
-    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
-        got = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-    assert got == json.load(open(os.path.join(FIXTURES, "llava_ref", "export_keys.json")))
-    config = json.load(open(tmp_path / "config.json"))
-    assert config["image_token_index"] == 120 and config["text_config"]["vocab_size"] == 128
-    assert config["vision_feature_layer"] == -2 and config["vision_feature_select_strategy"] == "default"
-    assert (tmp_path / "tokenizer.model").read_bytes() == open(os.path.join(FIXTURES, "tokenizer.model"), "rb").read()
-    reloaded = LLaVA.from_pretrained(str(tmp_path))
-    torch.testing.assert_close(logits_of(reloaded, REF["input_ids_1"], REF["pixel_values_1"]), REF["logits_1"],
-                               atol=1e-4, rtol=0)
-
-
-def test_export_hf_adds_image_token_and_pads_vocab(model, tmp_path):
-    config = LLaVAConfig(**{**model.config.__dict__, "image_token_index": None})
-    config.llm = type(config.llm)(**{**config.llm.__dict__, "vocab_size": 100})
-    torch.manual_seed(0)
-    small = LLaVA(config).eval()
-    small.export_hf(tmp_path)
-    exported = json.load(open(tmp_path / "config.json"))
-    assert exported["image_token_index"] == 100 and exported["text_config"]["vocab_size"] == 128
-    reloaded = LLaVA.from_pretrained(str(tmp_path))
-    ids = ours(REF["input_ids_1"])
-    want, got = logits_of(small, ids, REF["pixel_values_1"]), logits_of(reloaded, ids, REF["pixel_values_1"])
-    torch.testing.assert_close(got[..., :100], want, atol=1e-5, rtol=0)
-    # the padding rows are the mean row: their logit is the mean logit, never the greedy pick
-    assert (got[..., 100:] < got[..., :100].max(-1, keepdim=True).values).all()
-    assert torch.equal(got.argmax(-1), want.argmax(-1))
-
+# ---------------------------------------------------------------------------------------------- the model
 
 def test_batch_mixing_0_1_2_images_matches_each_sample_alone(model):
     text_only = torch.tensor([1, 5, 9, 33, 7, 4])
@@ -232,12 +74,14 @@ def test_batch_mixing_0_1_2_images_matches_each_sample_alone(model):
             torch.testing.assert_close(logits[i, :len(ids)], alone[0], atol=1e-5, rtol=0)
 
 
-def test_placeholder_count_mismatch_names_both_numbers(model):
-    ids = ours(REF["input_ids_1"])  # 25 placeholders
+def test_more_images_than_placeholders_names_both_numbers(model):
     with pytest.raises(ValueError, match=r"25 image placeholders.*50 features"):
-        model(ids, REF["pixel_values_2"])  # two images
+        model(ours(REF["input_ids_1"]), REF["pixel_values_2"])  # two images
+
+
+def test_placeholders_without_images_name_both_numbers(model):
     with pytest.raises(ValueError, match=r"25 image placeholders.*0 features"):
-        model(ids)
+        model(ours(REF["input_ids_1"]))
 
 
 def test_tower_is_frozen_and_gets_no_gradient(model):
@@ -248,15 +92,123 @@ def test_tower_is_frozen_and_gets_no_gradient(model):
     assert all(p.grad is None for p in model.vision_tower.parameters())
     assert model.projector[0].weight.grad.abs().sum() > 0 and model.llm.norm.weight.grad.abs().sum() > 0
     model.zero_grad(set_to_none=True)
-    # stage 1: the LLM frozen too, the projector still learns through the embeddings it writes
+
+
+def test_stage_1_projector_learns_through_a_frozen_llm(model):
     model.llm.requires_grad_(False)
     try:
         _, loss = model(ours(REF["input_ids_1"]), REF["pixel_values_1"], labels=REF["labels_1"])
         loss.backward()
         assert model.projector[2].weight.grad.abs().sum() > 0
+        assert all(p.grad is None for p in model.llm.parameters())
     finally:
         model.llm.requires_grad_(True)
         model.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------------------- own checkpoints
+
+def changed_settings(model):
+    config = LLaVAConfig(**{**model.config.__dict__, "template": "plain", "image_aspect_ratio": "square"})
+    changed = LLaVA(config)
+    changed.load_state_dict(model.state_dict())
+    return changed
+
+
+def test_own_layout_round_trip_keeps_weights_and_settings(model, tmp_path):
+    changed = changed_settings(model)
+    changed.save_pretrained(tmp_path)
+    loaded = LLaVA.from_pretrained(str(tmp_path))
+    assert loaded.config == changed.config
+    for key, value in changed.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_own_config_is_marked_with_its_format(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    assert json.load(open(tmp_path / "config.json"))["format"] == "llava-minimal"
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]  # fileio's atomic writes
+
+
+def test_loaded_tower_stays_frozen(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded = LLaVA.from_pretrained(str(tmp_path))
+    assert all(not p.requires_grad for p in loaded.vision_tower.parameters())
+    assert all(p.requires_grad for p in loaded.projector.parameters())
+
+
+def test_tied_embeddings_round_trip(model, tmp_path):
+    config = LLaVAConfig(**model.config.__dict__)
+    config.llm = type(config.llm)(**{**config.llm.__dict__, "tie_word_embeddings": True})
+    tied = LLaVA(config)
+    tied.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert "llm.lm_head.weight" not in f.keys()
+    loaded = LLaVA.from_pretrained(str(tmp_path))
+    assert loaded.llm.lm_head.weight is loaded.llm.embed_tokens.weight
+    assert torch.equal(loaded.llm.embed_tokens.weight, tied.llm.embed_tokens.weight)
+
+
+def test_integer_tensor_where_a_weight_belongs_names_key_and_file(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors["projector.0.bias"] = tensors["projector.0.bias"].long()
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model\.safetensors: key 'projector\.0\.bias' holds torch\.int64"):
+        LLaVA.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("change, message", [({"select_layer": "-2"}, r"select_layer is '-2', expected int"),
+                                             ({"image_token_index": 1.0}, r"image_token_index is 1\.0"),
+                                             ({"llm": None}, r"not a llava-minimal config")])
+def test_own_config_value_of_the_wrong_type_names_file_and_key(model, tmp_path, change, message):
+    model.save_pretrained(tmp_path)
+    config = json.load(open(tmp_path / "config.json"))
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ValueError, match=r"config\.json: " + message):
+        LLaVA.from_pretrained(str(tmp_path))
+
+
+def test_llm_config_value_of_the_wrong_type_names_the_part(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    config = json.load(open(tmp_path / "config.json"))
+    config["llm"]["num_attention_heads"] = 4.0
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config\.json 'llm': num_attention_heads is 4\.0, expected int"):
+        LLaVA.from_pretrained(str(tmp_path))
+
+
+def test_save_projector_writes_only_the_projector(model, tmp_path):
+    model.save_projector(tmp_path)
+    with safe_open(str(tmp_path / "projector.safetensors"), "pt") as f:
+        assert set(f.keys()) == {"projector.0.weight", "projector.0.bias", "projector.2.weight", "projector.2.bias"}
+
+
+def test_load_projector_restores_the_saved_one(model, tmp_path):
+    model.save_projector(tmp_path)
+    torch.manual_seed(0)
+    fresh = LLaVA(model.config)
+    fresh.load_projector(tmp_path)
+    for key, value in model.projector.state_dict().items():
+        assert torch.equal(fresh.projector.state_dict()[key], value), key
+    assert all(p.requires_grad for p in fresh.projector.parameters())  # it goes on training
+
+
+def test_load_projector_is_strict(model, tmp_path):
+    model.save_projector(tmp_path)
+    tensors = load_file(str(tmp_path / "projector.safetensors"))
+    del tensors["projector.2.bias"]
+    save_file(tensors, str(tmp_path / "projector.safetensors"))
+    with pytest.raises(KeyError, match="projector.2.bias") as err:
+        LLaVA(model.config).load_projector(tmp_path)
+    assert "projector.safetensors" in str(err.value)
+
+
+def test_load_projector_refuses_another_projector_type(model, tmp_path):
+    model.save_projector(tmp_path)
+    linear = LLaVAConfig(**{**model.config.__dict__, "projector_type": "linear"})
+    with pytest.raises(ValueError, match="projector_type"):
+        LLaVA(linear).load_projector(tmp_path)
 
 
 def test_from_parts_loads_base_checkpoints_and_builds_a_fresh_projector(model, tmp_path):
@@ -273,13 +225,9 @@ def test_from_parts_loads_base_checkpoints_and_builds_a_fresh_projector(model, t
     assert all(p.requires_grad for p in built.projector.parameters())
 
 
-def test_tied_embeddings_round_trip(model, tmp_path):
-    config = LLaVAConfig(**model.config.__dict__)
-    config.llm = type(config.llm)(**{**config.llm.__dict__, "tie_word_embeddings": True})
-    tied = LLaVA(config)
-    tied.save_pretrained(tmp_path)
-    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
-        assert "llm.lm_head.weight" not in f.keys()
-    loaded = LLaVA.from_pretrained(str(tmp_path))
-    assert loaded.llm.lm_head.weight is loaded.llm.embed_tokens.weight
-    assert torch.equal(loaded.llm.embed_tokens.weight, tied.llm.embed_tokens.weight)
+def test_from_parts_reads_a_full_clip_model(model, tmp_path):  # openai/clip-vit-large-patch14-336 is one
+    model.llm.save_pretrained(tmp_path / "llm")
+    built = LLaVA.from_parts(str(tmp_path / "llm"), os.path.join(FIXTURES, "clip_full"))
+    reference = LLaVA.from_parts(str(tmp_path / "llm"), os.path.join(FIXTURES, "clip_tiny"))
+    for key, value in reference.vision_tower.state_dict().items():
+        assert torch.equal(built.vision_tower.state_dict()[key], value), key

@@ -1,0 +1,332 @@
+"""Every checkpoint layout that is not a model file's own, mapped onto ours: key renames, config maps, nothing else.
+
+  llava-original  the haotian-liu/LLaVA release (liuhaotian/llava-v1.5-7b): a LLaMA config.json with "mm_*" fields,
+                  keys model.* / lm_head.weight / model.mm_projector.*, safetensors or pickle .bin shards, and no CLIP
+                  weights (the tower comes from `vision_tower=`, a CLIP folder); its stage-1 output mm_projector.bin
+  llava-hf        transformers' LlavaForConditionalGeneration (llava-hf/llava-1.5-7b-hf), old and new key names; and
+                  export_hf, which writes one that transformers' AutoProcessor and model load from the folder alone
+  clip            full CLIPModel checkpoints (openai/clip-vit-large-patch14-336: the text tower is never read), the
+                  transformers-5 CLIPVisionModel without "vision_model.", pickle pytorch_model.bin
+detect_format(path) names a checkpoint folder's layout, one of FORMATS. Pickle files go through
+torch.load(weights_only=True): tensors only, never code. The own layouts (HF LLaMA and CLIPVisionModel safetensors,
+LLaVA's "llava-minimal") are read by llama.py, clip.py and llava.py, which call in here for everything else; the one
+exception is read_projector, which reads our stage-1 projector.safetensors beside the original's mm_projector.bin.
+"""
+import os
+import pickle
+
+import torch
+
+from clip import CLIP_MEAN, CLIP_STD, CLIPVisionConfig, CLIPVisionTower, tower_to_clip_keys
+from fileio import read_json, save_tensors, write_bytes, write_json
+from llama import Tokenizer, load_checkpoint, load_strict
+
+OWN = "llava-minimal"  # llava.py's own checkpoint format (the "format" field of its config.json)
+FORMATS = (OWN, "llava-hf", "llava-original", "llama", "clip")
+# transformers fills fields missing from a sub-config with its class defaults; llava-1.5-7b-hf relies on that
+LLAMA_HF_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                         num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6)
+SELECT_STRATEGY = {"patch": "default", "cls_patch": "full"}  # ours -> llava-hf vision_feature_select_strategy
+IMAGE_TOKEN = "<image>"
+# read by nobody: the CLIP text tower and contrastive heads, and the position_ids buffer (positions are 0..N)
+CLIP_SKIPPED = ("text_model.", "visual_projection.", "text_projection.", "logit_scale",
+                "vision_model.embeddings.position_ids", "embeddings.position_ids")
+
+
+def detect_format(path) -> str:
+    """The layout of a checkpoint folder, from its config.json: one of FORMATS."""
+    file = os.path.join(path, "config.json")
+    d = read_json(file)
+    if not isinstance(d, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(d).__name__}")
+    kind, architectures = d.get("model_type"), d.get("architectures") or []
+    if d.get("format") == OWN:
+        return OWN
+    if "mm_vision_tower" in d or "mm_projector_type" in d:
+        return "llava-original"
+    if kind in ("clip", "clip_vision_model"):  # a full CLIPModel has a text_config too
+        return "clip"
+    if "text_config" in d or kind == "llava" or "LlavaForConditionalGeneration" in architectures:
+        return "llava-hf"
+    if kind == "llama" or "LlamaForCausalLM" in architectures:
+        return "llama"
+    raise ValueError(f"{file}: not a LLaVA, LLaMA or CLIP checkpoint (model_type {kind!r}); known: {FORMATS}")
+
+
+# ------------------------------------------------------------------------------------------------ reading tensors
+
+def read_bin(file, device="cpu", skip=lambda key: False) -> dict:
+    """A pickle checkpoint: only a flat {name: tensor} dict is accepted, and torch.load never runs code from it."""
+    try:
+        sd = torch.load(file, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        reason = (str(e).split("WeightsUnpickler error:")[-1].strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{file}: not a pickle of tensors that loads with weights_only=True ({reason})") from None
+    if not isinstance(sd, dict):
+        raise ValueError(f"{file}: holds a {type(sd).__name__}, expected a dict of tensors")
+    for key, value in sd.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{file}: key {key!r} holds a {type(value).__name__}, not a tensor")
+    return {k: v for k, v in sd.items() if not skip(k)}
+
+
+def read_tensors(path, device="cpu", skip=lambda key: False):
+    """(tensors, {key: file}) from safetensors, single or sharded, else from pickle pytorch_model.bin (or shards)."""
+    path = os.fspath(path)
+    names = set(os.listdir(path)) if os.path.isdir(path) else set()
+    safetensors = names & {"model.safetensors", "model.safetensors.index.json"}
+    pickles = names & {"pytorch_model.bin", "pytorch_model.bin.index.json"}
+    if path.endswith(".bin") or pickles and not safetensors:
+        return load_checkpoint(path, device, skip, single="pytorch_model.bin", read=read_bin)
+    return load_checkpoint(path, device, skip)
+
+
+# ------------------------------------------------------------------------------------------------------------ CLIP
+
+def clip_vision_config(d: dict) -> dict:
+    return d.get("vision_config", d) if isinstance(d, dict) else d  # a full CLIPModel config nests the vision part
+
+
+def clip_model_to_tower_keys(sd: dict) -> dict:
+    """Published ("vision_model.x") or transformers-5 ("x") names -> tower names ("x"). Inverse: tower_to_clip_keys."""
+    out = {}
+    for key, value in sd.items():
+        name = key.removeprefix("vision_model.")
+        if name in out:
+            raise KeyError(f"tensor '{name}' appears both with and without the 'vision_model.' prefix")
+        out[name] = value
+    return out
+
+
+def is_clip_skipped(key: str) -> bool:
+    return key.startswith(CLIP_SKIPPED)
+
+
+def load_clip(path, device="cpu", dtype=torch.float32) -> CLIPVisionTower:
+    """Any CLIP folder: CLIPVisionModel (published or transformers-5 names) or a full CLIPModel, safetensors or .bin."""
+    config_file = os.path.join(path, "config.json")
+    config = CLIPVisionConfig.from_hf(clip_vision_config(read_json(config_file)), config_file)
+    with torch.device("meta"):  # no memory until the checkpoint tensors are assigned
+        model = CLIPVisionTower(config)
+    tensors, files = read_tensors(path, device, skip=is_clip_skipped)
+    return load_strict(model, tensors, files, clip_model_to_tower_keys, tower_to_clip_keys, device, dtype).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------- LLaVA
+# (file prefix, our prefix); first match wins. transformers >= 4.52 adds "model." before the first three parts
+# and writes "lm_head." at the top; transformers 5 drops "vision_model." from the tower.
+HF_PREFIXES = [("language_model.model.", "llm."), ("language_model.lm_head.", "llm.lm_head."),
+               ("language_model.", "llm."), ("lm_head.", "llm.lm_head."),
+               ("vision_tower.vision_model.", "vision_tower."), ("vision_tower.", "vision_tower."),
+               ("multi_modal_projector.linear_1.", "projector.0."),
+               ("multi_modal_projector.linear_2.", "projector.2.")]
+HF_PUBLISHED = [("llm.lm_head.", "language_model.lm_head."), ("llm.", "language_model.model."),  # llava-1.5-*-hf
+                ("vision_tower.", "vision_tower.vision_model."), ("projector.0.", "multi_modal_projector.linear_1."),
+                ("projector.2.", "multi_modal_projector.linear_2.")]
+ORIGINAL_PREFIXES = [("model.mm_projector.", "projector."),
+                     ("model.vision_tower.vision_tower.vision_model.", "vision_tower."),
+                     ("model.", "llm."), ("lm_head.", "llm.lm_head.")]
+ORIGINAL_PUBLISHED = [("projector.", "model.mm_projector."),
+                      ("vision_tower.", "model.vision_tower.vision_tower.vision_model."),
+                      ("llm.lm_head.", "lm_head."), ("llm.", "model.")]
+
+
+def rename(key, prefixes):
+    for old, new in prefixes:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key  # unknown: left as is, so the strict check reports it by its own name
+
+
+def hf_to_llava_keys(sd: dict) -> dict:
+    new = ("model.language_model.", "model.vision_tower.", "model.multi_modal_projector.")
+    return {rename(k.removeprefix("model.") if k.startswith(new) else k, HF_PREFIXES): v for k, v in sd.items()}
+
+
+def llava_to_hf_keys(sd: dict) -> dict:
+    return {rename(k, HF_PUBLISHED): v for k, v in sd.items()}
+
+
+def original_to_llava_keys(sd: dict) -> dict:
+    return {rename(k, ORIGINAL_PREFIXES): v for k, v in sd.items()}
+
+
+def llava_to_original_keys(sd: dict) -> dict:
+    return {rename(k, ORIGINAL_PUBLISHED): v for k, v in sd.items()}
+
+
+def llava_hf_config(d: dict, source="config.json", do_pad=True) -> dict:
+    """llava-hf config.json -> our config dict (LLaVAConfig.to_dict's layout). do_pad: preprocessor_config.json's."""
+    for key, allowed in [("projector_hidden_act", "gelu"), ("multimodal_projector_bias", True)]:
+        if d.get(key, allowed) != allowed:
+            raise ValueError(f"{source}: {key}={d[key]!r} is not supported (only {allowed!r})")
+    layer, strategy = d.get("vision_feature_layer", -2), d.get("vision_feature_select_strategy", "default")
+    if type(layer) is not int or strategy not in SELECT_STRATEGY.values():
+        raise ValueError(f"{source}: vision_feature_layer={layer!r} / select strategy {strategy!r} not supported "
+                         f"(one layer; 'default' or 'full')")
+    vision = d.get("vision_config") or CLIPVisionConfig.from_name("vit-l-14-336").to_hf()  # LlavaConfig's default
+    return {"format": OWN, "llm": {**LLAMA_HF_DEFAULTS, **d.get("text_config", {})}, "vision": vision,
+            "projector_type": "mlp2x_gelu", "select_layer": layer,
+            "select_feature": {v: k for k, v in SELECT_STRATEGY.items()}[strategy],
+            "image_aspect_ratio": "pad" if do_pad else "square", "image_token_index": d.get("image_token_index", 32000)}
+
+
+def llava_to_hf_config(c: dict, vocab_size: int, image_token: int, dtype: str) -> dict:
+    """Our config dict -> llava-hf config.json, with the (padded) vocabulary size. Inverse: llava_hf_config."""
+    vision = {k: v for k, v in c["vision"].items() if k != "architectures"}
+    tokens = (vision["image_size"] // vision["patch_size"]) ** 2 + (c["select_feature"] == "cls_patch")
+    return {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+            "text_config": {**c["llm"], "vocab_size": vocab_size}, "vision_config": vision,
+            "image_token_index": image_token, "image_seq_length": tokens, "projector_hidden_act": "gelu",
+            "vision_feature_layer": c["select_layer"],
+            "vision_feature_select_strategy": SELECT_STRATEGY[c["select_feature"]], "multimodal_projector_bias": True,
+            "tie_word_embeddings": c["llm"].get("tie_word_embeddings", False), "torch_dtype": dtype}
+
+
+def original_config(d: dict, vision: dict, source="config.json") -> dict:
+    """The original release's config.json (a LLaMA config with "mm_*" fields) + its tower's -> our config dict."""
+    for key, allowed in [("mm_use_im_start_end", False), ("mm_patch_merge_type", "flat")]:
+        if d.get(key, allowed) != allowed:
+            raise ValueError(f"{source}: {key}={d[key]!r} is not supported (only {allowed!r})")
+    return {"format": OWN, "llm": {**d, "model_type": "llama"}, "vision": vision,
+            "projector_type": d.get("mm_projector_type", "linear"), "select_layer": d.get("mm_vision_select_layer", -2),
+            "select_feature": d.get("mm_vision_select_feature", "patch"),
+            "image_aspect_ratio": d.get("image_aspect_ratio", "square")}
+
+
+def read_llava(path, vision_tower=None, device="cpu"):
+    """A llava-hf or original-release folder as (our config dict, tensors, {key: file}, (to_model, to_file))."""
+    config_file, kind = os.path.join(path, "config.json"), detect_format(path)
+    d = read_json(config_file)
+    if kind == "llava-hf":
+        processor = os.path.join(path, "preprocessor_config.json")
+        do_pad = read_json(processor).get("do_pad", True) if os.path.exists(processor) else True
+        tensors, files = read_tensors(path, device)
+        return llava_hf_config(d, config_file, do_pad), tensors, files, (hf_to_llava_keys, llava_to_hf_keys)
+    if kind != "llava-original":
+        raise ValueError(f"{config_file}: a {kind} checkpoint, not LLaVA (base checkpoints: LLaVA.from_parts)")
+    vision_tower = vision_tower or d.get("mm_vision_tower")  # a hub id in released configs, or a folder
+    if not vision_tower or not os.path.isfile(os.path.join(vision_tower, "config.json")):
+        raise FileNotFoundError(f"{path}: the original LLaVA release has no vision tower weights; pass "
+                                f"vision_tower=<local folder of {d.get('mm_vision_tower')}> (a CLIP checkpoint)")
+    tensors, files = read_tensors(path, device, skip=lambda key: "rotary_emb.inv_freq" in key)  # transformers 4.31
+    if not any(k.startswith("model.vision_tower.") for k in tensors):  # the release ships no tower weights
+        tower, tower_files = read_tensors(vision_tower, device, skip=is_clip_skipped)
+        in_file = clip_model_to_tower_keys({k: k for k in tower})  # tower name -> key in the CLIP file
+        names = llava_to_original_keys({"vision_tower." + k: v for k, v in in_file.items()})
+        tensors.update({name: tower[k] for name, k in names.items()})
+        files.update({name: tower_files[k] for name, k in names.items()})
+    vision = clip_vision_config(read_json(os.path.join(vision_tower, "config.json")))
+    return original_config(d, vision, config_file), tensors, files, (original_to_llava_keys, llava_to_original_keys)
+
+
+def read_projector(path, projector_type: str, device="cpu"):
+    """A stage-1 output folder as (tensors, {key: file}, (to_model, to_file)) for LLaVA.projector's own names: ours
+    (projector.safetensors + config.json, keys "projector.*") or the original release's mm_projector.bin."""
+    file = os.path.join(path, "projector.safetensors")
+    if os.path.isfile(file):
+        config_file = os.path.join(path, "config.json")
+        saved = read_json(config_file).get("projector_type")
+        if saved != projector_type:
+            raise ValueError(f"{config_file}: projector_type {saved!r}, the model has {projector_type!r}")
+        tensors, files = load_checkpoint(file, device)
+        to_ours, to_file = (lambda sd: sd), (lambda sd: sd)
+    elif os.path.isfile(file := os.path.join(path, "mm_projector.bin")):
+        tensors, files = load_checkpoint(file, device, read=read_bin)
+        to_ours, to_file = original_to_llava_keys, llava_to_original_keys
+    else:
+        raise FileNotFoundError(f"{path}: no projector.safetensors or mm_projector.bin")
+    return tensors, files, (lambda sd: {k.removeprefix("projector."): v for k, v in to_ours(sd).items()},
+                            lambda sd: to_file({"projector." + k: v for k, v in sd.items()}))
+
+
+# ------------------------------------------------------------------------------------------- export to llava-hf
+
+# The conversation as LLaVA-1.5 was trained on it (data.py's vicuna_v1): "SYSTEM USER: <image>\nQ ASSISTANT: A</s>
+# USER: ...". A system message carries the system prompt (data.py's TEMPLATES), as with llava-1.5-hf's template.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- set parts = [{'type': 'text', 'text': message['content']}] if message['content'] is string "
+    "else message['content'] -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- for part in parts if part['type'] == 'text' -%}{{ part['text'] + ' ' }}{%- endfor -%}"
+    "{%- elif message['role'] == 'user' -%}{{ 'USER: ' }}"
+    "{%- for part in parts if part['type'] == 'image' -%}{{ '<image>\n' }}{%- endfor -%}"
+    "{%- for part in parts if part['type'] == 'text' -%}{{ part['text'] + ' ' }}{%- endfor -%}"
+    "{%- else -%}{{ 'ASSISTANT:' }}"
+    "{%- for part in parts if part['type'] == 'text' -%}{{ ' ' + part['text'] }}{%- endfor -%}{{ eos_token }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}")
+
+
+def image_processor_config(image_size: int, do_pad: bool) -> dict:
+    """preprocessor_config.json: the CLIP processor settings LLaVA used; do_pad = image_aspect_ratio "pad"."""
+    S = image_size
+    return {"image_processor_type": "LlavaImageProcessor", "processor_class": "LlavaProcessor", "do_pad": do_pad,
+            "do_resize": True, "size": {"shortest_edge": S}, "resample": 3, "do_center_crop": True,
+            "crop_size": {"height": S, "width": S}, "do_rescale": True, "rescale_factor": 1 / 255,
+            "do_normalize": True, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_convert_rgb": True}
+
+
+def tokenizer_configs(tokenizer: Tokenizer, image_token: int, max_length: int) -> dict:
+    """{file name: content} for transformers' LlamaTokenizer over the same tokenizer.model, <image> added at
+    `image_token`: the first id after the sentencepiece pieces, as in llava-1.5-hf (32000 for Vicuna)."""
+    if image_token != tokenizer.vocab_size:
+        raise ValueError(f"the image token id {image_token} must be the first id after the tokenizer's "
+                         f"{tokenizer.vocab_size} pieces, where transformers adds {IMAGE_TOKEN}")
+    sp = tokenizer.sp
+    special = {sp.unk_id(): "unk_token", tokenizer.bos_id: "bos_token", tokenizer.eos_id: "eos_token"}
+    pieces = {i: sp.id_to_piece(i) for i in special} | {image_token: IMAGE_TOKEN}
+    added = {str(i): {"content": piece, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                      "special": True} for i, piece in sorted(pieces.items())}
+    tokens = {name: pieces[i] for i, name in special.items()} | {"pad_token": sp.id_to_piece(tokenizer.pad_id)}
+    return {
+        # legacy: every chunk between special tokens starts a new word ("\n" after <image> -> "▁", "<0x0A>"), as
+        # the original's slow LlamaTokenizer did and data.py reproduces; LLaVA pads with unk
+        "tokenizer_config.json": {"tokenizer_class": "LlamaTokenizer", "processor_class": "LlavaProcessor",
+                                  "added_tokens_decoder": added, **tokens, "add_bos_token": True,
+                                  "add_eos_token": False, "legacy": True, "clean_up_tokenization_spaces": False,
+                                  "extra_special_tokens": {"image_token": IMAGE_TOKEN},
+                                  "model_max_length": max_length, "padding_side": "left"},
+        "special_tokens_map.json": tokens}
+
+
+def export_hf(model, path, tokenizer=None) -> None:
+    """`model` (a LLaVA) as a llava-hf folder that transformers' AutoProcessor and LlavaForConditionalGeneration
+    load from the folder alone: config.json, model.safetensors (the published llava-1.5-*-hf names),
+    preprocessor_config.json, processor_config.json, chat_template.json, and, from `tokenizer` (a tokenizer.model
+    or its folder; default: the folder the model was loaded from), tokenizer.model with tokenizer_config.json and
+    special_tokens_map.json. The image token id is the remembered one (a model loaded from llava-hf), else the
+    first id after the vocabulary. The vocabulary is padded to a multiple of 64 with rows equal to the mean row:
+    the mean row's logit is the mean logit, so greedy decoding never picks a padding id."""
+    c = model.config
+    if c.projector_type != "mlp2x_gelu":
+        raise ValueError(f"llava-hf has only the mlp2x_gelu projector, this model has {c.projector_type!r}")
+    file = tokenizer or getattr(model, "source_path", None)
+    file = os.path.join(file, "tokenizer.model") if file and os.path.isdir(file) else file
+    tokenizer = Tokenizer(file) if file and os.path.isfile(file) else None  # checked before anything is written
+    V = c.llm.vocab_size
+    image_token = V if c.image_token_index is None else c.image_token_index
+    files = tokenizer_configs(tokenizer, image_token, c.llm.max_position_embeddings) if tokenizer else {}
+    padded = -(-max(V, image_token + 1) // 64) * 64
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if c.llm.tie_word_embeddings:
+        sd.pop("llm.lm_head.weight")  # stored once, as embed_tokens
+    for key in ("llm.embed_tokens.weight", "llm.lm_head.weight"):
+        if key in sd and padded > V:
+            sd[key] = torch.cat([sd[key], sd[key].float().mean(0).to(sd[key].dtype).expand(padded - V, -1)])
+    os.makedirs(path, exist_ok=True)
+    save_tensors(os.path.join(path, "model.safetensors"), {k: v.contiguous() for k, v in llava_to_hf_keys(sd).items()})
+    dtype = str(sd["llm.embed_tokens.weight"].dtype).removeprefix("torch.")
+    files["config.json"] = llava_to_hf_config(c.to_dict(), padded, image_token, dtype)
+    files["preprocessor_config.json"] = image_processor_config(c.image_size, c.image_aspect_ratio == "pad")
+    files["processor_config.json"] = {
+        "processor_class": "LlavaProcessor", "image_token": IMAGE_TOKEN, "patch_size": c.vision.patch_size,
+        "num_additional_image_tokens": 1, "vision_feature_select_strategy": SELECT_STRATEGY[c.select_feature]}
+    files["chat_template.json"] = {"chat_template": CHAT_TEMPLATE}
+    for name, content in files.items():
+        write_json(os.path.join(path, name), content)
+    if tokenizer:
+        with open(file, "rb") as f:
+            write_bytes(os.path.join(path, "tokenizer.model"), f.read())

@@ -1,0 +1,519 @@
+"""formats.py: the foreign layouts (llava-hf in and out, the original LLaVA release, full CLIPModel and transformers-5
+CLIP folders, pickle .bin files), each key map with its inverse, the format detector and the llava-hf export files.
+Fixtures from tests/make_fixtures.py, which also checks by hand that transformers loads what export_hf writes."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import formats
+from clip import CLIPVisionConfig, tower_to_clip_keys
+from llama import Tokenizer
+from llava import IMAGE_TOKEN_INDEX, LLaVA, LLaVAConfig
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+HF_DIR = os.path.join(FIXTURES, "llava_hf")  # tiny LlavaForConditionalGeneration saved by transformers 5
+REF = load_file(os.path.join(FIXTURES, "llava_ref", "reference.safetensors"))
+CLIP_REF = load_file(os.path.join(FIXTURES, "clip_outputs", "tower.safetensors"))
+TOKENIZER = os.path.join(FIXTURES, "tokenizer.model")  # 512 pieces
+HF_IMAGE_TOKEN = 120  # image_token_index of the llava-hf fixture
+CLIP_LAYOUTS = ["clip_tiny", "clip_tiny_hf5", "clip_full"]  # published prefix, transformers 5 (none), full CLIPModel
+
+
+def ours(ids):  # llava-hf prompts hold the image token id; ours hold -200 placeholders
+    return ids.masked_fill(ids == HF_IMAGE_TOKEN, IMAGE_TOKEN_INDEX)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return LLaVA.from_pretrained(HF_DIR)
+
+
+def logits_of(model, ids, pixel_values):
+    with torch.no_grad():
+        return model(ours(ids), pixel_values)[0]
+
+
+# -------------------------------------------------------------------------------------------------- detector
+
+def write_original_release(model, out, clip_dir, pickle_shards=False):
+    """The same weights as liuhaotian/llava-v1.5-7b stores them: no tower inside, tower in a CLIP folder."""
+    model.vision_tower.save_pretrained(clip_dir)
+    sd = formats.llava_to_original_keys({k: v for k, v in model.state_dict().items()
+                                         if not k.startswith("vision_tower.")})
+    config = {**model.config.llm.to_hf(), "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava",
+              "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_projector_type": "mlp2x_gelu",
+              "mm_hidden_size": 32, "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+              "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "mm_patch_merge_type": "flat",
+              "image_aspect_ratio": "pad", "tune_mm_mlp_adapter": False, "use_mm_proj": True}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f)
+    if not pickle_shards:
+        save_file(sd, os.path.join(out, "model.safetensors"))
+        return
+    # two pickle shards + index, plus the rotary buffer transformers 4.31 saved
+    keys = sorted(sd)
+    shards = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
+              "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2:]}
+    sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    shards["pytorch_model-00001-of-00002.bin"].append("model.layers.0.self_attn.rotary_emb.inv_freq")
+    for name, part in shards.items():
+        torch.save({k: sd[k] for k in part}, os.path.join(out, name))
+    with open(os.path.join(out, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"weight_map": {k: name for name, part in shards.items() for k in part}}, f)
+
+
+@pytest.mark.parametrize("folder, kind", [("llava_hf", "llava-hf"), ("llama_gqa/model", "llama"),
+                                          ("llama_tied/model", "llama"), ("clip_tiny", "clip"),
+                                          ("clip_tiny_hf5", "clip"), ("clip_full", "clip")])
+def test_detect_format_of_the_fixtures(folder, kind):
+    assert formats.detect_format(os.path.join(FIXTURES, folder)) == kind
+
+
+def test_detect_format_of_our_own_checkpoint(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    assert formats.detect_format(tmp_path) == "llava-minimal"
+
+
+def test_detect_format_of_the_original_release(model, tmp_path):
+    write_original_release(model, tmp_path / "llava", tmp_path / "clip")
+    assert formats.detect_format(tmp_path / "llava") == "llava-original"
+
+
+def test_detect_format_refuses_other_models_naming_the_file(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    with pytest.raises(ValueError, match=r"config\.json: not a LLaVA, LLaMA or CLIP checkpoint \(model_type 'mist"):
+        formats.detect_format(tmp_path)
+
+
+def test_detect_format_refuses_a_config_that_is_no_object(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config\.json: expected a JSON object"):
+        formats.detect_format(tmp_path)
+
+
+def test_detect_format_names_a_missing_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        formats.detect_format(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------- pickle .bin files
+
+def test_bin_file_reads_its_tensors(tmp_path):
+    torch.save({"a": torch.ones(2), "b": torch.zeros(1, dtype=torch.int64)}, tmp_path / "x.bin")
+    tensors = formats.read_bin(str(tmp_path / "x.bin"))
+    assert set(tensors) == {"a", "b"} and torch.equal(tensors["a"], torch.ones(2))
+
+
+def test_bin_file_holding_a_non_tensor_names_key_and_file(tmp_path):
+    torch.save({"a": torch.ones(2), "epoch": 3}, tmp_path / "x.bin")
+    with pytest.raises(ValueError, match=r"x\.bin: key 'epoch' holds a int, not a tensor"):
+        formats.read_bin(str(tmp_path / "x.bin"))
+
+
+def test_bin_file_holding_no_dict_names_the_file(tmp_path):
+    torch.save([torch.ones(2)], tmp_path / "x.bin")
+    with pytest.raises(ValueError, match=r"x\.bin: holds a list"):
+        formats.read_bin(str(tmp_path / "x.bin"))
+
+
+def test_corrupt_bin_file_names_the_file(tmp_path):
+    (tmp_path / "x.bin").write_bytes(b"not a pickle at all")
+    with pytest.raises(ValueError, match=r"x\.bin: not a pickle of tensors"):
+        formats.read_bin(str(tmp_path / "x.bin"))
+
+
+def test_bin_file_with_code_is_refused_without_running_it(tmp_path):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.remove, (str(tmp_path / "canary"),))
+    (tmp_path / "canary").write_text("alive")
+    (tmp_path / "x.bin").write_bytes(pickle.dumps({"a": Payload()}, protocol=2))
+    with pytest.raises(ValueError, match=r"x\.bin: not a pickle of tensors"):
+        formats.read_bin(str(tmp_path / "x.bin"))
+    assert (tmp_path / "canary").exists()
+
+
+def test_bin_shard_index_outside_the_folder_is_refused(tmp_path):
+    torch.save({"a": torch.ones(2)}, tmp_path / "pytorch_model-1.bin")
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"a": "../pytorch_model-1.bin"}}))
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin\.index\.json: shard .* lies outside"):
+        formats.read_tensors(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------------ CLIP
+
+@pytest.mark.parametrize("layout", CLIP_LAYOUTS)
+def test_every_clip_layout_matches_the_reference(layout):
+    tower = formats.load_clip(os.path.join(FIXTURES, layout))
+    with torch.no_grad():
+        states = tower.hidden_states(CLIP_REF["pixel_values"])
+        features = tower(CLIP_REF["pixel_values"])
+    for i, state in enumerate(states):
+        torch.testing.assert_close(state, CLIP_REF[f"hidden_states.{i}"], atol=1e-4, rtol=0, msg=f"layer {i}")
+    torch.testing.assert_close(features, CLIP_REF["features"], atol=1e-4, rtol=0)
+
+
+def test_all_clip_layouts_load_identical_weights():
+    states = [formats.load_clip(os.path.join(FIXTURES, layout)).state_dict() for layout in CLIP_LAYOUTS]
+    for other in states[1:]:
+        assert other.keys() == states[0].keys()
+        assert all(torch.equal(other[k], states[0][k]) for k in states[0])
+
+
+def test_full_clip_model_applies_dtype():
+    tower = formats.load_clip(os.path.join(FIXTURES, "clip_full"), dtype=torch.bfloat16)
+    assert {p.dtype for p in tower.parameters()} == {torch.bfloat16}
+    assert {p.device.type for p in tower.parameters()} == {"cpu"}  # nothing left on meta
+
+
+def test_clip_pickle_checkpoint_loads_like_safetensors(tmp_path):
+    shutil.copy(os.path.join(FIXTURES, "clip_full", "config.json"), tmp_path / "config.json")
+    torch.save(load_file(os.path.join(FIXTURES, "clip_full", "model.safetensors")), tmp_path / "pytorch_model.bin")
+    with torch.no_grad():
+        features = formats.load_clip(tmp_path)(CLIP_REF["pixel_values"])
+    torch.testing.assert_close(features, CLIP_REF["features"], atol=1e-4, rtol=0)
+
+
+def test_transformers_5_clip_saves_back_in_the_published_layout(tmp_path):
+    formats.load_clip(os.path.join(FIXTURES, "clip_tiny_hf5")).save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    published = load_file(os.path.join(FIXTURES, "clip_tiny", "model.safetensors"))
+    published.pop("vision_model.embeddings.position_ids")  # an old buffer, not a weight
+    assert saved.keys() == published.keys()
+    assert all(torch.equal(saved[k], published[k]) for k in saved)
+
+
+def test_clip_key_map_strips_the_prefix_with_inverse():
+    published = {"vision_model.pre_layrnorm.weight": 1, "vision_model.encoder.layers.0.mlp.fc1.bias": 2}
+    tower_keys = formats.clip_model_to_tower_keys(published)
+    assert tower_keys == {"pre_layrnorm.weight": 1, "encoder.layers.0.mlp.fc1.bias": 2}
+    assert tower_to_clip_keys(tower_keys) == published
+    assert formats.clip_model_to_tower_keys(tower_keys) == tower_keys  # transformers-5 names are tower names
+
+
+def test_clip_key_map_refuses_a_tensor_with_and_without_prefix():
+    with pytest.raises(KeyError, match="pre_layrnorm.weight"):
+        formats.clip_model_to_tower_keys({"vision_model.pre_layrnorm.weight": 1, "pre_layrnorm.weight": 2})
+
+
+def test_text_tower_and_heads_are_never_read():
+    assert all(formats.is_clip_skipped(k) for k in ["text_model.embeddings.token_embedding.weight", "logit_scale",
+                                                    "visual_projection.weight", "text_projection.weight",
+                                                    "vision_model.embeddings.position_ids"])
+    assert not formats.is_clip_skipped("vision_model.post_layernorm.weight")
+
+
+def test_full_clip_config_nests_the_vision_config():
+    vision = json.load(open(os.path.join(FIXTURES, "clip_tiny", "config.json")))
+    full = json.load(open(os.path.join(FIXTURES, "clip_full", "config.json")))
+    assert CLIPVisionConfig.from_hf(formats.clip_vision_config(full)) == CLIPVisionConfig.from_hf(vision)
+
+
+# -------------------------------------------------------------------------------------------------- llava-hf
+
+def test_config_from_llava_hf(model):
+    c = model.config
+    assert (c.projector_type, c.select_layer, c.select_feature, c.image_token_index) == ("mlp2x_gelu", -2, "patch", 120)
+    assert c.num_image_tokens == 25 and c.image_size == 30 and c.llm.vocab_size == 128
+
+
+def test_llava_hf_config_map_has_an_inverse(model):
+    own = model.config.to_dict()
+    hf = formats.llava_to_hf_config(own, 128, 120, "float32")
+    back = formats.llava_hf_config(hf, do_pad=own["image_aspect_ratio"] == "pad")
+    assert LLaVAConfig.from_dict({**back, "template": own["template"]}) == model.config
+
+
+@pytest.mark.parametrize("change", [{"projector_hidden_act": "relu"}, {"multimodal_projector_bias": False},
+                                    {"vision_feature_layer": [-2, -1]}, {"vision_feature_select_strategy": "cls"}])
+def test_llava_hf_config_refuses_what_the_model_cannot_do(change):
+    d = json.load(open(os.path.join(HF_DIR, "config.json")))
+    with pytest.raises(ValueError, match="not supported"):
+        formats.llava_hf_config({**d, **change}, "config.json")
+
+
+def write_hf_variant(tmp_path, rename):
+    shutil.copy(os.path.join(HF_DIR, "config.json"), tmp_path / "config.json")
+    sd = load_file(os.path.join(HF_DIR, "model.safetensors"))
+    save_file({rename(k): v for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
+    return str(tmp_path)
+
+
+def published_name(key):  # llava-1.5-7b-hf on the hub: the tower keeps "vision_model."
+    return key.replace("vision_tower.", "vision_tower.vision_model.", 1)
+
+
+def in_memory_name(key):  # transformers >= 4.52 module names
+    if key.startswith("language_model.lm_head."):
+        return key.removeprefix("language_model.")
+    return "model." + key.replace("language_model.model.", "language_model.", 1)
+
+
+@pytest.mark.parametrize("rename", [published_name, in_memory_name])
+def test_llava_hf_key_variants_load_identically(model, tmp_path, rename):
+    other = LLaVA.from_pretrained(write_hf_variant(tmp_path, rename))
+    for key, value in model.state_dict().items():
+        assert torch.equal(other.state_dict()[key], value), key
+
+
+def test_llava_hf_key_map_has_an_inverse(model):
+    sd = model.state_dict()
+    assert formats.hf_to_llava_keys(formats.llava_to_hf_keys(sd)).keys() == sd.keys()
+    assert "language_model.model.layers.0.self_attn.q_proj.weight" in formats.llava_to_hf_keys(sd)
+
+
+def test_unexpected_llava_hf_key_names_key_and_file(tmp_path):
+    shutil.copy(os.path.join(HF_DIR, "config.json"), tmp_path / "config.json")
+    sd = load_file(os.path.join(HF_DIR, "model.safetensors"))
+    sd["multi_modal_projector.linear_3.weight"] = torch.zeros(2)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(KeyError, match=r"model\.safetensors: unexpected key 'multi_modal_projector\.linear_3"):
+        LLaVA.from_pretrained(str(tmp_path))
+
+
+def test_missing_llava_hf_key_names_both_names(tmp_path):
+    shutil.copy(os.path.join(HF_DIR, "config.json"), tmp_path / "config.json")
+    sd = load_file(os.path.join(HF_DIR, "model.safetensors"))
+    del sd["language_model.model.norm.weight"]
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(KeyError, match=r"missing key 'language_model\.model\.norm\.weight' \(llm\.norm\.weight\)"):
+        LLaVA.from_pretrained(str(tmp_path))
+
+
+def test_two_names_of_one_llava_hf_tensor_are_refused(tmp_path):
+    shutil.copy(os.path.join(HF_DIR, "config.json"), tmp_path / "config.json")
+    sd = load_file(os.path.join(HF_DIR, "model.safetensors"))  # transformers 5: the tower without "vision_model."
+    sd["vision_tower.vision_model.post_layernorm.bias"] = sd["vision_tower.post_layernorm.bias"].clone()
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(KeyError, match=r"model\.safetensors: several tensors map to one key"):
+        LLaVA.from_pretrained(str(tmp_path))
+
+
+def test_integer_tensor_in_a_llava_hf_file_names_key_and_file(tmp_path):
+    shutil.copy(os.path.join(HF_DIR, "config.json"), tmp_path / "config.json")
+    sd = load_file(os.path.join(HF_DIR, "model.safetensors"))
+    sd["multi_modal_projector.linear_1.bias"] = sd["multi_modal_projector.linear_1.bias"].long()
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model\.safetensors: key 'multi_modal_projector\.linear_1\.bias' holds "):
+        LLaVA.from_pretrained(str(tmp_path))
+
+
+def test_wrong_type_in_a_llava_hf_text_config_names_file_and_key(tmp_path):
+    shutil.copy(os.path.join(HF_DIR, "model.safetensors"), tmp_path / "model.safetensors")
+    d = json.load(open(os.path.join(HF_DIR, "config.json")))
+    d["text_config"]["hidden_size"] = "64"
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"config\.json 'llm': hidden_size is '64', expected int"):
+        LLaVA.from_pretrained(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------ original release
+
+def test_original_key_map_has_an_inverse(model):
+    sd = model.state_dict()
+    assert formats.original_to_llava_keys(formats.llava_to_original_keys(sd)).keys() == sd.keys()
+    assert "model.mm_projector.2.bias" in formats.llava_to_original_keys(sd)
+
+
+@pytest.mark.parametrize("pickle_shards", [False, True])
+def test_original_release_layout_loads_to_identical_outputs(model, tmp_path, pickle_shards):
+    out, clip_dir = str(tmp_path / "llava-v1.5"), str(tmp_path / "clip")
+    write_original_release(model, out, clip_dir, pickle_shards)
+    loaded = LLaVA.from_pretrained(out, vision_tower=clip_dir)
+    assert loaded.config.image_aspect_ratio == "pad" and loaded.config.projector_type == "mlp2x_gelu"
+    assert torch.equal(logits_of(loaded, REF["input_ids_2"], REF["pixel_values_2"]),
+                       logits_of(model, REF["input_ids_2"], REF["pixel_values_2"]))
+
+
+def test_original_release_tower_may_be_a_full_clip_model(model, tmp_path):
+    write_original_release(model, tmp_path / "llava", tmp_path / "unused")
+    loaded = LLaVA.from_pretrained(tmp_path / "llava", vision_tower=os.path.join(FIXTURES, "clip_full"))
+    tower = formats.load_clip(os.path.join(FIXTURES, "clip_full"))
+    for key, value in tower.state_dict().items():
+        assert torch.equal(loaded.vision_tower.state_dict()[key], value), key
+
+
+def test_original_release_without_a_tower_folder_says_what_to_pass(model, tmp_path):
+    write_original_release(model, tmp_path / "llava", tmp_path / "clip")
+    with pytest.raises(FileNotFoundError, match="vision_tower="):
+        LLaVA.from_pretrained(tmp_path / "llava")
+
+
+def test_original_release_with_image_start_end_tokens_is_refused():
+    with pytest.raises(ValueError, match="mm_use_im_start_end"):
+        formats.original_config({"mm_use_im_start_end": True}, {}, "config.json")
+
+
+def test_original_stage_1_projector_loads(model, tmp_path):
+    torch.save(formats.llava_to_original_keys({"projector." + k: v for k, v in model.projector.state_dict().items()}),
+               tmp_path / "mm_projector.bin")
+    fresh = LLaVA(model.config)
+    fresh.load_projector(tmp_path)
+    for key, value in model.projector.state_dict().items():
+        assert torch.equal(fresh.projector.state_dict()[key], value), key
+
+
+def test_original_stage_1_projector_is_strict(model, tmp_path):
+    sd = {"projector." + k: v for k, v in model.projector.state_dict().items() if k != "2.bias"}
+    torch.save(formats.llava_to_original_keys(sd), tmp_path / "mm_projector.bin")
+    with pytest.raises(KeyError, match=r"mm_projector\.bin: missing key 'model\.mm_projector\.2\.bias'"):
+        LLaVA(model.config).load_projector(tmp_path)
+
+
+def test_no_projector_file_names_what_is_looked_for(model, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no projector.safetensors or mm_projector.bin"):
+        LLaVA(model.config).load_projector(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ export to llava-hf
+
+def with_vocabulary(model, vocab_size, seed=0):
+    """A random LLaVA like `model` whose LLM has `vocab_size` ids and no remembered image token."""
+    config = LLaVAConfig(**{**model.config.__dict__, "image_token_index": None})
+    config.llm = type(config.llm)(**{**config.llm.__dict__, "vocab_size": vocab_size})
+    torch.manual_seed(seed)
+    return LLaVA(config).eval()
+
+
+def test_export_hf_writes_the_recorded_keys(model, tmp_path):
+    formats.export_hf(model, tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        got = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert got == json.load(open(os.path.join(FIXTURES, "llava_ref", "export_keys.json")))
+
+
+def test_export_hf_config_keeps_the_llava_hf_fields(model, tmp_path):
+    formats.export_hf(model, tmp_path)
+    config = json.load(open(tmp_path / "config.json"))
+    assert config["image_token_index"] == 120 and config["text_config"]["vocab_size"] == 128
+    assert config["vision_feature_layer"] == -2 and config["vision_feature_select_strategy"] == "default"
+    assert config["image_seq_length"] == 25 and config["architectures"] == ["LlavaForConditionalGeneration"]
+
+
+def test_export_hf_reloads_to_the_reference_logits(model, tmp_path):
+    formats.export_hf(model, tmp_path)
+    reloaded = LLaVA.from_pretrained(str(tmp_path))
+    torch.testing.assert_close(logits_of(reloaded, REF["input_ids_1"], REF["pixel_values_1"]), REF["logits_1"],
+                               atol=1e-4, rtol=0)
+
+
+def test_export_hf_adds_image_token_and_pads_vocab(model, tmp_path):
+    small = with_vocabulary(model, 100)
+    formats.export_hf(small, tmp_path)
+    exported = json.load(open(tmp_path / "config.json"))
+    assert exported["image_token_index"] == 100 and exported["text_config"]["vocab_size"] == 128
+    reloaded = LLaVA.from_pretrained(str(tmp_path))
+    ids = ours(REF["input_ids_1"])
+    want, got = logits_of(small, ids, REF["pixel_values_1"]), logits_of(reloaded, ids, REF["pixel_values_1"])
+    torch.testing.assert_close(got[..., :100], want, atol=1e-5, rtol=0)
+    # the padding rows are the mean row: their logit is the mean logit, never the greedy pick
+    assert (got[..., 100:] < got[..., :100].max(-1, keepdim=True).values).all()
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_export_hf_refuses_the_linear_projector(model, tmp_path):
+    linear = LLaVA(LLaVAConfig(**{**model.config.__dict__, "projector_type": "linear"}))
+    with pytest.raises(ValueError, match="mlp2x_gelu"):
+        formats.export_hf(linear, tmp_path)
+
+
+def test_export_hf_without_a_tokenizer_writes_no_tokenizer_files(model, tmp_path):
+    formats.export_hf(model, tmp_path)  # loaded from a folder without tokenizer.model
+    assert not {"tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"} & set(os.listdir(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    """A model over the fixture tokenizer (512 pieces: <image> = 512, vocabulary padded to 576), exported with it."""
+    out = tmp_path_factory.mktemp("exported")
+    formats.export_hf(with_vocabulary(model, 512), out, tokenizer=FIXTURES)
+    return out
+
+
+def read(folder, name):
+    return json.load(open(folder / name))
+
+
+def test_export_copies_the_tokenizer(exported):
+    assert (exported / "tokenizer.model").read_bytes() == open(TOKENIZER, "rb").read()
+
+
+def test_export_adds_image_as_a_special_token_at_the_image_id(exported):
+    config = read(exported, "tokenizer_config.json")
+    assert read(exported, "config.json")["image_token_index"] == 512
+    assert config["added_tokens_decoder"]["512"] == {"content": "<image>", "lstrip": False, "normalized": False,
+                                                     "rstrip": False, "single_word": False, "special": True}
+    assert config["extra_special_tokens"] == {"image_token": "<image>"}
+
+
+def test_export_tokenizer_config_names_the_sentencepiece_specials(exported):
+    config, sp = read(exported, "tokenizer_config.json"), Tokenizer(TOKENIZER).sp
+    assert {k: v["content"] for k, v in config["added_tokens_decoder"].items()} == {
+        "0": sp.id_to_piece(0), "1": sp.id_to_piece(1), "2": sp.id_to_piece(2), "512": "<image>"}
+    assert (config["bos_token"], config["eos_token"], config["unk_token"]) == ("<s>", "</s>", "<unk>")
+    assert config["pad_token"] == "<unk>"  # LLaVA pads with unk
+    assert read(exported, "special_tokens_map.json") == {"unk_token": "<unk>", "bos_token": "<s>",
+                                                         "eos_token": "</s>", "pad_token": "<unk>"}
+
+
+def test_export_tokenizer_splits_like_the_original(exported):
+    config = read(exported, "tokenizer_config.json")
+    # legacy: a chunk after <image> starts a new word, as the original's slow tokenizer and data.render do
+    assert config["legacy"] is True and config["add_bos_token"] is True and config["add_eos_token"] is False
+    assert config["tokenizer_class"] == "LlamaTokenizer" and config["processor_class"] == "LlavaProcessor"
+
+
+def test_export_processor_config_gives_the_image_token_count(exported):
+    processor, vision = read(exported, "processor_config.json"), read(exported, "config.json")["vision_config"]
+    assert processor["processor_class"] == "LlavaProcessor" and processor["image_token"] == "<image>"
+    # LlavaProcessor: (size / patch)^2 + num_additional_image_tokens, minus CLS for the "default" strategy
+    count = (vision["image_size"] // processor["patch_size"]) ** 2 + processor["num_additional_image_tokens"]
+    assert count - (processor["vision_feature_select_strategy"] == "default") == 25
+
+
+def test_export_preprocessor_config_is_llava_s_clip_processing(exported):
+    config = read(exported, "preprocessor_config.json")
+    assert config["size"] == {"shortest_edge": 30} and config["crop_size"] == {"height": 30, "width": 30}
+    assert config["do_pad"] is True and config["resample"] == 3  # image_aspect_ratio "pad"; bicubic
+    assert config["image_mean"] == [0.48145466, 0.4578275, 0.40821073]
+
+
+def test_export_chat_template_renders_vicuna_v1(exported):
+    template = read(exported, "chat_template.json")["chat_template"]
+    for piece in ["'USER: '", "'<image>\n'", "'ASSISTANT:'", "eos_token", "add_generation_prompt", "'system'"]:
+        assert piece in template, piece
+
+
+def test_export_refuses_a_tokenizer_whose_pieces_do_not_end_at_the_image_id(model, tmp_path):
+    with pytest.raises(ValueError, match=r"image token id 120 must be the first id after the tokenizer's 512 pieces"):
+        formats.export_hf(model, tmp_path, tokenizer=TOKENIZER)
+    assert os.listdir(tmp_path) == []  # checked before anything is written
+
+
+def test_export_names_a_corrupt_tokenizer(model, tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"garbage" * 20)
+    with pytest.raises(ValueError, match=r"tokenizer\.model: not a sentencepiece model"):
+        formats.export_hf(with_vocabulary(model, 100), tmp_path / "out", tokenizer=tmp_path)
+
+
+def test_export_takes_the_tokenizer_of_the_folder_the_model_came_from(model, tmp_path):
+    source = with_vocabulary(model, 512)
+    source.save_pretrained(tmp_path / "ckpt")
+    shutil.copy(TOKENIZER, tmp_path / "ckpt" / "tokenizer.model")
+    formats.export_hf(LLaVA.from_pretrained(tmp_path / "ckpt"), tmp_path / "out")
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == open(TOKENIZER, "rb").read()
+
+
+def test_exported_tower_keeps_the_clip_vision_model_names_and_weights(model, tmp_path):
+    formats.export_hf(model, tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        for key, value in tower_to_clip_keys(model.vision_tower.state_dict()).items():
+            assert torch.equal(f.get_tensor("vision_tower." + key), value), key
