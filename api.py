@@ -1,16 +1,23 @@
 """The one chat-completions client (OpenAI's wire format over raw HTTP): generate_data.py, evaluate.py and
 scienceqa.py talk to GPT-4 through it.
 
-Retries with exponential backoff and jitter on timeouts, dropped connections, 429 and 5xx (honouring Retry-After),
-a requests-per-minute limit shared by worker threads, and an API key that never leaves the Authorization header:
-it is left out of repr and scrubbed from every error text.
+Retries with exponential backoff and jitter on timeouts, dropped connections, 429, 5xx and malformed replies
+(honouring Retry-After up to max_wait), a requests-per-minute limit shared by worker threads, a total deadline per
+attempt, waits that cancel() ends at once, and an API key that never leaves the Authorization header: it is
+stripped and checked where it is read, left out of repr, and scrubbed from every error text, requests' own included.
 """
 import email.utils
+import http.client
+import json
+import os
 import random
 import threading
 import time
 
 import requests
+import urllib3
+
+MAX_BODY = 32 * 2**20  # a chat completion is kilobytes; a server sending more than this is broken
 
 
 class APIError(Exception):
@@ -25,6 +32,28 @@ class FatalAPIError(APIError):
         self.status = status
 
 
+class Cancelled(Exception):
+    """cancel() was called (Ctrl-C): the request stopped waiting. Not an APIError: it is nobody's failure."""
+
+
+def check_api_key(key, where="the API key"):
+    """The key without surrounding whitespace (a key pasted from a file ends in a newline), or a ValueError that
+    says what is wrong with it and never shows it. Keys are visible ASCII: anything else cannot go in a header."""
+    key = key.strip() if isinstance(key, str) else ""
+    if not key:
+        raise ValueError(f"{where} is empty")
+    bad = next((i for i, c in enumerate(key) if not "!" <= c <= "~"), None)
+    if bad is not None:
+        raise ValueError(f"{where} has a character that cannot be sent in an HTTP header (character {bad + 1} of "
+                         f"{len(key)}, U+{ord(key[bad]):04X}); copy the key again")
+    return key
+
+
+def read_api_key(env_name):
+    """The key in the environment variable env_name, checked; a ValueError names the variable, never the key."""
+    return check_api_key(os.environ.get(env_name, ""), f"the environment variable {env_name} (the API key)")
+
+
 class RateLimiter:
     """Spaces request starts at least 60/rpm seconds apart, across all worker threads."""
 
@@ -33,12 +62,12 @@ class RateLimiter:
         self.next_start = 0.0
         self.lock = threading.Lock()
 
-    def wait(self):
+    def wait(self, sleep=time.sleep):
         with self.lock:
             now = time.monotonic()
             start = max(now, self.next_start)
             self.next_start = start + self.interval
-        time.sleep(max(0.0, start - now))
+        sleep(max(0.0, start - now))
 
 
 def retry_after_seconds(value):
@@ -54,65 +83,132 @@ def retry_after_seconds(value):
             return None
 
 
+def parse_completion(data, default_model):
+    """A 200 body -> {"content", "finish_reason", "usage", "model"}, every field of the type callers rely on;
+    ValueError for anything else (a malformed reply is retried like a dropped connection)."""
+    choice = data["choices"][0]
+    content, finish_reason = choice["message"].get("content"), choice.get("finish_reason")
+    usage, model = data.get("usage") or {}, data.get("model", default_model)
+    if not isinstance(content, (str, type(None))) or not isinstance(finish_reason, (str, type(None))):
+        raise ValueError("content or finish_reason is not a string")
+    if not isinstance(usage, dict) or not isinstance(model, str):
+        raise ValueError("usage is not an object or model not a string")
+    tokens = {key: usage.get(key) or 0 for key in ("prompt_tokens", "completion_tokens")}
+    if not all(type(n) is int and n >= 0 for n in tokens.values()):
+        raise ValueError(f"token counts are not counts: {tokens}")
+    return {"content": content or "", "finish_reason": finish_reason, "usage": tokens, "model": model}
+
+
+class _Timeout(Exception):
+    pass
+
+
+class _TooLarge(Exception):
+    pass
+
+
 class ChatClient:
+    """timeout: seconds one attempt may take, from sending the request to the last byte of the reply (the reply is
+    read as it arrives and the clock checked between reads, so a server trickling bytes times out too; the status
+    line and headers are bounded per read by the same number). max_wait: the longest wait before a retry; a server
+    asking for more (Retry-After) fails the request at once, like one whose retries are used up."""
+
     def __init__(self, base_url, api_key, model, temperature=0.7, max_tokens=1024, timeout=60.0, max_retries=6,
-                 rpm=None, backoff=1.0, max_backoff=60.0):
+                 rpm=None, backoff=1.0, max_backoff=60.0, max_wait=120.0):
         self.url = base_url.rstrip("/") + "/chat/completions"
-        self._api_key = api_key  # private, left out of repr, scrubbed from every error text
+        self._api_key = check_api_key(api_key)  # private, left out of repr, scrubbed from every error text
         self.model, self.temperature, self.max_tokens = model, temperature, max_tokens
         self.timeout, self.max_retries = timeout, max_retries
-        self.backoff, self.max_backoff = backoff, max_backoff
+        self.backoff, self.max_backoff, self.max_wait = backoff, max_backoff, max_wait
         self.limiter = RateLimiter(rpm)
+        self.cancelled = threading.Event()
         self._local = threading.local()  # one requests.Session (connection pool) per worker thread
 
     def __repr__(self):
         return f"ChatClient(url={self.url!r}, model={self.model!r})"
 
     def scrub(self, text):
-        text = str(text)
-        return text.replace(self._api_key, "***") if self._api_key else text
+        return str(text).replace(self._api_key, "***")
+
+    def cancel(self):
+        """Every wait (backoff, Retry-After, rate limit) in any thread ends now and raises Cancelled."""
+        self.cancelled.set()
+
+    def _sleep(self, seconds):
+        if self.cancelled.wait(max(0.0, seconds)):  # an Event, not time.sleep: cancel() ends every wait at once
+            raise Cancelled("the client was cancelled")
 
     def _session(self):
         if not hasattr(self._local, "session"):
             self._local.session = requests.Session()
         return self._local.session
 
+    def _post(self, body, headers):
+        """One attempt -> (status, headers, body text), all of it within self.timeout seconds."""
+        deadline = time.monotonic() + self.timeout
+        with self._session().post(self.url, json=body, headers=headers, timeout=self.timeout, stream=True) as r:
+            chunks, size = [], 0
+            while True:
+                if time.monotonic() > deadline:
+                    raise _Timeout
+                # read1: whatever has arrived (up to 64 KiB), so the deadline is checked however slowly bytes come
+                chunk = r.raw.read1(65536, decode_content=True) if hasattr(r.raw, "read1") else \
+                    r.raw.read(1024, decode_content=True)  # urllib3 < 2: the deadline is checked every 1 KiB
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_BODY:
+                    raise _TooLarge(f"a reply larger than {MAX_BODY} bytes")
+            try:
+                text = b"".join(chunks).decode(r.encoding or "utf-8", errors="replace")
+            except LookupError:  # a charset Python does not know
+                text = b"".join(chunks).decode("utf-8", errors="replace")
+            return r.status_code, r.headers, text
+
     def complete(self, messages):
-        """One chat completion -> {"content", "finish_reason", "usage", "model"}; raises APIError / FatalAPIError."""
+        """One chat completion -> {"content", "finish_reason", "usage", "model"}; raises APIError / FatalAPIError,
+        or Cancelled after cancel()."""
         body = {"model": self.model, "messages": messages, "temperature": self.temperature,
                 "max_tokens": self.max_tokens}
         headers = {"Authorization": f"Bearer {self._api_key}", "Content-Type": "application/json"}
         reason, retry_after = "", None
         for attempt in range(self.max_retries + 1):
             if attempt:
-                # exponential backoff with jitter (so workers do not retry in lockstep), at least Retry-After
+                # exponential backoff with jitter (so workers do not retry in lockstep), or Retry-After when given
                 wait = min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-                time.sleep(wait if retry_after is None else retry_after)
+                if retry_after is not None and retry_after > self.max_wait:
+                    raise APIError(f"gave up after {attempt} attempt(s): the server asks to wait {retry_after:.0f} s "
+                                   f"(Retry-After), more than max_wait {self.max_wait:g} s; last error: {reason}")
+                self._sleep(min(self.max_wait, wait if retry_after is None else retry_after))
             retry_after = None
-            self.limiter.wait()
+            self.limiter.wait(self._sleep)
             try:
-                r = self._session().post(self.url, json=body, headers=headers, timeout=self.timeout)
-            except requests.Timeout:
-                reason = f"timeout after {self.timeout}s"
+                status, response_headers, text = self._post(body, headers)
+            except (_Timeout, requests.Timeout, urllib3.exceptions.ReadTimeoutError):
+                reason = f"timeout: no complete reply within {self.timeout:g} s"
                 continue
-            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:  # refused or dropped
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, urllib3.exceptions.HTTPError,
+                    _TooLarge) as e:  # refused, dropped, cut short, undecodable or oversized
                 reason = "connection error: " + self.scrub(e)[:200]
                 continue
-            if r.status_code == 200:
-                try:
-                    data = r.json()
-                    choice = data["choices"][0]
-                    return {"content": choice["message"].get("content") or "",
-                            "finish_reason": choice.get("finish_reason"), "usage": data.get("usage") or {},
-                            "model": data.get("model", self.model)}
-                except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-                    reason = "malformed response: " + self.scrub(r.text)[:200]
-                    continue
-            message = f"HTTP {r.status_code} from {self.url}: {self.scrub(r.text)[:300]}"
-            if r.status_code == 429 or r.status_code >= 500:
-                reason, retry_after = message, retry_after_seconds(r.headers.get("Retry-After"))
+            except requests.RequestException as e:  # a bad URL or header: retrying cannot help. `from None`: the
+                # chained original would print the key (requests puts header values in its messages)
+                raise APIError(f"request to {self.url} failed: {type(e).__name__}: {self.scrub(e)[:300]}") from None
+            except (OSError, http.client.HTTPException) as e:  # a socket error urllib3 did not wrap
+                reason = "connection error: " + self.scrub(e)[:200]
                 continue
-            if r.status_code in (401, 403):
+            if status == 200:
+                try:
+                    return parse_completion(json.loads(text), self.model)
+                except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+                    reason = f"malformed response ({self.scrub(e)[:100]}): {self.scrub(text)[:200]}"
+                    continue
+            message = f"HTTP {status} from {self.url}: {self.scrub(text)[:300]}"
+            if status == 429 or status >= 500:
+                reason, retry_after = message, retry_after_seconds(response_headers.get("Retry-After"))
+                continue
+            if status in (401, 403):
                 message += " -- the API key was refused; check the key and its permissions"
-            raise FatalAPIError(message, r.status_code)
+            raise FatalAPIError(message, status)
         raise APIError(f"gave up after {self.max_retries + 1} attempts; last error: {reason}")

@@ -9,7 +9,6 @@ Each turn renders the whole conversation with data.render (as in training), comp
 in the cache, and feeds only what follows their common prefix (start_pos = its length).
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -18,6 +17,7 @@ import torch
 
 from clip import load_image, preprocess
 from data import IMAGE_TOKEN, TEMPLATES, render
+from fileio import inside, read_json, write_json
 from llama import Tokenizer
 from llava import IMAGE_TOKEN_INDEX, LLaVA
 
@@ -25,7 +25,8 @@ DEMO_MODEL, DEMO_DATA = os.path.join("runs", "demo", "stage2"), os.path.join("ru
 HELP = """commands:
   /image PATH   talk about another image (starts a new conversation)
   /reset        forget the conversation, keep the image
-  /save FILE    write the transcript as LLaVA conversation JSON (a list with one {id, image, conversations})
+  /save FILE    write the transcript as LLaVA conversation JSON (a list with one {id, image, conversations});
+                an existing FILE is kept: /save! FILE overwrites it
   /help         this text
   /quit         leave (Ctrl-D too); Ctrl-C during an answer stops that answer"""
 
@@ -144,17 +145,18 @@ class ChatSession:
                  f"first token {first - start:.3f} s; {len(generated)} tokens, {rate:.1f} tokens/s]")
         return answer
 
-    def save(self, path):
-        """The transcript in LLaVA's conversation JSON, written to a temp file and renamed (never half written)."""
+    def save(self, path, overwrite=False):
+        """The transcript in LLaVA's conversation JSON, written atomically (fileio: a fresh temporary file, never a
+        fixed NAME.tmp a planted link could redirect). An existing file is kept unless overwrite."""
         if not self.turns:
             raise ValueError("nothing to save yet: the conversation is empty")
+        if os.path.exists(path) and not overwrite:
+            raise FileExistsError(f"{path} exists; /save! {path} overwrites it")
         record = {"id": "chat-" + time.strftime("%Y%m%d-%H%M%S")}
-        if self.image_path:  # absolute, so data.LLaVADataset finds it whatever its image_folder
+        if self.image_path:  # absolute: data.LLaVADataset takes it with an image_folder that contains it
             record["image"] = self.image_path
         record["conversations"] = self.conversation()
-        with open(path + ".tmp", "w") as f:
-            json.dump([record], f, indent=2)
-        os.replace(path + ".tmp", path)
+        write_json(path, [record], indent=2)
 
 
 def command(session, line):
@@ -168,11 +170,11 @@ def command(session, line):
     elif name == "/reset":
         session.reset()
         note("(conversation cleared)")
-    elif name in ("/image", "/save") and not arg:
+    elif name in ("/image", "/save", "/save!") and not arg:
         note(f"usage: {name} PATH")
-    elif name in ("/image", "/save"):
+    elif name in ("/image", "/save", "/save!"):
         try:  # a missing file or one that is not an image: say so, and the conversation goes on
-            session.set_image(arg) if name == "/image" else session.save(arg)
+            session.set_image(arg) if name == "/image" else session.save(arg, overwrite=name == "/save!")
             note(f"(new conversation about {arg})" if name == "/image" else
                  f"(saved {len(session.turns) // 2} turns to {arg})")
         except (OSError, ValueError) as e:
@@ -207,8 +209,10 @@ def load(args):
         sys.exit(f"no demo checkpoint and data in {DEMO_MODEL} and {DEMO_DATA}: run the demo first "
                  "(python train.py --stage 1 && python train.py --stage 2), or pass --model DIR --image PATH")
     if args.model is None and image is None:
-        with open(eval_json) as f:
-            image = os.path.join(DEMO_DATA, "images", json.load(f)[0]["image"])
+        try:
+            image = inside(os.path.join(DEMO_DATA, "images"), read_json(eval_json)[0]["image"], f"{eval_json}, row 0")
+        except (OSError, ValueError, LookupError, TypeError) as e:
+            sys.exit(f"error: the demo's {eval_json}: {e}")
     if image and not os.path.isfile(image):  # before a possibly long model load
         sys.exit(f"error: image file not found: {image}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -216,21 +220,26 @@ def load(args):
     if not available.get(device.split(":")[0]):
         sys.exit(f"--device {device} is not available on this machine (cpu, cuda, cuda:N, mps)")
     dtype = args.dtype or {"cuda": "bfloat16", "mps": "float16"}.get(device.split(":")[0], "float32")
-    note(f"loading {model_dir} on {device} ({dtype})")
     try:  # the loaders' errors name the file and key: show them without a traceback
+        tokenizer = Tokenizer(model_dir)  # first: a missing or broken tokenizer is found before a long model load
+        note(f"loading {model_dir} on {device} ({dtype})")
         model = LLaVA.from_pretrained(model_dir, vision_tower=args.vision_tower, device=device,
                                       dtype=getattr(torch, dtype)).eval()
-        tokenizer = Tokenizer(model_dir)
     except (OSError, ValueError, KeyError) as e:
         sys.exit(f"error: cannot load {model_dir}: {e}")
     return model, tokenizer, args.template or model.config.template, image
 
 
 def read_lines(interactive):
-    """The user's messages: typed after a prompt on a terminal, else one per line of stdin."""
+    """The user's messages: typed after a prompt on a terminal, else one per line of stdin. Bytes that are not
+    UTF-8 (a pasted Latin-1 line) become U+FFFD: a bad line must not end the session."""
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")  # input() decodes with sys.stdin's errors, on a terminal too
     while True:
         try:
             yield input("USER: " if interactive else "")
+        except UnicodeDecodeError:  # a stdin that cannot be reconfigured
+            note("(a line that is not UTF-8 text was skipped)")
         except EOFError:  # Ctrl-D, or the end of piped input
             if interactive:
                 print()

@@ -204,26 +204,61 @@ def tower_to_clip_keys(sd: dict) -> dict:
 
 # ---- preprocessing: transformers' slow (PIL) CLIPImageProcessor, which LLaVA used, step for step ----
 
+# Padding or cropping to a square costs memory quadratic in the long side (a 157-byte 1x20000 PNG asked for 1.6 GB),
+# and nothing in LLaVA's data is more than a few times wider than high: beyond this ratio an image is refused.
+MAX_ASPECT_RATIO = 20
+# Preprocessing is the processor's, bit for bit, up to this many times the output size (and, when cropping, this
+# aspect ratio). Beyond, memory would grow with the input: a larger image is first box-reduced by an integer factor
+# to 2-3x the output, and a longer strip to be cropped loses what the crop would drop before it is resized.
+EXACT_UP_TO = 4
+_READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def check_aspect_ratio(size, where) -> None:
+    w, h = size
+    if min(w, h) < 1 or max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise ValueError(f"{where}: an image of {w}x{h} pixels is refused: more than {MAX_ASPECT_RATIO} times wider "
+                         "than high or higher than wide (clip.MAX_ASPECT_RATIO)")
+
+
 def load_image(path) -> Image.Image:
-    """The image file as RGB, like LLaVA's `Image.open(path).convert("RGB")` (alpha is dropped, not composited)."""
+    """The image file as RGB, like LLaVA's `Image.open(path).convert("RGB")` (alpha is dropped, not composited);
+    16-bit grayscale is scaled to 8 bits first (to_8bit)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")  # convert() decodes the whole file, so truncation shows up here
-        # a transparent colour (palette or tRNS) stays in info; LLaVA's processor (transformers 4.31) ignored it
-        image.info.pop("transparency", None)
-        return image
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        image = Image.open(path)  # the header only
+    except _READ_ERRORS as e:
         raise ValueError(f"cannot read image file {path}: {e}") from e
+    with image:
+        check_aspect_ratio(image.size, f"image file {path}")  # before a single pixel is decoded
+        try:
+            image = to_8bit(image).convert("RGB")  # convert() decodes the whole file, so truncation shows up here
+        except _READ_ERRORS as e:
+            raise ValueError(f"cannot read image file {path}: {e}") from e
+    # a transparent colour (palette or tRNS) stays in info; LLaVA's processor (transformers 4.31) ignored it
+    image.info.pop("transparency", None)
+    return image
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit grayscale (modes I;16*, and I holding values past 255) as 8-bit L, 65535 -> 255: convert() clips at
+    255, which turned a 16-bit PNG white. Other modes are returned as they are."""
+    if not (image.mode == "I" or image.mode.startswith("I;16")):
+        return image
+    values = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)  # (H, W)
+    if image.mode.startswith("I;16") or values.max(initial=0) > 255:
+        values = (values * 255 + 32767) // 65535  # rounded
+    return Image.fromarray(values.astype(np.uint8))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     # as CLIPImageProcessor: transparency is composited onto white, other modes (L, P, CMYK, ...) plainly converted
+    # (16-bit grayscale scaled to 8 bits first, see to_8bit); an RGB image is used as it is, not copied
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
+        return Image.alpha_composite(white, to_8bit(image).convert("RGBA")).convert("RGB")
+    return image if image.mode == "RGB" else to_8bit(image).convert("RGB")
 
 
 def expand_to_square(image: Image.Image, color=PAD_COLOR) -> Image.Image:
@@ -237,13 +272,23 @@ def expand_to_square(image: Image.Image, color=PAD_COLOR) -> Image.Image:
 
 
 def preprocess(images, image_size: int, pad_to_square=False) -> torch.Tensor:
-    """One PIL image or a list -> (B, 3, S, S) float32: RGB, [pad], bicubic short edge -> S, centre crop, normalise."""
+    """One PIL image or a list -> (B, 3, S, S) float32: RGB, [pad], bicubic short edge -> S, centre crop, normalise.
+    Bit-exact with CLIPImageProcessor within EXACT_UP_TO (beyond, pixels differ by about a level, and memory stays
+    a few times the output's); images beyond MAX_ASPECT_RATIO raise ValueError."""
     images = [images] if isinstance(images, Image.Image) else list(images)
     S = image_size
     mean, std = np.array(CLIP_MEAN, np.float32), np.array(CLIP_STD, np.float32)
     out = np.empty((len(images), S, S, 3), np.float32)
     for i, image in enumerate(images):
+        check_aspect_ratio(image.size, getattr(image, "filename", "") or f"image {i}")
         image = to_rgb(image)
+        w, h = image.size
+        if not pad_to_square and max(w, h) > EXACT_UP_TO * min(w, h):  # a long strip: only its centre is kept
+            left, top = (w - min(w, h)) // 2, (h - min(w, h)) // 2
+            image = image.crop((left, top, left + min(w, h), top + min(w, h)))
+        side = max(image.size) if pad_to_square else min(image.size)  # the side that becomes S
+        if side > EXACT_UP_TO * S:  # bound the work by the output size, not the input's (a pad canvas is side^2)
+            image = image.reduce(side // (2 * S))
         if pad_to_square:
             image = expand_to_square(image)
         w, h = image.size
@@ -251,7 +296,7 @@ def preprocess(images, image_size: int, pad_to_square=False) -> torch.Tensor:
         w, h = (S, long) if w <= h else (long, S)
         image = image.resize((w, h), Image.BICUBIC)
         top, left = (h - S) // 2, (w - S) // 2
-        pixels = np.asarray(image)[top:top + S, left:left + S]  # (S, S, 3) uint8
+        pixels = np.asarray(image.crop((left, top, left + S, top + S)))  # (S, S, 3) uint8; crop first: no big copy
         # rescale in float64 then normalise in float32, the processor's exact order of rounding
         out[i] = ((pixels.astype(np.float64) * (1 / 255)).astype(np.float32) - mean) / std
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()  # (B, 3, S, S)

@@ -5,7 +5,6 @@ A conversation is LLaVA's JSON list of turns, [{"from": "human" | "gpt", "value"
 into (input_ids, labels) exactly as the original LLaVA training code tokenized its prompt string (see render), but
 builds the labels piece by piece: the assistant replies and their end token get labels, everything else -100.
 """
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -13,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from clip import load_image, preprocess
+from clip import check_aspect_ratio, load_image, preprocess
+from fileio import inside, read_json
 from llama import Tokenizer
 
 IMAGE_TOKEN = "<image>"  # the placeholder text in LLaVA's JSON (the original's DEFAULT_IMAGE_TOKEN)
@@ -164,19 +164,18 @@ class LLaVADataset(torch.utils.data.Dataset):
 
     Every row is checked and rendered once here, so that bad rows fail (or, skip_bad, are counted) before training
     and a sample with no labels left after truncation is never returned: `skipped` counts both by reason. Images
-    are checked for existence and a readable header; pixels are decoded in __getitem__. `lengths` holds the token
-    length of each kept sample, negative for text-only samples (the original's "modality lengths")."""
+    must lie inside image_folder (fileio.inside) and have a readable header and a sane aspect ratio; pixels are
+    decoded in __getitem__, which for a file corrupt past its header raises an error naming the row, or with
+    skip_bad returns None (counted in `skipped` of the process that read it; collate drops it and counts it in
+    the batch). `lengths` holds the token length of each kept sample, negative for text-only samples (the
+    original's "modality lengths")."""
 
     def __init__(self, json_path, image_folder, tokenizer, template, n_image_tokens, image_size,
                  pad_to_square=True, max_length=2048, skip_bad=False):
         self.json_path, self.image_folder, self.tokenizer = json_path, image_folder, tokenizer
         self.template, self.n_image_tokens, self.image_size = get_template(template), n_image_tokens, image_size
-        self.pad_to_square, self.max_length = pad_to_square, max_length
-        with open(json_path) as f:
-            try:
-                rows = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{json_path}: not valid JSON: {e}") from None
+        self.pad_to_square, self.max_length, self.skip_bad = pad_to_square, max_length, skip_bad
+        rows = read_json(json_path)  # errors name the file: bad bytes (not UTF-8), bad syntax
         if not isinstance(rows, list):
             raise ValueError(f"{json_path}: expected a JSON list of samples, got {type(rows).__name__}")
         self.rows, self.lengths, self.skipped = [], [], Counter()
@@ -199,6 +198,13 @@ class LLaVADataset(torch.utils.data.Dataset):
     def _where(n, row):
         return f"row {n} (id {row.get('id')!r})" if isinstance(row, dict) else f"row {n}"
 
+    def _image_path(self, row):
+        """The row's image file, inside image_folder (a path that leaves it is an error naming the row)."""
+        try:
+            return inside(self.image_folder, row["image"], "'image'")
+        except ValueError as e:
+            raise BadRow("image outside the image folder", str(e)) from None
+
     def _check_image(self, row):
         if not isinstance(row, dict) or not isinstance(row.get("conversations"), list):
             raise BadRow("missing conversations", "the row needs a 'conversations' list")
@@ -206,13 +212,18 @@ class LLaVADataset(torch.utils.data.Dataset):
             return
         if not isinstance(row["image"], str):
             raise BadRow("bad image", f"'image' must be one file name, got {row['image']!r}")
-        path = os.path.join(self.image_folder, row["image"])
+        path = self._image_path(row)
         if not os.path.isfile(path):
             raise BadRow("image not found", f"no image file {path}")
         try:
-            Image.open(path).close()  # reads the header only: cheap enough for every row
+            with Image.open(path) as image:  # reads the header only: cheap enough for every row
+                size = image.size
         except Exception as e:
             raise BadRow("image unreadable", f"cannot read image file {path}: {e}") from None
+        try:
+            check_aspect_ratio(size, f"image file {path}")
+        except ValueError as e:
+            raise BadRow("image aspect ratio", str(e)) from None
 
     def _render(self, row):
         conversation = row["conversations"]
@@ -237,20 +248,32 @@ class LLaVADataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i):
+        """The sample's tensors; None when skip_bad and its image cannot be decoded (a file corrupt past its header,
+        or changed since start-up): counted in self.skipped["image unreadable"], dropped by collate."""
         n, row = self.rows[i]
         input_ids, labels, has_image = self._render(row)
         pixel_values = None
         if has_image:
             try:
-                image = load_image(os.path.join(self.image_folder, row["image"]))
-            except (OSError, ValueError) as e:
+                image = load_image(self._image_path(row))
+                pixel_values = preprocess(image, self.image_size, self.pad_to_square)  # (1, 3, S, S)
+            except (OSError, ValueError) as e:  # BadRow is a ValueError too
+                if self.skip_bad:
+                    self.skipped["image unreadable"] += 1
+                    return None
                 raise ValueError(f"{self.json_path}: {self._where(n, row)}: {e}") from None
-            pixel_values = preprocess(image, self.image_size, self.pad_to_square)  # (1, 3, S, S)
         return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels), "pixel_values": pixel_values}
 
 
 def collate(batch, pad_id):
-    """Right-pad to the longest sample (labels with -100); images of all samples concatenated in batch order."""
+    """Right-pad to the longest sample (labels with -100); images of all samples concatenated in batch order.
+    Samples that are None (skipped by LLaVADataset with skip_bad) are dropped and counted in batch["skipped"], a
+    0-d tensor, so that the count reaches the training loop from DataLoader workers; when every sample of the
+    micro-batch was dropped the result is None (the caller counts its size as skipped)."""
+    kept = [s for s in batch if s is not None]
+    if not kept:
+        return None
+    batch, skipped = kept, len(batch) - len(kept)
     T = max(len(s["input_ids"]) for s in batch)
     input_ids = torch.full((len(batch), T), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
@@ -258,7 +281,8 @@ def collate(batch, pad_id):
         input_ids[b, :len(s["input_ids"])] = s["input_ids"]
         labels[b, :len(s["labels"])] = s["labels"]
     images = [s["pixel_values"] for s in batch if s["pixel_values"] is not None]
-    return {"input_ids": input_ids, "labels": labels, "pixel_values": torch.cat(images) if images else None}
+    return {"input_ids": input_ids, "labels": labels, "pixel_values": torch.cat(images) if images else None,
+            "skipped": torch.tensor(skipped)}
 
 
 # -------------------------------------------------------------------------------------------- length grouping

@@ -12,9 +12,9 @@ import re
 import sys
 from collections import defaultdict
 
-from api import APIError, ChatClient
+from api import APIError, ChatClient, read_api_key
 from demo import demo_items, score_demo
-from fileio import append_jsonl, read_jsonl, read_records, repair_jsonl, require, write_json
+from fileio import append_jsonl, inside, read_jsonl, read_records, repair_jsonl, require, write_json
 from inference import answer_fn, load_model, tally
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -60,8 +60,10 @@ def parse_choice(text, choices):
     "The answer is B.", "Answer: B", or the text of one option exactly."""
     text = text.strip()
     valid = LETTERS[:len(choices)]
-    # a lone letter in any case; else an upper-case letter closed by ").:," (so the article in "A cat." is no answer)
-    patterns = (r"(?i:\(?([A-J])\)?\.?)$", r"\(?([A-J])(?:[).:,]|$)", r"(?i:.*\banswer(?: is)?)\s*:?\s*\(?([A-J])\b")
+    # a lone letter in any case; else an upper-case letter standing as a letter, closed by ").:," or the end (so
+    # the article in "A cat." or "Answer: A dog" is no answer)
+    patterns = (r"(?i:\(?([A-J])\)?\.?)$", r"\(?([A-J])(?:[).:,]|$)",
+                r"(?i:.*\banswer(?: is)?)\s*:?\s*\(?([A-J])(?:[).:,]|$)")
     for pattern in patterns:
         match = re.match(pattern, text)
         if match and match.group(1).upper() in valid:
@@ -78,7 +80,7 @@ def mc_items(path, image_folder):
         items.append({"question_id": require(record, "id", where), "text": mc_prompt(record), "choices": choices,
                       "gold": answer_index(require(record, "answer", where), len(choices), where),
                       "category": record.get("subject") or record.get("category") or "all",
-                      "image_path": os.path.join(image_folder, record["image"]) if record.get("image") else None})
+                      "image_path": inside(image_folder, record["image"], where) if record.get("image") else None})
     return items
 
 
@@ -123,11 +125,11 @@ def judge_prompt(context, question, reference, prediction):
 
 def parse_scores(reply):
     """The two 1-10 scores on the reply's first non-empty line, or None. Tolerates "8 7", "8, 7", "8/10 7/10",
-    "Assistant 1: 8 Assistant 2: 7", "**8 7**"."""
+    "Assistant 1: 8 Assistant 2: 7", "**8 7**". A sign is read with its number, so "-5 8" is out of range, not 5."""
     line = next((l for l in reply.splitlines() if l.strip()), "")
     line = re.sub(r"assistant\s*[12]", " ", line, flags=re.IGNORECASE)
     line = re.sub(r"/\s*10\b", " ", line)
-    numbers = [float(x) for x in re.findall(r"\d+(?:\.\d+)?", line)]
+    numbers = [float(x) for x in re.findall(r"[-+]?\d+(?:\.\d+)?", line)]
     return numbers if len(numbers) == 2 and all(1 <= x <= 10 for x in numbers) else None
 
 
@@ -142,7 +144,7 @@ def judge_items(questions_path, context_path, image_folder):
             raise ValueError(f"{where}: image {name!r} has no entry in {context_path}")
         items.append({"question_id": require(record, "question_id", where), "text": require(record, "text", where),
                       "category": record.get("category", "all"), "context": contexts[name],
-                      "image_path": os.path.join(image_folder, name)})
+                      "image_path": inside(image_folder, name, where)})
     return items
 
 
@@ -210,11 +212,13 @@ def summarize_reviews(reviews):
 
 
 def make_client(args, model):
-    api_key = os.environ.get(args.api_key_env)
-    if not api_key:
-        sys.exit(f"error: set the API key in the environment variable {args.api_key_env}")
+    try:
+        api_key = read_api_key(args.api_key_env)
+    except ValueError as e:  # names the variable, never the key
+        sys.exit(f"error: {e}; set it to your API key")
     # temperature 0.2: LLaVA's review script; low for the references too, so reruns vary little
-    return ChatClient(args.base_url, api_key, model, temperature=0.2, max_tokens=args.judge_max_tokens)
+    return ChatClient(args.base_url, api_key, model, temperature=0.2, max_tokens=args.judge_max_tokens,
+                      max_wait=args.max_wait)
 
 
 def main(argv=None):
@@ -242,24 +246,41 @@ def main(argv=None):
     judge.add_argument("--reference-model", default=None, help="text-only model for references (default: judge's)")
     judge.add_argument("--judge-max-tokens", type=int, default=1024)
     judge.add_argument("--retries", type=int, default=2, help="re-asks for a judge reply without two scores")
+    judge.add_argument("--max-wait", type=float, default=120.0,
+                       help="longest wait before an HTTP retry; a server asking for more (Retry-After) fails it")
     args = parser.parse_args(argv)
     if args.mode is None:  # no subcommand (with or without --demo): the demo, with its defaults
         args = parser.parse_args(["demo"])
     if not os.path.isdir(args.model):
         sys.exit(f"error: no checkpoint folder {args.model} (the demo's: train it first, README 'Run the demo')")
     # read the inputs (and the judge's key) before spending minutes on loading the model
-    if args.mode == "demo":
-        items = demo_items(args.data, args.limit)
-    elif args.mode == "mc":
-        items = mc_items(args.questions, args.images)
-    else:
-        items = judge_items(args.questions, args.context, args.images)
+    try:
+        if args.mode == "demo":
+            items = demo_items(args.data, args.limit)
+        elif args.mode == "mc":
+            items = mc_items(args.questions, args.images)
+        else:
+            items = judge_items(args.questions, args.context, args.images)
+    except (OSError, ValueError) as e:  # the errors name the file and row
+        sys.exit(f"error: {e}")
+    judge_client = ref_client = None
+    if args.mode == "judge":
         judge_client = make_client(args, args.judge_model)
         ref_client = None if args.references else make_client(args, args.reference_model or args.judge_model)
     os.makedirs(args.out, exist_ok=True)
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     ask = answer_fn(model, tokenizer, args.max_new_tokens)
+    try:
+        summary = run(args, items, ask, judge_client, ref_client)
+    except KeyboardInterrupt:  # every answer and review so far is on disk (appended as it came)
+        print(f"\ninterrupted: what was answered so far is in {args.out}; re-run the same command to continue",
+              file=sys.stderr)
+        sys.exit(130)
+    write_json(os.path.join(args.out, "summary.json"), summary, indent=1)  # never half-written
 
+
+def run(args, items, ask, judge_client, ref_client):
+    """Answer, (judge,) print and return the summary."""
     if args.mode in ("demo", "mc"):
         if args.mode == "demo":
             summary = score_demo(items, ask)
@@ -277,7 +298,7 @@ def main(argv=None):
             scores = f"reference {s['reference']:.2f}, model {s['model']:.2f}, relative {s['relative']:.1f}%" \
                 if s["n"] else "no scored reviews"
             print(f"{key:>12}: {scores} (n={s['n']}, failed={s['failed']})")
-    write_json(os.path.join(args.out, "summary.json"), summary, indent=1)  # never half-written
+    return summary
 
 
 if __name__ == "__main__":

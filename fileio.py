@@ -3,6 +3,7 @@
 atomic_write  a fresh temporary file beside the target (never a fixed NAME.tmp that a planted link could redirect),
               written, flushed and fsync'd, then renamed over the target: readers see the old file or the new one.
 read_json     JSON with errors that name the file (and line) instead of a bare traceback.
+inside        a path read from a data file, kept inside its root folder.
 JSONL         append one record per write + fsync; a torn last line (a crash mid-write) is skipped on read and cut
               by repair_jsonl, so an append-only log of paid-for API replies is never lost or corrupted.
 """
@@ -31,11 +32,14 @@ def atomic_write(path, write) -> None:
 
 
 def write_text(path, text: str) -> None:
-    atomic_write(path, lambda tmp: open(tmp, "w", encoding="utf-8").write(text))
+    write_bytes(path, text.encode("utf-8"))
 
 
 def write_bytes(path, content: bytes) -> None:
-    atomic_write(path, lambda tmp: open(tmp, "wb").write(content))
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(content)
+    atomic_write(path, write)
 
 
 def write_json(path, obj, indent=2) -> None:
@@ -115,6 +119,20 @@ def repair_jsonl(path) -> list:
             f.truncate(good_end)
             os.fsync(f.fileno())
     return records
+
+
+def inside(root, relative, where) -> str:
+    """root/relative, or a ValueError naming `where` (file and row) when the path leaves root: ".." past it, or an
+    absolute path elsewhere. Paths in data files are relative to their folder (LLaVA's JSON, question files); an
+    absolute one is accepted only inside root, so passing "/" as root on purpose allows any. The check is on the
+    text (normpath), not on symlinks: a link the user put inside root is theirs to follow."""
+    if not isinstance(relative, str) or not relative.strip() or "\0" in relative:
+        raise ValueError(f"{where}: {relative!r} is not a file path")
+    base = os.path.abspath(root)
+    if os.path.commonpath([base, os.path.abspath(os.path.join(base, relative))]) != base:
+        raise ValueError(f"{where}: path {relative!r} leaves the folder {root} (an absolute path or '..'); paths in "
+                         "data files are relative to it")
+    return os.path.normpath(os.path.join(root, relative))
 
 
 def require(record, key, where):

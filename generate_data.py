@@ -9,18 +9,22 @@ list that data.py trains on.
 
     python generate_data.py --captions captions_train2017.json --instances instances_train2017.json \
         --out runs/gen/instruct.jsonl --images 1000 --export runs/gen/llava_instruct.json
+
+Exit status: 0 when the run ended (failed pairs, with reasons, are in the failures file), 1 when the key was refused
+or every pair of the run failed, 3 when --max-cost stopped it, 130 on Ctrl-C (what was received is on disk).
 """
 import argparse
-import concurrent.futures as cf
 import json
 import os
+import queue
 import random
 import re
 import sys
+import threading
 
 from tqdm import tqdm
 
-from api import APIError, ChatClient, FatalAPIError
+from api import APIError, Cancelled, ChatClient, FatalAPIError, read_api_key
 from fileio import append_jsonl, read_json, read_jsonl, repair_jsonl, write_text
 
 PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
@@ -87,8 +91,11 @@ def select_images(images, n, seed):
 # Prompts (prompts/<task>/system.txt, NNN_context.txt + NNN_reply.txt few-shot pairs) and reply parsing
 # ---------------------------------------------------------------------------------------------------------------------
 def _read_text(path):
-    with open(path, encoding="utf-8") as f:
-        return f.read().strip()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
 def load_prompts(folder=PROMPTS):
@@ -99,8 +106,8 @@ def load_prompts(folder=PROMPTS):
         prompts[task] = {"system": _read_text(os.path.join(d, "system.txt")),
                          "examples": [(_read_text(os.path.join(d, f"{s}_context.txt")),
                                        _read_text(os.path.join(d, f"{s}_reply.txt"))) for s in stems]}
-    with open(os.path.join(folder, "detail_instructions.txt"), encoding="utf-8") as f:
-        prompts["detail_instructions"] = [line.strip() for line in f if line.strip()]
+    lines = _read_text(os.path.join(folder, "detail_instructions.txt")).splitlines()
+    prompts["detail_instructions"] = [line.strip() for line in lines if line.strip()]
     return prompts
 
 
@@ -151,7 +158,8 @@ def parse_reply(task, reply, instruction):
 # One (image, task) pair, and the run over all of them
 # ---------------------------------------------------------------------------------------------------------------------
 def generate_pair(client, prompts, image_id, image, task, seed, parse_retries):
-    """-> ("done" | "failed", record). Unusable replies are asked again up to parse_retries times; 401/403 raise."""
+    """-> ("done" | "failed", record). Unusable replies are asked again up to parse_retries times. A refused key
+    (401/403) and Cancelled (Ctrl-C) raise; any other error fails this pair only."""
     messages = build_messages(prompts[task], image_context(image, with_boxes=task != "conversation"))
     # the instruction for a description is drawn per image from a seeded generator: reruns and resumes agree
     instruction = random.Random(f"{seed}-{image_id}").choice(prompts["detail_instructions"])
@@ -159,31 +167,36 @@ def generate_pair(client, prompts, image_id, image, task, seed, parse_retries):
     record = {"id": f"{os.path.splitext(image['file_name'])[0]}_{task}", "image_id": image_id,
               "image": image["file_name"], "task": task, "model": client.model}
     content, reason = "", ""
-    for attempt in range(1, parse_retries + 2):
-        try:
-            reply = client.complete(messages)
-        except FatalAPIError as e:
-            if e.status in (401, 403):
-                raise
-            reason = str(e)
-            break
-        except APIError as e:
-            reason = str(e)
-            break
-        for key in usage:
-            usage[key] += int(reply["usage"].get(key) or 0)  # retries are paid too
-        content, record["model"] = reply["content"], reply["model"]
-        if not content.strip():
-            reason = "empty reply"
-        elif reply["finish_reason"] == "length":
-            reason = "reply cut off at max_tokens (finish_reason: length)"
-        else:
+    try:
+        for attempt in range(1, parse_retries + 2):
             try:
-                conversations = parse_reply(task, content, instruction)
-                return "done", {**record, "conversations": conversations, "raw": content, "usage": usage,
-                                "attempts": attempt}
-            except ValueError as e:
-                reason = f"unparseable reply: {e}"
+                reply = client.complete(messages)
+            except FatalAPIError as e:
+                if e.status in (401, 403):
+                    raise
+                reason = str(e)
+                break
+            except APIError as e:
+                reason = str(e)
+                break
+            for key in usage:
+                usage[key] += reply["usage"][key]  # retries are paid too
+            content, record["model"] = reply["content"], reply["model"]
+            if not content.strip():
+                reason = "empty reply"
+            elif reply["finish_reason"] == "length":
+                reason = "reply cut off at max_tokens (finish_reason: length)"
+            else:
+                try:
+                    conversations = parse_reply(task, content, instruction)
+                    return "done", {**record, "conversations": conversations, "raw": content, "usage": usage,
+                                    "attempts": attempt}
+                except ValueError as e:
+                    reason = f"unparseable reply: {e}"
+    except (FatalAPIError, Cancelled):
+        raise
+    except Exception as e:  # a reply nobody foresaw, or a bug: this pair fails, every other pair goes on
+        reason = f"unexpected error: {type(e).__name__}: {client.scrub(e)[:300]}"
     return "failed", {**record, "reason": reason, "raw": content, "usage": usage}
 
 
@@ -192,36 +205,71 @@ def cost_of(tokens, args):
 
 
 def run_pairs(args, client, prompts, images, pairs, failed_path):
-    """Runs the pairs on --workers threads; the main thread alone writes files. -> (counts, tokens, stop reason)."""
+    """Runs the pairs on --workers threads -> (counts, tokens, stop), stop None, "budget", "interrupted" or the
+    FatalAPIError of a refused key (then, as for the budget, pairs in flight finish and no new one starts).
+
+    The worker that finished a pair appends it to its file at once, under one lock, and counts it there: a reply
+    paid for is on disk before anything else can fail, and the budget is checked before the next pair starts.
+    Workers are daemon threads and Ctrl-C never waits for them: it stops new pairs, cancels every wait of the
+    client and takes the lock (so no line is half written), and the process can exit whatever is in flight."""
     counts, tokens = {"done": 0, "failed": 0}, {"prompt_tokens": 0, "completion_tokens": 0}
-    stop, todo, running = None, iter(pairs), set()
-    bar = tqdm(total=len(pairs), unit="pair", desc="generating", file=sys.stderr)
-    with cf.ThreadPoolExecutor(args.workers) as pool:
-        while True:
-            while stop is None and len(running) < args.workers and (pair := next(todo, None)):
-                image_id, task = pair
-                running.add(pool.submit(generate_pair, client, prompts, image_id, images[image_id], task, args.seed,
-                                        args.parse_retries))
-            if not running:
-                break
-            finished, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-            for future in finished:
+    state = {"stop": None, "error": None}
+    todo, finished = queue.Queue(), queue.Queue()
+    for pair in pairs:
+        todo.put(pair)
+    halt, lock = threading.Event(), threading.Lock()  # halt: start no new pair
+
+    def work():
+        try:
+            while not halt.is_set():
                 try:
-                    kind, record = future.result()
+                    image_id, task = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    kind, record = generate_pair(client, prompts, image_id, images[image_id], task, args.seed,
+                                                 args.parse_retries)
+                except Cancelled:
+                    return
                 except FatalAPIError as e:
-                    stop = stop if isinstance(stop, FatalAPIError) else e  # in-flight pairs finish, nothing new starts
-                    continue
-                append_jsonl(args.out if kind == "done" else failed_path, record)
-                counts[kind] += 1
-                for key in tokens:
-                    tokens[key] += record["usage"][key]
-                if kind == "failed":
-                    bar.write(f"failed: {record['id']}: {record['reason']}")
-                bar.update()
-            if stop is None and args.max_cost is not None and cost_of(tokens, args) >= args.max_cost:
-                stop = "budget"
+                    state["stop"] = state["stop"] if isinstance(state["stop"], FatalAPIError) else e
+                    halt.set()
+                    return
+                with lock:
+                    append_jsonl(args.out if kind == "done" else failed_path, record)
+                    counts[kind] += 1
+                    for key in tokens:
+                        tokens[key] += record["usage"][key]
+                    if state["stop"] is None and args.max_cost is not None and cost_of(tokens, args) >= args.max_cost:
+                        state["stop"] = "budget"
+                        halt.set()
+                finished.put((kind, record))
+        except Exception as e:  # the output cannot be written (a full disk): stop the run, report it
+            state["error"] = state["error"] or e
+            halt.set()
+
+    workers = [threading.Thread(target=work, daemon=True) for _ in range(min(args.workers, len(pairs)))]
+    bar = tqdm(total=len(pairs), unit="pair", desc="generating", file=sys.stderr)
+    try:
+        for worker in workers:
+            worker.start()
+        while any(worker.is_alive() for worker in workers) or not finished.empty():
+            try:
+                kind, record = finished.get(timeout=0.1)  # a short timeout: Ctrl-C is seen at once
+            except queue.Empty:
+                continue
+            if kind == "failed":
+                bar.write(f"failed: {record['id']}: {record['reason']}")
+            bar.update()
+    except KeyboardInterrupt:
+        halt.set()
+        client.cancel()
+        lock.acquire(timeout=1.0)  # a line being written is finished; no worker writes after this (never released)
+        state["stop"] = "interrupted"
     bar.close()
-    return counts, tokens, stop
+    if state["error"] is not None:
+        raise state["error"]
+    return dict(counts), dict(tokens), state["stop"]
 
 
 def export(out_path, export_path):
@@ -252,9 +300,15 @@ def main(argv=None):
     p.add_argument("--model", default="gpt-4o")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--max-tokens", type=int, default=1024)
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP request")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds one HTTP attempt may take, from sending the request to the reply's last byte,\n"
+                        "checked as the body arrives (a server trickling its reply times out too; while waiting\n"
+                        "for the status line and headers, each read is bounded by the same number); a timed-out\n"
+                        "attempt is retried")
     p.add_argument("--max-retries", type=int, default=6, help="HTTP retries on 429/5xx/timeouts/dropped connections")
     p.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds, doubled per retry")
+    p.add_argument("--max-wait", type=float, default=120.0,
+                   help="longest wait before a retry; a server asking for more (Retry-After) fails the pair")
     p.add_argument("--parse-retries", type=int, default=2, help="new requests for empty/cut-off/unparseable replies")
     p.add_argument("--workers", type=int, default=4, help="requests in flight")
     p.add_argument("--rpm", type=float, help="at most this many requests per minute")
@@ -266,6 +320,8 @@ def main(argv=None):
     tasks = [t for t in args.tasks.split(",") if t]
     if not tasks or set(tasks) - set(TASKS):
         p.error(f"--tasks must be a comma-separated subset of {','.join(TASKS)}, got {args.tasks!r}")
+    if args.workers < 1:
+        p.error(f"--workers must be at least 1, got {args.workers}")
     if not re.match(r"https?://", args.base_url):
         p.error(f"--base-url must start with http:// or https://, got {args.base_url!r}")
     if not args.captions:
@@ -291,25 +347,36 @@ def main(argv=None):
             for m in messages:
                 print(f"--- {m['role']} ---\n{m['content']}")
         return 0
-    api_key = os.environ.get(args.api_key_env)
-    if not api_key:
-        raise SystemExit(f"error: set the environment variable {args.api_key_env} to your API key")
+    try:
+        api_key = read_api_key(args.api_key_env)
+    except ValueError as e:  # the message names the variable, never the key
+        raise SystemExit(f"error: {e}; set it to your API key") from None
     # resume: cut a torn last line (a crash mid-write), then skip every pair already finished or failed
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
-    done = {(r["image_id"], r["task"]) for r in repair_jsonl(args.out)}
-    failures = repair_jsonl(failed_path)
+    try:
+        done = {(r["image_id"], r["task"]) for r in repair_jsonl(args.out)}
+        failures = repair_jsonl(failed_path)
+        failed_before = {(r["image_id"], r["task"]) for r in failures}
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    except (KeyError, TypeError):
+        raise SystemExit(f"error: {args.out} or {failed_path} holds records that this script did not write") from None
     wanted = {(i, t) for i in selected for t in tasks}
     if args.retry_failed and any((r["image_id"], r["task"]) in wanted for r in failures):
         failures = [r for r in failures if (r["image_id"], r["task"]) not in wanted]
         write_text(failed_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in failures))
-    skip = done | {(r["image_id"], r["task"]) for r in failures}
+        failed_before -= wanted
+    skip = done | failed_before
     pairs = [(i, t) for i in selected for t in tasks if (i, t) not in skip]
     print(f"{len(wanted)} pairs requested: {len(wanted & done)} already done, {len(wanted & skip) - len(wanted & done)}"
           f" failed before, {len(pairs)} to generate with {args.model} at {args.base_url}")
     client = ChatClient(args.base_url, api_key, args.model, args.temperature, args.max_tokens, args.timeout,
-                        args.max_retries, args.rpm, args.backoff)
-    counts, tokens, stop = run_pairs(args, client, prompts, images, pairs, failed_path)
+                        args.max_retries, args.rpm, args.backoff, max_wait=args.max_wait)
+    try:
+        counts, tokens, stop = run_pairs(args, client, prompts, images, pairs, failed_path)
+    except OSError as e:  # the output could not be written
+        raise SystemExit(f"error: {e}") from None
     left = len(pairs) - counts["done"] - counts["failed"]
     print(f"this run: {counts['done']} done, {counts['failed']} failed (see {failed_path}), {left} left; tokens "
           f"{tokens['prompt_tokens']} in + {tokens['completion_tokens']} out = ${cost_of(tokens, args):.4f} "
@@ -318,11 +385,18 @@ def main(argv=None):
         print(f"error: stopped, the server refused the key: {stop}\nfix the key and re-run the same command to resume",
               file=sys.stderr)
         return 1
+    if stop == "interrupted":
+        print(f"interrupted: every reply received is in {args.out} or {failed_path}; re-run the same command to "
+              "resume", file=sys.stderr)
+        return 130
     if stop == "budget":
         print(f"stopped: --max-cost ${args.max_cost} reached; re-run the same command to continue", file=sys.stderr)
+    all_failed = counts["failed"] > 0 and counts["done"] == 0
+    if all_failed:
+        print(f"error: every pair of this run failed; the reasons are in {failed_path}", file=sys.stderr)
     if args.export:
         export(args.out, args.export)
-    return 3 if stop == "budget" else 0
+    return 1 if all_failed else 3 if stop == "budget" else 0
 
 
 if __name__ == "__main__":

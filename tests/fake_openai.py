@@ -13,6 +13,10 @@ Behaviours (a string, "name:param" where a parameter applies):
     length        200 with the first half of the reply and finish_reason "length" (max_tokens cut it off)
     malformed     200 with a body that is not valid JSON
     slow[:s]      sleeps s seconds (default server.slow_seconds) before a normal reply: past a short client timeout
+    trickle[:s]   a normal reply's status and headers at once, then its body one byte every s seconds (default 2):
+                  each read is quick, only a deadline on the whole reply stops it
+    field:K=JSON  200 with a normal reply whose field K (content, finish_reason, usage, model) is set to JSON, e.g.
+                  field:content=["a"] or field:usage="12": a reply of the wrong shape
     drop          reads the request, then closes the connection without a response
     429[:s]       rate limited, with header Retry-After: s (default server.retry_after)
     500, 503, 400, 404   an error status with an OpenAI-style error body
@@ -142,15 +146,20 @@ class FakeOpenAI:
             content, finish = content[: len(content) // 2], "length"
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
         completion_tokens = len(content.split())
-        self._send(handler, 200, {
+        payload = {
             "id": f"chatcmpl-{len(self.requests)}", "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model", "fake"),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}})
+                      "total_tokens": prompt_tokens + completion_tokens}}
+        if name == "field":  # a reply of the wrong shape
+            key, _, value = param.partition("=")
+            choice = payload["choices"][0]
+            {"content": choice["message"], "finish_reason": choice}.get(key, payload)[key] = json.loads(value)
+        self._send(handler, 200, payload, byte_every=float(param or 2.0) if name == "trickle" else None)
 
     @staticmethod
-    def _send(handler, status, payload, headers=None):
+    def _send(handler, status, payload, headers=None, byte_every=None):
         data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
         handler.send_response(status)
         handler.send_header("Content-Type", "application/json")
@@ -158,8 +167,11 @@ class FakeOpenAI:
         for key, value in (headers or {}).items():
             handler.send_header(key, value)
         handler.end_headers()
-        handler.wfile.write(data)
-        handler.wfile.flush()
+        for i in range(0, len(data), 1 if byte_every else max(1, len(data))):
+            if byte_every:
+                time.sleep(byte_every)
+            handler.wfile.write(data[i:i + 1] if byte_every else data)
+            handler.wfile.flush()
 
 
 @pytest.fixture

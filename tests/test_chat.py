@@ -1,6 +1,8 @@
 """chat.py against llava.generate: a tiny random LLaVA saved with save_pretrained, chat.py driven over stdin as a
 subprocess (one session covers most checks, since each start-up imports torch), the rest in-process."""
+import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -72,6 +74,7 @@ def gpt(text):
     return {"from": "gpt", "value": text.strip()}
 
 
+@pytest.mark.slow
 def test_session_over_stdin(tiny):
     tmp, model, tokenizer = tiny
     q1, q2, q3 = "What shape is in the picture?", "And what colour is it?", "How many are there?"
@@ -207,3 +210,46 @@ def test_context_overflow_drops_the_oldest_turn(tiny, capsys):
     with pytest.raises(ValueError, match="message too long"):
         session.reply("much too long " * 50, out=StopAfter(-1))
     assert session.conversation() == [human("<image>\nWhy?"), gpt(answer)]  # the session goes on unchanged
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# faults at the boundary: the prompt, /save, a broken tokenizer
+
+
+def transcript_session(image_path=None):
+    """A ChatSession with one finished turn and no model: enough for /save."""
+    session = object.__new__(chat.ChatSession)
+    session.turns, session.image_path = [human("What is it?"), gpt("A cat.")], image_path
+    return session
+
+
+def test_save_refuses_to_overwrite_unless_told(tmp_path, capsys):
+    path = tmp_path / "transcript.json"
+    path.write_text("my notes")
+    session = transcript_session()
+    assert chat.command(session, f"/save {path}")
+    assert path.read_text() == "my notes" and "/save! " in capsys.readouterr().err
+    assert chat.command(session, f"/save! {path}")
+    assert json.loads(path.read_text())[0]["conversations"] == [human("What is it?"), gpt("A cat.")]
+    assert "saved 1 turns" in capsys.readouterr().err
+
+
+def test_save_does_not_follow_a_planted_tmp_link(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.symlink(victim, tmp_path / "transcript.json.tmp")  # the fixed temporary name an old writer used
+    transcript_session().save(str(tmp_path / "transcript.json"))
+    assert victim.read_text() == "precious" and json.loads((tmp_path / "transcript.json").read_text())
+    assert sorted(os.listdir(tmp_path)) == ["transcript.json", "transcript.json.tmp", "victim.txt"]
+
+
+def test_a_line_that_is_not_utf8_does_not_end_the_session(monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait?\nsecond line\n"), "utf-8"))
+    assert list(chat.read_lines(interactive=False)) == ["caf\ufffd au lait?", "second line"]
+
+
+def test_a_broken_tokenizer_is_found_before_the_model_loads(tmp_path, monkeypatch):
+    (tmp_path / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    monkeypatch.setattr(chat.LLaVA, "from_pretrained", lambda *a, **kw: pytest.fail("the model was loaded first"))
+    with pytest.raises(SystemExit, match="tokenizer.model: not a sentencepiece model"):
+        chat.load(chat.parse_args(["--model", str(tmp_path), "--device", "cpu"]))

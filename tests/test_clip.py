@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import clip
 from clip import (CLIPVisionConfig, CLIPVisionTower, PAD_COLOR, clip_to_tower_keys, load_image, preprocess,
                   tower_to_clip_keys)
 
@@ -243,3 +244,102 @@ def test_missing_and_corrupt_images_raise_naming_the_file(tmp_path):
     truncated.write_bytes(good[: len(good) // 2])
     with pytest.raises(ValueError, match="truncated.png"):
         load_image(truncated)
+
+
+def sixteen_bit(tmp_path):
+    """A 16-bit grayscale PNG with values across the whole 0-65535 range, and its 8-bit values (v / 257, rounded)."""
+    values = np.linspace(0, 65535, 40 * 30).round().astype(np.uint16).reshape(30, 40)
+    path = tmp_path / "gray16.png"
+    Image.fromarray(values).save(path)
+    return path, ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def test_16_bit_grayscale_is_scaled_to_8_bits_by_load_image(tmp_path):
+    path, expected = sixteen_bit(tmp_path)
+    with Image.open(path) as image:
+        assert image.mode == "I;16"  # the mode this test is about
+    pixels = np.asarray(load_image(path))
+    assert np.array_equal(pixels, np.repeat(expected[..., None], 3, axis=2))  # not every value past 255 -> 255
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I"])
+def test_16_bit_grayscale_is_scaled_to_8_bits_by_preprocess(tmp_path, mode):
+    path, expected = sixteen_bit(tmp_path)
+    with Image.open(path) as image:
+        image = image if mode == "I;16" else image.convert("I")  # older Pillow opened 16-bit PNGs as I
+        for pad in (False, True):
+            assert torch.equal(preprocess(image, 24, pad), preprocess(Image.fromarray(expected), 24, pad))
+
+
+def test_an_8_bit_image_in_mode_i_keeps_its_values():
+    values = np.arange(0, 256, dtype=np.int32).reshape(16, 16)
+    assert np.array_equal(np.asarray(clip.to_8bit(Image.fromarray(values))), values.astype(np.uint8))
+
+
+def test_an_extreme_aspect_ratio_is_refused_naming_the_file_before_decoding(tmp_path):
+    path = tmp_path / "strip.png"
+    Image.new("L", (1, 20000)).save(path, optimize=True)
+    assert path.stat().st_size < 200  # the report's 157-byte PNG
+    with pytest.raises(ValueError, match=r"strip.png: an image of 1x20000 pixels is refused"):
+        load_image(path)
+
+
+@pytest.mark.parametrize("size, refused", [((21, 1), True), ((1, 21), True), ((20, 1), False), ((40, 800), False)])
+def test_preprocess_refuses_aspect_ratios_beyond_the_limit(size, refused):
+    image = Image.new("RGB", size, (200, 10, 10))
+    for pad in (False, True):
+        if refused:
+            with pytest.raises(ValueError, match=f"{size[0]}x{size[1]} pixels is refused"):
+                preprocess(image, 24, pad)
+        else:
+            assert preprocess(image, 24, pad).shape == (1, 3, 24, 24)
+
+
+def peak_rss_growth(fn):
+    """Bytes by which the resident set grew at its peak while fn() ran (Linux: clear_refs resets the peak). Unlike
+    tracemalloc this sees pillow's own allocations."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pytest.skip("needs /proc/self/clear_refs (Linux) to reset the peak resident set size")
+
+    def kilobytes(field):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith(field + ":")).split()[1])
+    before = kilobytes("VmRSS")
+    fn()
+    return (kilobytes("VmHWM") - before) * 1024
+
+
+@pytest.mark.parametrize("pad", [True, False])
+@pytest.mark.parametrize("size", [(300, 6000), (6000, 300), (1300, 6000), (5000, 5000)])
+def test_preprocess_memory_is_a_few_times_the_output(size, pad):
+    image = Image.new("RGB", size, (30, 60, 90))  # (the input itself is the caller's, made before measuring)
+    image.load()
+    output_bytes = 3 * 336 * 336 * 4  # 1.35 MB; a 6000x6000 pad canvas is 144 MB, 300x6000 cropped 17 MB
+    assert peak_rss_growth(lambda: preprocess(image, 336, pad_to_square=pad)) < 8 * output_bytes
+
+
+def test_large_images_are_reduced_first_and_stay_close_to_the_exact_result(monkeypatch):
+    ys, xs = np.mgrid[0:900, 0:1200]
+    smooth = np.stack([xs * 255 // 1199, ys * 255 // 899, (xs + ys) * 255 // 2098], axis=-1).astype(np.uint8)
+    image = Image.fromarray(smooth)  # 1200x900: past EXACT_UP_TO x 24
+    for pad in (False, True):
+        reduced = preprocess(image, 24, pad)
+        monkeypatch.setattr(clip, "EXACT_UP_TO", 10**6)
+        exact = preprocess(image, 24, pad)
+        monkeypatch.undo()
+        assert not torch.equal(reduced, exact)  # the reduction did happen...
+        assert (reduced - exact).abs().max() < 0.05  # ...and moved pixels by about a level (1/255/std = 0.015)
+    strip = image.crop((0, 0, 1200, 200))  # 1:6, cropped: only its centre is resized
+    reduced = preprocess(strip, 24)
+    monkeypatch.setattr(clip, "EXACT_UP_TO", 10**6)
+    exact = preprocess(strip, 24)
+    monkeypatch.undo()
+    assert not torch.equal(reduced, exact) and (reduced - exact).abs().max() < 0.05
+    small = image.resize((96, 72))  # at EXACT_UP_TO x 24 exactly: the processor's own path
+    monkeypatch.setattr(clip, "EXACT_UP_TO", 10**6)
+    exact = [preprocess(small, 24, pad) for pad in (False, True)]
+    monkeypatch.undo()
+    assert all(torch.equal(preprocess(small, 24, pad), e) for pad, e in zip((False, True), exact))

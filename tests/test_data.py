@@ -1,7 +1,9 @@
+import functools
 import hashlib
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -239,8 +241,76 @@ def test_truncated_image_file_fails_in_getitem_naming_row_and_file(tmp_path, dem
     with pytest.raises(ValueError, match=re.escape(f"{path}: row 0 (id 'x')") + ".*cut.png"):
         ds[0]
     (tmp_path / "broken.json").write_text('[{"id": 1,}]')
-    with pytest.raises(ValueError, match="broken.json: not valid JSON"):
+    with pytest.raises(ValueError, match="broken.json: invalid JSON"):
         data.LLaVADataset(str(tmp_path / "broken.json"), str(tmp_path), tok, "vicuna_v1", N_IMG, 32)
+
+
+def cut_png(demo, tmp_path):
+    png = open(os.path.join(demo["images"], "train_00001.png"), "rb").read()
+    (tmp_path / "cut.png").write_bytes(png[:len(png) // 2])  # valid header, pixel data cut off
+    shutil.copy(os.path.join(demo["images"], "train_00001.png"), tmp_path / "ok.png")
+    rows = [{"id": "x", "image": "cut.png", "conversations": turns("<image>", "b")},
+            {"id": "y", "image": "ok.png", "conversations": turns("<image>", "c")}]
+    return write_rows(tmp_path / "rows.json", rows)
+
+
+def test_skip_bad_skips_an_image_corrupt_past_its_header_in_getitem(tmp_path, demo, tok):
+    ds = data.LLaVADataset(cut_png(demo, tmp_path), str(tmp_path), tok, "vicuna_v1", N_IMG, 32, skip_bad=True)
+    assert len(ds) == 2 and not ds.skipped  # the header is fine: nothing to see at start-up
+    assert ds[0] is None and ds[1]["pixel_values"].shape == (1, 3, 32, 32)
+    assert ds.skipped == {"image unreadable": 1}
+
+
+def test_collate_drops_skipped_samples_and_counts_them(tmp_path, demo, tok):
+    ds = data.LLaVADataset(cut_png(demo, tmp_path), str(tmp_path), tok, "vicuna_v1", N_IMG, 32, skip_bad=True)
+    batch = data.collate([ds[0], ds[1], ds[0]], pad_id=tok.pad_id)
+    assert batch["input_ids"].tolist() == [ds[1]["input_ids"].tolist()] and int(batch["skipped"]) == 2
+    assert torch.equal(batch["pixel_values"], ds[1]["pixel_values"])
+    assert int(data.collate([ds[1]], pad_id=tok.pad_id)["skipped"]) == 0
+    assert data.collate([ds[0], None], pad_id=tok.pad_id) is None  # the whole micro-batch is gone
+
+
+@pytest.mark.slow
+def test_skipped_samples_reach_the_loop_from_dataloader_workers(tmp_path, demo, tok):
+    ds = data.LLaVADataset(cut_png(demo, tmp_path), str(tmp_path), tok, "vicuna_v1", N_IMG, 32, skip_bad=True)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=[[0, 1], [1], [0]], num_workers=1,
+                                         collate_fn=functools.partial(data.collate, pad_id=tok.pad_id))
+    batches = list(loader)
+    assert [None if b is None else int(b["skipped"]) for b in batches] == [1, 0, None]
+    assert not ds.skipped  # the worker process counted, not this one: hence batch["skipped"]
+
+
+@pytest.mark.parametrize("image", ["../../etc/passwd", "/etc/passwd", "sub/../../x.png"])
+def test_image_paths_stay_inside_the_image_folder(tmp_path, tok, image):
+    (tmp_path / "images").mkdir()
+    path = write_rows(tmp_path / "rows.json", [{"id": "ok", "conversations": turns("a", "b")},
+                                                {"id": "evil", "image": image, "conversations": turns("<image>", "b")}])
+    with pytest.raises(ValueError, match=re.escape(f"{path}: row 1 (id 'evil'): image outside the image folder: ")
+                       + ".*leaves the folder"):
+        data.LLaVADataset(path, str(tmp_path / "images"), tok, "vicuna_v1", N_IMG, 32)
+    ds = data.LLaVADataset(path, str(tmp_path / "images"), tok, "vicuna_v1", N_IMG, 32, skip_bad=True)
+    assert len(ds) == 1 and ds.skipped == {"image outside the image folder": 1}
+
+
+def test_an_absolute_image_path_inside_the_image_folder_is_accepted(tmp_path, demo, tok):
+    image = os.path.join(demo["images"], "train_00000.png")  # as chat.py's /save writes it
+    path = write_rows(tmp_path / "rows.json", [{"id": "abs", "image": image, "conversations": turns("<image>", "b")}])
+    assert len(data.LLaVADataset(path, demo["images"], tok, "vicuna_v1", N_IMG, 32)) == 1
+
+
+def test_a_json_file_that_is_not_utf8_is_named(tmp_path, tok):
+    (tmp_path / "latin1.json").write_bytes(json.dumps([{"id": "caf\u00e9", "conversations": turns("a", "b")}],
+                                                      ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.json: not UTF-8"):
+        data.LLaVADataset(str(tmp_path / "latin1.json"), str(tmp_path), tok, "vicuna_v1", N_IMG, 32)
+
+
+def test_an_extreme_aspect_ratio_is_refused_at_start_up_naming_the_row(tmp_path, tok):
+    Image.new("RGB", (1, 25)).save(tmp_path / "strip.png")
+    rows = [{"id": "s", "image": "strip.png", "conversations": turns("<image>", "b")}]
+    path = write_rows(tmp_path / "rows.json", rows)
+    with pytest.raises(ValueError, match=r"rows.json: row 0 \(id 's'\): image aspect ratio: .*strip.png"):
+        data.LLaVADataset(path, str(tmp_path), tok, "vicuna_v1", N_IMG, 32)
 
 
 def batches_of(sampler, batch_size):

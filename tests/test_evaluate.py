@@ -69,6 +69,11 @@ def test_parse_scores():
         assert evaluate.parse_scores(bad) is None, bad
 
 
+@pytest.mark.parametrize("reply", ["-5 8", "8 -5", "-8 -7", "8 +11", "Assistant 1: -3 Assistant 2: 9"])
+def test_negative_and_out_of_range_scores_are_unparseable(reply):
+    assert evaluate.parse_scores(reply) is None
+
+
 def test_context_and_prompt(tmp_path):
     items = evaluate.judge_items(*bench_files(tmp_path)[:2], image_folder=str(tmp_path))
     assert items[2]["context"] == "A man irons.\nA taxi.\n\nperson: [0.1, 0.2, 0.5, 0.9]"
@@ -180,6 +185,13 @@ def test_mc_prompt_and_parse():
         assert evaluate.parse_choice(reply, choices) == index, reply
 
 
+@pytest.mark.parametrize("reply, index", [("Answer: A dog", None), ("The answer is A cat", None), ("A dog", None),
+                                          ("Answer: B dog", None), ("Answer: B", 1), ("Answer: (B) dog", 1),
+                                          ("The answer is A.", 0), ("answer: b", None), ("Answer: dog", None)])
+def test_a_letter_counts_only_when_it_stands_as_a_letter(reply, index):
+    assert evaluate.parse_choice(reply, ["cat", "dog"]) == index
+
+
 def test_mc_accuracy_is_exact(tmp_path):
     records = [{"id": "p1", "question": "Q1", "choices": ["a", "b"], "answer": 0, "subject": "physics"},
                {"id": "p2", "question": "Q2", "choices": ["a", "b", "c"], "answer": "C", "subject": "physics",
@@ -208,6 +220,48 @@ def test_mc_bad_answer_is_named(tmp_path):
         f.write("{not json\n")
     with pytest.raises(ValueError, match="sqa.jsonl, line 2"):
         fileio.read_records(path)
+
+
+@pytest.mark.parametrize("image", ["../../etc/passwd", "/etc/passwd", "a/../../b.png"])
+def test_mc_image_paths_stay_inside_the_image_folder(tmp_path, image):
+    path = write_jsonl(tmp_path / "sqa.jsonl", [{"id": "p1", "question": "Q", "choices": ["a", "b"], "answer": 0},
+                                                {"id": "p2", "question": "Q", "choices": ["a", "b"], "answer": 0,
+                                                 "image": image}])
+    with pytest.raises(ValueError, match=r"sqa.jsonl, item 1: path .* leaves the folder"):
+        evaluate.mc_items(path, str(tmp_path / "images"))
+
+
+def test_judge_image_paths_stay_inside_the_image_folder(tmp_path):
+    q, ctx, _ = bench_files(tmp_path)
+    write_jsonl(q, [{"question_id": 1, "image": "../secret.jpg", "text": "Q?"}])
+    write_jsonl(ctx, [{"image": "../secret.jpg", "caption": "c"}])
+    with pytest.raises(ValueError, match=r"questions.jsonl, line 1: path '../secret.jpg' leaves the folder"):
+        evaluate.judge_items(q, ctx, str(tmp_path / "images"))
+
+
+def test_inputs_that_are_not_utf8_are_named(tmp_path):
+    path = tmp_path / "sqa.jsonl"
+    path.write_bytes(json.dumps({"id": "p1", "question": "Caf\u00e9?", "choices": ["a", "b"], "answer": 0},
+                                ensure_ascii=False).encode("latin-1") + b"\n")
+    with pytest.raises(ValueError, match="sqa.jsonl: not UTF-8"):
+        evaluate.mc_items(str(path), ".")
+
+
+def test_a_key_that_cannot_be_a_header_is_refused_before_loading_the_model(tmp_path, monkeypatch):
+    q, ctx, refs = bench_files(tmp_path)
+    key = "sk-test-SECRET-9f8e7d"
+    monkeypatch.setenv("EVAL_TEST_KEY", key[:8] + "\u2019" + key[8:])
+    monkeypatch.setattr(evaluate, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit, match="EVAL_TEST_KEY") as e:
+        evaluate.main(["judge", "--model", str(tmp_path), "--questions", q, "--context", ctx, "--references", refs,
+                       "--out", str(tmp_path / "out"), "--api-key-env", "EVAL_TEST_KEY"])
+    assert key[:8] not in str(e.value)
+
+
+def test_unreadable_inputs_exit_with_the_file_named(tmp_path, capsys):
+    (tmp_path / "sqa.jsonl").write_text("{not json\n")
+    with pytest.raises(SystemExit, match=r"error: .*sqa.jsonl, line 1"):
+        evaluate.main(["mc", "--model", str(tmp_path), "--questions", str(tmp_path / "sqa.jsonl")])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,13 +1,14 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
-import api
 import fileio
 import generate_data as gd
 from tests.fake_openai import FakeOpenAI
@@ -122,45 +123,6 @@ def test_prompts_parse_as_their_own_task():
 
 
 # --------------------------------------------------------------------------------------------------------------------
-def test_client_retries_every_transient_fault():
-    with FakeOpenAI(reply=lambda m: "hi") as server:
-        client = api.ChatClient(server.url, KEY, "gpt-test", timeout=0.5, backoff=0.01)
-        server.push("429:0.4", "500", "503", "drop", "malformed", "slow:1.5")
-        start = time.monotonic()
-        result = client.complete([{"role": "user", "content": "x"}])
-        assert time.monotonic() - start >= 0.4 + 0.5  # Retry-After honoured, and the slow reply waited for a timeout
-        assert result["content"] == "hi" and result["finish_reason"] == "stop" and result["model"] == "gpt-test"
-        assert result["usage"]["completion_tokens"] == 1
-        assert [r["behaviour"] for r in server.requests] == ["429:0.4", "500", "503", "drop", "malformed", "slow:1.5",
-                                                             "ok"]
-
-
-def test_client_fatal_and_give_up():
-    with FakeOpenAI() as server:
-        client = api.ChatClient(server.url, KEY, "gpt-test", timeout=1, backoff=0.01, max_retries=2)
-        for status in ("400", "404", "401", "403"):
-            server.push(status)
-            with pytest.raises(api.FatalAPIError) as e:
-                client.complete([{"role": "user", "content": "x"}])
-            assert e.value.status == int(status)
-            assert KEY not in str(e.value) and KEY not in repr(e.value) and KEY not in repr(client)
-        assert "refused" in str(e.value)
-        assert len(server.requests) == 4  # no retry on a 4xx
-        server.push("500", "503", "500", "ok")
-        with pytest.raises(api.APIError, match="gave up after 3 attempts.*500") as e:
-            client.complete([{"role": "user", "content": "x"}])
-        assert not isinstance(e.value, api.FatalAPIError) and len(server.requests) == 7
-
-
-def test_rate_limit_spaces_requests():
-    with FakeOpenAI() as server:
-        client = api.ChatClient(server.url, KEY, "gpt-test", rpm=600)  # one request per 0.1 s
-        start = time.monotonic()
-        for _ in range(4):
-            client.complete([{"role": "user", "content": "x"}])
-        assert time.monotonic() - start >= 0.29
-
-
 # --------------------------------------------------------------------------------------------------------------------
 def test_run_faults_headers_resume_export(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
@@ -272,25 +234,6 @@ def test_dry_run_needs_no_key_and_no_network(tmp_path, monkeypatch, capsys):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-def test_jsonl_torn_and_corrupt_lines(tmp_path):
-    path = str(tmp_path / "x.jsonl")
-    fileio.append_jsonl(path, {"a": 1})
-    fileio.append_jsonl(path, {"a": 2})
-    with open(path, "a") as f:
-        f.write('{"a": 3}')  # parses, but without its newline the write may be incomplete: torn
-    assert fileio.read_jsonl(path) == [{"a": 1}, {"a": 2}]
-    assert fileio.repair_jsonl(path) == [{"a": 1}, {"a": 2}]
-    with open(path) as f:
-        assert f.read() == '{"a": 1}\n{"a": 2}\n'
-    with open(path, "a") as f:
-        f.write("\0\0\0\0\n")  # zeros a crash can leave behind
-    assert fileio.repair_jsonl(path) == [{"a": 1}, {"a": 2}] and os.path.getsize(path) == 18
-    with open(path, "w") as f:
-        f.write('{"a": 1}\n{"a": \n{"a": 2}\n')
-    with pytest.raises(ValueError, match="x.jsonl: line 2"):
-        fileio.read_jsonl(path)
-
-
 def test_resume_redoes_a_torn_line(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     cap, inst = make_coco(tmp_path, 2)
@@ -309,6 +252,7 @@ def test_resume_redoes_a_torn_line(tmp_path, monkeypatch):
     assert sorted(pairs_in(out)) == sorted((i, t) for i in (1, 2) for t in ("conversation", "detail"))
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume(tmp_path):
     cap, inst = make_coco(tmp_path, 8)
     out = tmp_path / "out.jsonl"
@@ -334,3 +278,154 @@ def test_sigkill_mid_run_then_resume(tmp_path):
     assert f"{24 - n_before} to generate" in resumed.stdout
     for text in (stdout.decode(), stderr.decode(), resumed.stdout, resumed.stderr, out.read_text()):
         assert KEY not in text
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# faults: the key, waits, Ctrl-C, replies of the wrong shape, a run where everything fails
+
+
+def run_in_thread(seconds, fn):
+    """fn() in a daemon thread; fails the test if it has not finished after `seconds` (an unfixed run would sleep
+    for hours: the thread is left behind rather than waited for)."""
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(value=fn()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s"
+    return outcome.get("value")
+
+
+def test_a_key_pasted_with_a_newline_works_and_is_never_shown(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY + "\r\n")
+    cap, inst = make_coco(tmp_path, 1)
+    out = tmp_path / "out.jsonl"
+    with FakeOpenAI(reply=reply) as server:
+        assert gd.main(cli(server, cap, inst, out)) == 0
+        assert {r["headers"]["Authorization"] for r in server.requests} == {f"Bearer {KEY}"}
+    assert len(pairs_in(out)) == 3
+    captured = capsys.readouterr()
+    assert KEY not in captured.out + captured.err
+
+
+def test_a_key_that_cannot_be_a_header_stops_before_any_request_without_showing_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY[:8] + "\u2019" + KEY[8:])  # a curly quote from a copy-paste
+    cap, inst = make_coco(tmp_path, 1)
+    with FakeOpenAI(reply=reply) as server:
+        with pytest.raises(SystemExit, match="OPENAI_API_KEY.*character 9") as e:
+            gd.main(cli(server, cap, inst, tmp_path / "out.jsonl"))
+        assert KEY[:8] not in str(e.value) and not server.requests
+
+
+@pytest.mark.parametrize("flags, cap", [([], "max_wait 120"), (["--max-wait", "30"], "max_wait 30")])
+def test_retry_after_beyond_max_wait_fails_the_pair_and_the_run_goes_on(tmp_path, monkeypatch, flags, cap):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    captions, instances = make_coco(tmp_path, 2)
+    out = tmp_path / "out.jsonl"
+    with FakeOpenAI(reply=reply) as server:
+        server.on("img2", "429:100000", times=None)  # 28 hours
+        code = run_in_thread(20, lambda: gd.main(cli(server, captions, instances, out, *flags)))
+    assert code == 0 and sorted(pairs_in(out)) == [(1, t) for t in sorted(gd.TASKS)]
+    reasons = [r["reason"] for r in fileio.read_jsonl(str(tmp_path / "out.failed.jsonl"))]
+    assert len(reasons) == 3 and all("Retry-After" in r and cap in r for r in reasons)
+
+
+def test_replies_of_the_wrong_shape_fail_their_pair_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    cap, inst = make_coco(tmp_path, 2)
+    out = tmp_path / "out.jsonl"
+    with FakeOpenAI(reply=reply) as server:
+        server.on(lambda m: "img2" in m[-1]["content"] and task_of(m) == "conversation", 'field:content=["a"]',
+                  times=None)
+        server.on(lambda m: "img2" in m[-1]["content"] and task_of(m) == "detail", 'field:usage="12"', times=None)
+        server.on(lambda m: "img1" in m[-1]["content"] and task_of(m) == "complex", 'field:usage={"prompt_tokens": '
+                  '"many"}', times=1)  # once: the retry succeeds
+        assert gd.main(cli(server, cap, inst, out, "--max-retries", "1")) == 0
+    assert sorted(pairs_in(out)) == sorted(all_pairs(2) - {(2, "conversation"), (2, "detail")})
+    failures = {(r["image_id"], r["task"]): r["reason"] for r in fileio.read_jsonl(str(tmp_path / "out.failed.jsonl"))}
+    assert failures.keys() == {(2, "conversation"), (2, "detail")}
+    assert all("malformed response" in reason for reason in failures.values())
+
+
+def test_an_error_in_one_pair_never_ends_the_others(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    cap, inst = make_coco(tmp_path, 3)
+    out = tmp_path / "out.jsonl"
+    parse = gd.parse_reply
+
+    def buggy(task, text, instruction):
+        if "img2" in text:
+            raise AttributeError("'list' object has no attribute 'strip'")
+        return parse(task, text, instruction)
+    monkeypatch.setattr(gd, "parse_reply", buggy)
+    with FakeOpenAI(reply=reply) as server:
+        assert gd.main(cli(server, cap, inst, out)) == 0
+        assert len(server.requests) == 9  # nothing asked twice
+    assert sorted(pairs_in(out)) == sorted((i, t) for i in (1, 3) for t in gd.TASKS)
+    reasons = [r["reason"] for r in fileio.read_jsonl(str(tmp_path / "out.failed.jsonl"))]
+    assert len(reasons) == 3 and all(r.startswith("unexpected error: AttributeError") for r in reasons)
+
+
+def test_a_run_where_every_pair_failed_exits_non_zero(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    cap, inst = make_coco(tmp_path, 2)
+    with FakeOpenAI(reply=reply, default="404") as server:  # e.g. a wrong --base-url path or --model
+        assert gd.main(cli(server, cap, inst, tmp_path / "out.jsonl")) == 1
+    assert "every pair of this run failed" in capsys.readouterr().err
+
+
+def test_a_slow_trickling_reply_times_out(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    cap, inst = make_coco(tmp_path, 1)
+    out = tmp_path / "out.jsonl"
+    with FakeOpenAI(reply=reply) as server:
+        server.on(lambda m: task_of(m) == "detail", "trickle:0.3", times=None)  # 1 byte per 0.3 s: minutes
+        args = cli(server, cap, inst, out, "--max-retries", "0")
+        assert run_in_thread(20, lambda: gd.main(args)) == 0  # --timeout 1
+    [failure] = fileio.read_jsonl(str(tmp_path / "out.failed.jsonl"))
+    assert failure["task"] == "detail" and "timeout" in failure["reason"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_at_once_with_every_reply_on_disk(tmp_path):
+    cap, inst = make_coco(tmp_path, 2)
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, "OPENAI_API_KEY": KEY}
+    with FakeOpenAI(reply=reply) as server:
+        # img1's three pairs come back; of img2's, one hangs in a slow reply and two wait out Retry-After: 100 s
+        server.on(lambda m: "img2" in m[-1]["content"] and task_of(m) == "conversation", "slow:60", times=None)
+        server.on("img2", "429:100", times=None)
+        args = [sys.executable, os.path.join(ROOT, "generate_data.py"), *cli(server, cap, inst, out)]
+        args[args.index("--timeout") + 1] = "90"
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (
+                len(pairs_in(out)) == 3 and sum("img2" in str(r["body"]) for r in server.requests) == 3):
+            time.sleep(0.05)
+        time.sleep(0.2)  # the two 429s are now in their 100 s wait
+        proc.send_signal(signal.SIGINT)
+        start = time.monotonic()
+        try:
+            stdout, stderr = proc.communicate(timeout=5)
+        finally:
+            proc.kill()
+        seconds = time.monotonic() - start
+    assert proc.returncode == 130 and seconds < 1.5, (proc.returncode, seconds, stderr)
+    assert "interrupted" in stderr and "Traceback" not in stderr and KEY not in stdout + stderr
+    assert sorted(pairs_in(out)) == [(1, t) for t in sorted(gd.TASKS)]
+    assert not (tmp_path / "out.failed.jsonl").exists()  # the interrupted pairs are not failures: a rerun does them
+
+
+def test_inputs_that_are_not_utf8_are_named(tmp_path):
+    cap, inst = make_coco(tmp_path, 1)
+    prompts = tmp_path / "prompts"
+    shutil.copytree(gd.PROMPTS, prompts)
+    (prompts / "detail" / "system.txt").write_bytes("Décris l'image.".encode("latin-1"))
+    args = ["--captions", cap, "--instances", inst, "--out", str(tmp_path / "o.jsonl"), "--dry-run"]
+    with pytest.raises(SystemExit, match=r"error: .*detail/system.txt: not UTF-8"):
+        gd.main(args + ["--prompts", str(prompts)])
+    with open(cap, "rb") as f:
+        captions = f.read()
+    with open(cap, "wb") as f:
+        f.write(captions.replace(b"caption 0 of", "légende 0 de".encode("latin-1")))
+    with pytest.raises(SystemExit, match=r"error: .*captions.json: not UTF-8"):
+        gd.main(args)

@@ -1,0 +1,193 @@
+"""api.ChatClient against a real HTTP server on 127.0.0.1 that injects faults (tests/fake_openai.py)."""
+import threading
+import time
+import traceback
+
+import pytest
+import requests
+
+import api
+from tests.fake_openai import FakeOpenAI
+
+KEY = "sk-test-7d1f0e9c4b2a-SECRET"
+MESSAGES = [{"role": "user", "content": "x"}]
+
+
+def within(seconds, fn):
+    """fn() in a daemon thread -> what it returned or raised; fails the test if it is still running after `seconds`
+    (an unfixed client would sleep or read for minutes: the thread is left behind, not waited for)."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = fn()
+        except BaseException as e:  # noqa: B902  the test inspects it
+            outcome["error"] = e
+    thread = threading.Thread(target=run, daemon=True)
+    start = time.monotonic()
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s"
+    return outcome.get("value", outcome.get("error")), time.monotonic() - start
+
+
+def test_retries_every_transient_fault():
+    with FakeOpenAI(reply=lambda m: "hi") as server:
+        client = api.ChatClient(server.url, KEY, "gpt-test", timeout=0.5, backoff=0.01)
+        server.push("429:0.4", "500", "503", "drop", "malformed", "slow:1.5")
+        start = time.monotonic()
+        result = client.complete(MESSAGES)
+        assert time.monotonic() - start >= 0.4 + 0.5  # Retry-After honoured, and the slow reply waited for a timeout
+        assert result == {"content": "hi", "finish_reason": "stop", "model": "gpt-test",
+                          "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+        assert [r["behaviour"] for r in server.requests] == ["429:0.4", "500", "503", "drop", "malformed", "slow:1.5",
+                                                             "ok"]
+
+
+def test_wrong_shaped_replies_are_retried():
+    with FakeOpenAI(reply=lambda m: "hi") as server:
+        client = api.ChatClient(server.url, KEY, "gpt-test", backoff=0.01, max_retries=6)
+        faults = ['field:content=["a", "b"]', 'field:usage="12"', 'field:usage={"completion_tokens": "7"}',
+                  'field:usage={"prompt_tokens": -1}', "field:model=5", "field:finish_reason=3"]
+        server.push(*faults)
+        assert client.complete(MESSAGES)["content"] == "hi"
+        assert [r["behaviour"] for r in server.requests] == faults + ["ok"]
+        server.push('field:content={"text": "hi"}')
+        with pytest.raises(api.APIError, match="malformed response"):
+            api.ChatClient(server.url, KEY, "gpt-test", max_retries=0).complete(MESSAGES)
+
+
+def test_null_content_and_usage_are_empty():
+    with FakeOpenAI() as server:
+        server.push("field:content=null", "field:usage=null")
+        client = api.ChatClient(server.url, KEY, "gpt-test", max_retries=0)
+        assert client.complete(MESSAGES)["content"] == ""
+        assert client.complete(MESSAGES)["usage"] == {"prompt_tokens": 0, "completion_tokens": 0}
+
+
+def test_4xx_is_fatal_at_once_and_never_shows_the_key():
+    with FakeOpenAI() as server:  # the fake's 401/403 bodies echo the key they were sent
+        client = api.ChatClient(server.url, KEY, "gpt-test", timeout=1, backoff=0.01, max_retries=2)
+        for status in ("400", "404", "401", "403"):
+            server.push(status)
+            with pytest.raises(api.FatalAPIError) as e:
+                client.complete(MESSAGES)
+            assert e.value.status == int(status)
+            assert KEY not in str(e.value) and KEY not in repr(e.value) and KEY not in repr(client)
+        assert "refused" in str(e.value)
+        assert len(server.requests) == 4  # no retry on a 4xx
+
+
+def test_gives_up_after_max_retries():
+    with FakeOpenAI() as server:
+        client = api.ChatClient(server.url, KEY, "gpt-test", timeout=1, backoff=0.01, max_retries=2)
+        server.push("500", "503", "500", "ok")
+        with pytest.raises(api.APIError, match="gave up after 3 attempts.*500") as e:
+            client.complete(MESSAGES)
+        assert not isinstance(e.value, api.FatalAPIError) and len(server.requests) == 3
+
+
+def test_rate_limit_spaces_requests():
+    with FakeOpenAI() as server:
+        client = api.ChatClient(server.url, KEY, "gpt-test", rpm=600)  # one request per 0.1 s
+        start = time.monotonic()
+        for _ in range(4):
+            client.complete(MESSAGES)
+        assert time.monotonic() - start >= 0.29
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the key: stripped, checked, never shown
+
+
+def test_key_pasted_with_a_newline_is_stripped():
+    with FakeOpenAI() as server:
+        for pasted in (KEY + "\n", KEY + "\r\n", " " + KEY + "\r"):
+            api.ChatClient(server.url, pasted, "gpt-test", max_retries=0).complete(MESSAGES)
+        assert [r["headers"]["Authorization"] for r in server.requests] == [f"Bearer {KEY}"] * 3
+
+
+@pytest.mark.parametrize("bad", [KEY[:10] + "\u2019" + KEY[10:], KEY[:10] + "\n" + KEY[10:], KEY + "\u00e9", "  \n"])
+def test_a_key_that_cannot_be_a_header_is_refused_without_showing_it(bad):
+    with pytest.raises(ValueError) as e:
+        api.ChatClient("http://127.0.0.1:9/v1", bad, "gpt-test")
+    assert KEY not in str(e.value) and KEY[:10] not in str(e.value)
+    assert "empty" in str(e.value) or "character" in str(e.value)
+
+
+def test_read_api_key_names_the_variable_not_the_key(monkeypatch):
+    monkeypatch.setenv("MY_KEY", KEY + "\n")
+    assert api.read_api_key("MY_KEY") == KEY
+    monkeypatch.setenv("MY_KEY", KEY + "\u2019")
+    with pytest.raises(ValueError, match="MY_KEY") as e:
+        api.read_api_key("MY_KEY")
+    assert KEY not in str(e.value)
+    monkeypatch.delenv("MY_KEY")
+    with pytest.raises(ValueError, match="MY_KEY.*empty"):
+        api.read_api_key("MY_KEY")
+
+
+def test_requests_own_errors_are_scrubbed_and_not_chained(monkeypatch):
+    """requests puts header values in its messages (InvalidHeader: 'Bearer sk-...'): the APIError raised instead
+    carries no key, and `from None` keeps the original out of the traceback."""
+    def post(self, url, **kw):
+        raise requests.exceptions.InvalidHeader(f"Invalid return character or leading space in header: "
+                                                f"Authorization: {kw['headers']['Authorization']!r}")
+    monkeypatch.setattr(requests.Session, "post", post)
+    client = api.ChatClient("http://127.0.0.1:9/v1", KEY, "gpt-test", max_retries=3)
+    with pytest.raises(api.APIError, match="InvalidHeader") as e:
+        client.complete(MESSAGES)
+    assert e.value.__cause__ is None and e.value.__suppress_context__
+    shown = "".join(traceback.format_exception(e.value))
+    assert KEY not in shown and "***" in shown
+
+
+def test_connection_errors_are_scrubbed(monkeypatch):
+    def post(self, url, **kw):
+        raise requests.ConnectionError(f"proxy said: bad credentials {KEY}")
+    monkeypatch.setattr(requests.Session, "post", post)
+    client = api.ChatClient("http://127.0.0.1:9/v1", KEY, "gpt-test", max_retries=1, backoff=0.01)
+    with pytest.raises(api.APIError) as e:
+        client.complete(MESSAGES)
+    assert KEY not in "".join(traceback.format_exception(e.value))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# waits and deadlines
+
+
+def test_retry_after_beyond_max_wait_fails_at_once():
+    with FakeOpenAI() as server:
+        server.push("429:100000")  # 28 hours
+        client = api.ChatClient(server.url, KEY, "gpt-test")  # default max_wait 120 s
+        error, seconds = within(5, lambda: client.complete(MESSAGES))
+        assert isinstance(error, api.APIError) and not isinstance(error, api.FatalAPIError)
+        assert "Retry-After" in str(error) and "max_wait 120" in str(error) and len(server.requests) == 1
+
+
+def test_backoff_is_capped_by_max_wait():
+    with FakeOpenAI() as server:
+        server.push("500", "500")
+        client = api.ChatClient(server.url, KEY, "gpt-test", backoff=60, max_wait=0.2)
+        result, seconds = within(5, lambda: client.complete(MESSAGES))
+        assert isinstance(result, dict) and seconds < 2 and len(server.requests) == 3
+
+
+def test_cancel_ends_a_wait_at_once():
+    with FakeOpenAI() as server:
+        server.push("429:60")
+        client = api.ChatClient(server.url, KEY, "gpt-test")
+        threading.Timer(0.3, client.cancel).start()
+        error, seconds = within(5, lambda: client.complete(MESSAGES))
+        assert isinstance(error, api.Cancelled) and not isinstance(error, api.APIError) and seconds < 1.5
+        with pytest.raises(api.Cancelled):  # a cancelled client starts nothing new
+            client.complete(MESSAGES)
+        assert len(server.requests) == 1
+
+
+def test_timeout_is_a_deadline_for_the_whole_reply():
+    with FakeOpenAI() as server:
+        server.push("trickle:0.4")  # every read gets a byte within 0.4 s: a per-read timeout never fires
+        client = api.ChatClient(server.url, KEY, "gpt-test", timeout=1.0, max_retries=0)
+        error, seconds = within(10, lambda: client.complete(MESSAGES))
+        assert isinstance(error, api.APIError) and "timeout" in str(error) and seconds < 2.5
