@@ -6,7 +6,8 @@
     printf 'What is this?\\nWhat colour?\\n' | python chat.py --model DIR --image a.jpg  # one message a line
 
 Each turn renders the whole conversation with data.render (as in training), compares the ids with those already
-in the cache, and feeds only what follows their common prefix (start_pos = its length).
+in the cache, and feeds only what follows their common prefix (start_pos = its length). The cache grows with the
+conversation, CACHE_CHUNK positions at a time, instead of holding the longest context from the start.
 """
 import argparse
 import os
@@ -20,7 +21,9 @@ from data import IMAGE_TOKEN, TEMPLATES, render
 from fileio import inside, read_json, write_json
 from llama import Tokenizer
 from llava import IMAGE_TOKEN_INDEX, LLaVA
+from quantize import quantize_int8
 
+CACHE_CHUNK = 256  # KV-cache positions added at a time: a re-allocation (a copy of the cache) every few turns
 DEMO_MODEL, DEMO_DATA = os.path.join("runs", "demo", "stage2"), os.path.join("runs", "demo", "data")
 HELP = """commands:
   /image PATH   talk about another image (starts a new conversation)
@@ -40,7 +43,7 @@ class ChatSession:
     """One conversation about (at most) one image, and the token ids whose keys/values are in the KV cache."""
 
     def __init__(self, model, tokenizer, template, max_new_tokens=None, temperature=0.0, top_p=1.0, seed=0,
-                 max_context=None, stats=False):
+                 max_context=None, stats=False, cache_chunk=CACHE_CHUNK):
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.temperature, self.top_p, self.stats = temperature, top_p, stats
         weight = model.llm.embed_tokens.weight
@@ -50,8 +53,10 @@ class ChatSession:
             note(f"--max-new-tokens {max_new_tokens} lowered to {self.max_context // 2} (context {self.max_context})")
         self.max_new_tokens = min(max_new_tokens or 512, self.max_context // 2)
         self.generator = torch.Generator(self.device).manual_seed(seed)
-        # one static cache for the whole session: positions are overwritten in place, never reallocated
-        model.llm.setup_cache(1, self.max_context, device=self.device, dtype=self.dtype)
+        # one cache for the whole session: positions are overwritten in place; it grows (keeping its entries) when a
+        # turn needs more, in steps of cache_chunk up to max_context (a 7B cache is ~0.5 MB per position)
+        self.cache_chunk = cache_chunk
+        model.llm.setup_cache(1, min(cache_chunk, self.max_context), device=self.device, dtype=self.dtype)
         self.image_path, self.pixel_values = None, None
         self.cached_ids = []  # ids at cache positions 0..len-1; later positions hold stale entries, never attended
         self.reset()
@@ -110,6 +115,9 @@ class ChatSession:
         assert reuse >= self.prompt_len, "data.render: the new prompt does not start with the previous prompt"
         new_ids = ids[reuse:]
         self.cached_ids = ids[:reuse]  # rolled back now, so an interrupt during the prefill leaves it consistent
+        if len(ids) + self.max_new_tokens > self.model.llm.cache_len:  # prompt_ids made sure it fits max_context
+            chunks = -(-(len(ids) + self.max_new_tokens) // self.cache_chunk)
+            self.model.llm.grow_cache(min(chunks * self.cache_chunk, self.max_context))
         pixel_values = self.pixel_values if IMAGE_TOKEN_INDEX in new_ids else None
         eos, stream, generated = self.tokenizer.eos_id, self.tokenizer.stream(), []
         start, first, interrupted = time.perf_counter(), None, False
@@ -197,6 +205,7 @@ def parse_args(argv):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, help="default 512, at most half the context")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quantize", choices=["int8"], help="int8 weights for the LLM and projector (quantize.py)")
     p.add_argument("--prompt", help="answer this one message and exit")
     p.add_argument("--stats", action="store_true", help="print time to first token and tokens/s after each answer")
     return p.parse_args(argv)
@@ -222,9 +231,11 @@ def load(args):
     dtype = args.dtype or {"cuda": "bfloat16", "mps": "float16"}.get(device.split(":")[0], "float32")
     try:  # the loaders' errors name the file and key: show them without a traceback
         tokenizer = Tokenizer(model_dir)  # first: a missing or broken tokenizer is found before a long model load
-        note(f"loading {model_dir} on {device} ({dtype})")
+        note(f"loading {model_dir} on {device} ({dtype}{', int8 weights' if args.quantize else ''})")
         model = LLaVA.from_pretrained(model_dir, vision_tower=args.vision_tower, device=device,
                                       dtype=getattr(torch, dtype)).eval()
+        if args.quantize == "int8":
+            quantize_int8(model)
     except (OSError, ValueError, KeyError) as e:
         sys.exit(f"error: cannot load {model_dir}: {e}")
     return model, tokenizer, args.template or model.config.template, image

@@ -1,5 +1,6 @@
 """Evaluate a LLaVA checkpoint the way the paper does. All modes answer greedily through the KV cache with the
-prompt data.render gives training for the same human turn.
+prompt data.render gives training for the same human turn, --batch-size questions at a time (inference.py); under
+`torchrun --nproc_per_node N evaluate.py ...` each process answers a share and rank 0 writes the files.
 
   judge  LLaVA-Bench: a text-only GPT-4 judge scores a reference answer and the model's answer 1-10 from the
          image's captions/boxes; relative score = mean(model) / mean(reference) x 100.
@@ -15,10 +16,23 @@ from collections import defaultdict
 from api import APIError, ChatClient, read_api_key
 from demo import demo_items, score_demo
 from fileio import append_jsonl, inside, read_jsonl, read_records, repair_jsonl, require, write_json
-from inference import answer_fn, load_model, tally
+from inference import QUANTIZE, answer_batches, answer_file, distributed, load_model, tally
 
 # -----------------------------------------------------------------------------------------------------------------
 # answering with the model
+
+
+def model_answers(args, items, model, tokenizer):
+    """{question_id: reply} on rank 0 ({} on the others), batched; mc and judge keep them in the resumable
+    answers.jsonl, the demo mode only in memory (keyed by the item itself: its ids need not be unique)."""
+    if args.mode == "demo":
+        return {id(item): reply for batch in answer_batches(model, tokenizer, items, args.max_new_tokens,
+                                                             args.batch_size) for item, reply in batch}
+    path = os.path.join(args.out, "answers.jsonl")
+    record = lambda item, text: {"question_id": item["question_id"], "prompt": item["text"], "text": text,  # noqa
+                                 "model_id": "llava"}
+    there, new = answer_file(model, tokenizer, items, path, record, args.max_new_tokens, args.batch_size)
+    return {r["question_id"]: r["text"] for r in read_jsonl(path)} if there + new else {}
 
 
 def answer_all(items, ask, out_path, model_id="llava"):
@@ -231,6 +245,8 @@ def main(argv=None):
         p.add_argument("--device", default=None)
         p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA)")
         p.add_argument("--max-new-tokens", type=int, default={"demo": 16, "mc": 16, "judge": 512}[name])
+        p.add_argument("--batch-size", type=int, default=None, help="questions at a time (default 8 CPU, 32 CUDA)")
+        p.add_argument("--quantize", choices=QUANTIZE, help="int8 weights for the LLM and projector (small machines)")
         p.add_argument("--out", default=f"runs/eval/{name}", help="output folder (answers, reviews, summary)")
     modes["demo"].add_argument("--data", default="runs/demo/data", help="folder with eval.json and images/")
     modes["demo"].add_argument("--limit", type=int, default=None)
@@ -268,28 +284,30 @@ def main(argv=None):
         judge_client = make_client(args, args.judge_model)
         ref_client = None if args.references else make_client(args, args.reference_model or args.judge_model)
     os.makedirs(args.out, exist_ok=True)
-    model, tokenizer = load_model(args.model, args.device, args.dtype)
-    ask = answer_fn(model, tokenizer, args.max_new_tokens)
-    try:
-        summary = run(args, items, ask, judge_client, ref_client)
-    except KeyboardInterrupt:  # every answer and review so far is on disk (appended as it came)
-        print(f"\ninterrupted: what was answered so far is in {args.out}; re-run the same command to continue",
-              file=sys.stderr)
-        sys.exit(130)
+    with distributed(args.device) as (rank, _, device):  # torchrun: one process group, each rank on its device
+        model, tokenizer = load_model(args.model, device, args.dtype, args.quantize)
+        try:
+            predictions = model_answers(args, items, model, tokenizer)
+            if rank != 0:  # the others only answered: rank 0 judges, scores and writes
+                return
+            summary = run(args, items, predictions, judge_client, ref_client)
+        except KeyboardInterrupt:  # every answer and review so far is on disk (appended as it came)
+            print(f"\ninterrupted: what was answered so far is in {args.out}; re-run the same command to continue",
+                  file=sys.stderr)
+            sys.exit(130)
     write_json(os.path.join(args.out, "summary.json"), summary, indent=1)  # never half-written
 
 
-def run(args, items, ask, judge_client, ref_client):
-    """Answer, (judge,) print and return the summary."""
+def run(args, items, predictions, judge_client, ref_client):
+    """(Judge,) print and return the summary of the model's answers {question_id: reply} (demo: {id(item): reply})."""
     if args.mode in ("demo", "mc"):
         if args.mode == "demo":
-            summary = score_demo(items, ask)
+            summary = score_demo(items, lambda item: predictions[id(item)])
         else:
-            summary = score_mc(items, answer_all(items, ask, os.path.join(args.out, "answers.jsonl")))
+            summary = score_mc(items, predictions)
         for key, s in sorted(summary.items()):
             print(f"{key:>24}: {s['accuracy']:5.1f}% ({s['correct']}/{s['total']}, {s['unparsed']} unparseable)")
     else:
-        predictions = answer_all(items, ask, os.path.join(args.out, "answers.jsonl"))
         references = reference_answers(items, args.references, ref_client, os.path.join(args.out, "references.jsonl"))
         reviews = review_all(items, references, predictions, judge_client, os.path.join(args.out, "reviews.jsonl"),
                              args.retries)

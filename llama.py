@@ -5,7 +5,8 @@ same tensor names minus the "model." prefix, so LLaMA-2, Vicuna, TinyLlama and S
 The checkpoint readers here (`load_checkpoint`, `load_strict`) are shared by clip.py, llava.py and formats.py, which
 maps every other layout (pickle `.bin` shards, the original LLaVA release, llava-hf) onto these names.
 Also here: a static KV cache indexed by token positions (prefill and decode share one forward), the sentencepiece
-tokenizer with a streaming decoder, and sampling / generation.
+tokenizer with a streaming decoder, and sampling / generation, one prompt (`generate`, streaming) or a batch of
+prompts of different lengths (`generate_batch`, left-padded).
 
     model = Llama.from_pretrained("path/to/vicuna-7b-v1.5", device="cuda", dtype=torch.bfloat16)
     tok = Tokenizer("path/to/vicuna-7b-v1.5")
@@ -156,8 +157,8 @@ def rope_cos_sin(config: LlamaConfig, positions, dtype):
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, device=positions.device).float() / dim))
     inv_freq = inv_freq / config.rope_scaling_factor  # (hd/2,)
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd): rotate_half layout, pairs (i, i + hd/2)
+    freqs = positions.float()[..., None] * inv_freq  # (T, hd/2), or (B, T, hd/2) for per-row positions
+    emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, hd): rotate_half layout, pairs (i, i + hd/2)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -166,7 +167,7 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(x, cos, sin):  # x (B, H, T, hd), cos/sin (T, hd)
+def apply_rope(x, cos, sin):  # x (B, H, T, hd), cos/sin (T, hd) or (B, 1, T, hd)
     return x * cos + rotate_half(x) * sin
 
 
@@ -249,11 +250,14 @@ class Llama(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
 
-    def setup_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None) -> None:
-        """Preallocate the KV cache: forward(..., input_pos) then writes and reads positions < max_seq_len."""
+    def check_cache_len(self, max_seq_len: int) -> None:
         if not 0 < max_seq_len <= self.config.max_position_embeddings:
             raise ValueError(f"KV cache length {max_seq_len} is not in 1..max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
+
+    def setup_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None) -> None:
+        """Preallocate the KV cache: forward(..., input_pos) then writes and reads positions < max_seq_len."""
+        self.check_cache_len(max_seq_len)
         device = device or self.embed_tokens.weight.device
         dtype = dtype or self.embed_tokens.weight.dtype
         c = self.config
@@ -264,28 +268,58 @@ class Llama(nn.Module):
                 layer.self_attn.v_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.cache_len = max_seq_len
 
+    def grow_cache(self, max_seq_len: int) -> None:
+        """Re-allocate the KV cache longer, keeping what it holds (chat sizes it to the conversation, not to the
+        longest context up front). One layer at a time: at most one layer's old copy is alive with the new cache."""
+        assert self.cache_len, "grow_cache needs a cache: setup_cache first"
+        self.check_cache_len(max_seq_len)
+        if max_seq_len <= self.cache_len:
+            return
+        with torch.inference_mode(False):
+            for attn in (layer.self_attn for layer in self.layers):
+                for name in ("k_cache", "v_cache"):
+                    old = getattr(attn, name)  # (B, n_kv, L_old, hd)
+                    new = old.new_zeros(*old.shape[:2], max_seq_len, old.shape[3])  # (B, n_kv, L, hd)
+                    new[:, :, :old.shape[2]] = old
+                    setattr(attn, name, new)
+        self.cache_len = max_seq_len
+
     def reset_cache(self) -> None:
         for layer in self.layers:
             layer.self_attn.k_cache = layer.self_attn.v_cache = None
         self.cache_len = 0
 
-    def forward(self, input_ids=None, inputs_embeds=None, input_pos=None):
-        """input_pos (T,): increasing KV-cache slots of the tokens (setup_cache first); None: positions 0..T-1."""
+    def forward(self, input_ids=None, inputs_embeds=None, input_pos=None, left_pad=None, last_only=False):
+        """input_pos (T,): increasing KV-cache slots of the tokens (setup_cache first); None: positions 0..T-1.
+        left_pad (B,): generate_batch's left padding, row b's first real token is in slot left_pad[b]: its RoPE
+        positions count from 0 there and no token attends to a padding slot. last_only: logits of the last
+        position only (all generation needs; a prompt's (B, T, vocab) would be large)."""
         assert (input_ids is None) != (inputs_embeds is None), "pass exactly one of input_ids and inputs_embeds"
+        assert left_pad is None or input_pos is not None, "left_pad needs the KV cache (input_pos)"
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         T = x.shape[1]
         kv_len, mask = None, None  # no cache: plain causal attention
+        positions = torch.arange(T, device=x.device) if input_pos is None else input_pos  # (T,)
         if input_pos is not None:
             kv_len = int(input_pos[-1]) + 1  # the last token sees the longest prefix
             assert kv_len <= self.cache_len, f"position {kv_len - 1} is past the KV cache ({self.cache_len} slots)"
-            if T > 1 and kv_len != T:  # prefill after earlier positions: token i sees cache slots <= input_pos[i]
-                mask = torch.arange(kv_len, device=x.device)[None, :] <= input_pos[:, None]  # (T, L)
-        positions = torch.arange(T, device=x.device) if input_pos is None else input_pos  # (T,)
-        cos, sin = rope_cos_sin(self.config, positions, x.dtype)  # (T, hd)
+            slots = torch.arange(kv_len, device=x.device)  # (L,)
+            if left_pad is not None:  # token i of row b sees slots left_pad[b]..input_pos[i]; a padding token only
+                # itself: a query without keys gives NaN, and a NaN key spoils every query (NaN x 0 weight = NaN)
+                mask = ((slots <= input_pos[:, None]) & (slots >= left_pad[:, None, None])
+                        | (slots == input_pos[:, None]))[:, None]  # (B, 1, T, L): the same for every head
+                positions = (input_pos - left_pad[:, None]).clamp(min=0)  # (B, T)
+            elif T > 1 and kv_len != T:  # prefill after earlier positions: token i sees cache slots <= input_pos[i]
+                mask = slots[None, :] <= input_pos[:, None]  # (T, L)
+        cos, sin = rope_cos_sin(self.config, positions, x.dtype)  # (T, hd), or (B, T, hd) with left_pad
+        if cos.dim() == 3:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd): the same for every head
         for layer in self.layers:
             x = (checkpoint(layer, x, cos, sin, input_pos, kv_len, mask, use_reentrant=False)
                  if self.gradient_checkpointing and self.training else layer(x, cos, sin, input_pos, kv_len, mask))
-        return self.lm_head(self.norm(x))  # (B, T, vocab)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
+        return self.lm_head(self.norm(x))  # (B, T, vocab), (B, 1, vocab) when last_only
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32) -> "Llama":
@@ -489,11 +523,63 @@ def generate(model: Llama, input_ids=None, inputs_embeds=None, *, max_new_tokens
                          f"{model.cache_len}: call model.setup_cache(1, L) with a larger L")
     device = prompt.device
     positions = torch.arange(start_pos, start_pos + T + max_new_tokens, device=device)
-    logits = model(input_ids=input_ids, inputs_embeds=inputs_embeds, input_pos=positions[:T])[:, -1]  # prefill
+    logits = model(input_ids=input_ids, inputs_embeds=inputs_embeds, input_pos=positions[:T], last_only=True)[:, -1]
     for i in range(max_new_tokens):
         token = sample(logits.float(), temperature, top_p, generator)  # (1,)
         token_id = int(token)
         yield token_id
         if token_id == eos_id or i == max_new_tokens - 1:
             return
-        logits = model(input_ids=token.view(1, 1), input_pos=positions[T + i:T + i + 1])[:, -1]  # (1, V)
+        logits = model(input_ids=token.view(1, 1), input_pos=positions[T + i:T + i + 1], last_only=True)[:, -1]
+
+
+@torch.inference_mode()
+def generate_batch(model: Llama, prompts, *, max_new_tokens: int, temperature=0.0, top_p=1.0, eos_id=None,
+                   generator=None) -> list:
+    """New token ids for each prompt, a list per prompt; an EOS ends its row and is included, as generate yields it.
+    prompts: token-id lists (or 1-D tensors) of any lengths, or embedding tensors (T_i, C) (LLaVA's prompts).
+
+    Left padding: the prompts are right-aligned in one (B, T) prefill, so every row's next token goes into the same
+    cache slot T + i and one forward decodes all rows, with the batch-1 KV cache code. The padding slots are masked
+    out and each row's RoPE positions start at 0 at its first real token (Llama.forward's left_pad), so a row
+    computes what it computes alone: greedy output equals generate's for the prompt alone (fp32; batched matmuls
+    round differently in the last bits). Finished rows are dropped from the batch, their cache rows compacted, once
+    they are a quarter of it. The KV cache is set up here (B rows, T + max_new_tokens slots) unless the model's
+    is large enough, and kept for the next call; model.reset_cache() frees it."""
+    if not prompts:
+        return []
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError(f"prompt {lengths.index(0)} is empty: generation needs at least one token")
+    device = model.embed_tokens.weight.device
+    B, T = len(prompts), max(lengths)
+    embeds = torch.is_tensor(prompts[0]) and prompts[0].is_floating_point()
+    x = (prompts[0].new_zeros(B, T, prompts[0].shape[-1]) if embeds  # (B, T, C): padding is never attended
+         else torch.full((B, T), model.config.pad_token_id, dtype=torch.long, device=device))  # (B, T)
+    for b, prompt in enumerate(prompts):
+        x[b, T - lengths[b]:] = torch.as_tensor(prompt, device=device)  # right-aligned
+    left_pad = torch.tensor([T - n for n in lengths], device=device)  # (B,)
+    cache = model.layers[0].self_attn.k_cache
+    if cache is None or cache.shape[0] < B or model.cache_len < T + max_new_tokens:
+        model.setup_cache(B, T + max_new_tokens)
+    slots = torch.arange(T + max_new_tokens, device=device)
+    logits = model(**{"inputs_embeds" if embeds else "input_ids": x}, input_pos=slots[:T], left_pad=left_pad,
+                   last_only=True)[:, -1]  # (B, V)
+    out, rows = [[] for _ in prompts], list(range(B))  # rows[j]: the prompt batch row j decodes, None once done
+    for i in range(max_new_tokens):
+        tokens = sample(logits.float(), temperature, top_p, generator)  # (B',)
+        for row, token in zip(rows, tokens.tolist()):
+            if row is not None:
+                out[row].append(token)
+        rows = [None if row is None or out[row][-1] == eos_id else row for row in rows]
+        live = [j for j, row in enumerate(rows) if row is not None]
+        if not live or i == max_new_tokens - 1:
+            break
+        if len(live) <= 3 * len(rows) // 4:  # a quarter has finished: move the live rows up, decode only those
+            index = torch.tensor(live, device=device)
+            for layer in model.layers:
+                for cache in (layer.self_attn.k_cache, layer.self_attn.v_cache):  # (B, n_kv, L, hd)
+                    cache[:len(live), :, :T + i] = cache[index, :, :T + i]  # slots filled so far
+            rows, tokens, left_pad = [rows[j] for j in live], tokens[index], left_pad[index]
+        logits = model(tokens[:, None], input_pos=slots[T + i:T + i + 1], left_pad=left_pad, last_only=True)[:, -1]
+    return out

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import formats
 from clip import CLIPVisionConfig, CLIPVisionTower
 from fileio import read_json, save_tensors, write_json
-from llama import Llama, LlamaConfig, generate as llama_generate, load_checkpoint, load_strict, typed_fields
+from llama import Llama, LlamaConfig, generate, generate_batch, load_checkpoint, load_strict, typed_fields
 from projector import PROJECTORS, build_projector
 
 IMAGE_TOKEN_INDEX = -200  # the original release's placeholder id: never a real vocabulary id
@@ -36,14 +36,8 @@ class LLaVAConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported; known: {', '.join(allowed)}")
 
-    @property
-    def num_image_tokens(self) -> int:
-        return self.vision.num_patches + (self.select_feature == "cls_patch")
-
-    @property
-    def image_size(self) -> int:
-        return self.vision.image_size
-
+    num_image_tokens = property(lambda self: self.vision.num_patches + (self.select_feature == "cls_patch"))
+    image_size = property(lambda self: self.vision.image_size)
     pad_to_square = property(lambda self: self.image_aspect_ratio == "pad")  # preprocess()'s name for "pad"
 
     def to_dict(self) -> dict:
@@ -99,7 +93,13 @@ class LLaVA(nn.Module):
         """Yields token ids (batch 1). The caller runs model.llm.setup_cache first; kwargs as llama.generate."""
         with torch.inference_mode():  # images are encoded once, then prefilled into the KV cache with the text
             embeds = self.embed(input_ids, pixel_values)  # (1, T, D)
-        return llama_generate(self.llm, inputs_embeds=embeds, **kwargs)
+        return generate(self.llm, inputs_embeds=embeds, **kwargs)  # llama's
+
+    @torch.inference_mode()
+    def generate_batch(self, prompts, **kwargs):
+        """Token-id lists for [(input_ids (T_i,), pixel_values (N_i, 3, S, S) or None)]; kwargs as llama's."""
+        embeds = [self.embed(ids[None], pixels)[0] for ids, pixels in prompts]  # (T_i, D) each, as batch 1 has it
+        return generate_batch(self.llm, embeds, **kwargs)  # llama's
 
     # ---------------------------------------------------------------------------------------------- checkpoints
 

@@ -5,7 +5,8 @@ and grade, alone and in an ensemble with a text-only GPT-4 (92.53 % with GPT-4 a
             list as the original converter writes (LLaVA's scripts/convert_sqa_to_llava.py and its base prompt),
             for every prompt format it defines; QCM-LEA (lecture, solution, "The answer is X.") is the paper's
   answer    a checkpoint's answers in LLaVA's answer-file format (JSONL question_id, prompt, text, answer_id,
-            model_id), asked as llava/eval/model_vqa_science.py asks; resumable
+            model_id), asked as llava/eval/model_vqa_science.py asks; resumable, batched, and spread over the
+            processes of a torchrun launch (rank 0 writes the file)
   score     parses answers as llava/eval/eval_science_qa.py does and writes the Table 7 columns, defined as in
             ScienceQA's tools/evaluate_acc.py (NAT/SOC/LAN by subject, TXT/IMG/NO by context, G1-6/G7-12 by grade)
   gpt4      the text-only GPT-4 baseline (chain of thought ending in "The answer is X."), resumable, same format
@@ -421,6 +422,8 @@ def main(argv=None):
     commands["answer"].add_argument("--device", default=None)
     commands["answer"].add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
     commands["answer"].add_argument("--max-new-tokens", type=int, default=1024)  # model_vqa_science.py's
+    commands["answer"].add_argument("--batch-size", type=int, default=None, help="questions at a time (8 CPU, 32 CUDA)")
+    commands["answer"].add_argument("--quantize", choices=("int8",), help="int8 weights for the LLM and projector")
     for name in ("answer", "gpt4"):
         commands[name].add_argument("--limit", type=int, default=None, help="only the first N problems")
     commands["score"].add_argument("--answers", required=True, help="answer file (JSONL)")
@@ -449,13 +452,18 @@ def run(args):
         write_json(args.out, records)
         print(f"{args.out}: {len(records)} samples ({args.split}, {args.prompt_format})")
     elif args.command == "answer":
-        from inference import answer_fn, load_model  # torch only where a model runs
+        from inference import answer_file, distributed, load_model  # torch only where a model runs
         items = model_items(args.root, args.split, problems, args.prompt_format)[:args.limit]
         if not os.path.isdir(args.model):
             raise FileNotFoundError(f"{args.model}: no checkpoint folder")
-        model, tokenizer = load_model(args.model, args.device, args.dtype)
-        answer_all(items, answer_fn(model, tokenizer, args.max_new_tokens), args.out,
-                   os.path.basename(os.path.normpath(args.model)))
+        model_id = os.path.basename(os.path.normpath(args.model))
+        record = lambda item, text: {"question_id": item["question_id"], "prompt": item["prompt"],  # noqa: E731
+                                     "text": text, "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}}
+        with distributed(args.device) as (rank, world, device):  # under torchrun: each rank a share, rank 0 writes
+            model, tokenizer = load_model(args.model, device, args.dtype, args.quantize)
+            there, new = answer_file(model, tokenizer, items, args.out, record, args.max_new_tokens, args.batch_size)
+        if rank == 0:
+            print(f"{args.out}: {there} answers were there, {new} new ({world} process{'es' * (world > 1)})")
     elif args.command == "score":
         result = score(problems, read_answers(args.answers))
         write_json(args.out, result)

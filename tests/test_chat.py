@@ -212,6 +212,39 @@ def test_context_overflow_drops_the_oldest_turn(tiny, capsys):
     assert session.conversation() == [human("<image>\nWhy?"), gpt(answer)]  # the session goes on unchanged
 
 
+def test_the_cache_grows_past_its_first_size_without_changing_the_answers(tiny):
+    tmp, model, tokenizer = tiny
+    pa = pixels(model, tmp / "a.png")
+    session = chat.ChatSession(LLaVA.from_pretrained(str(tmp / "model")), tokenizer, TEMPLATE,
+                               max_new_tokens=MAX_NEW, max_context=1024, cache_chunk=16)
+    assert session.model.llm.cache_len == 16  # not max_context up front
+    session.set_image(str(tmp / "a.png"))
+    conv, sizes = [], []
+    for question in ("What is it?", "And the colour?", "Where is it in the picture?"):
+        conv.append(human(("" if conv else "<image>\n") + question))
+        answer = session.reply(question, out=StopAfter(-1))
+        assert answer and answer == reference(model, tokenizer, conv, pa).strip()
+        conv.append(gpt(answer))
+        sizes.append(session.model.llm.cache_len)
+    first = prompt_ids(model, tokenizer, conv[:1])
+    assert sizes[0] == -(-(len(first) + MAX_NEW) // 16) * 16 and 16 < sizes[0] < sizes[-1] < 1024, sizes
+    assert_cache_holds(session, model, pa)  # the entries survived every re-allocation
+
+
+def test_int8_weights_answer_through_chat(tiny, capsys):
+    from quantize import Int8Linear, quantize_int8
+    tmp, model, tokenizer = tiny
+    question = "What shape is in the picture?"
+    args = ["--model", str(tmp / "model"), "--image", str(tmp / "a.png"), "--max-new-tokens", str(MAX_NEW),
+            "--quantize", "int8"]
+    loaded, *_ = chat.load(chat.parse_args(args))
+    assert sum(isinstance(m, Int8Linear) for m in loaded.modules()) == 7 * len(loaded.llm.layers) + 2  # + projector
+    chat.main(args + ["--prompt", question])
+    quantized = quantize_int8(LLaVA.from_pretrained(str(tmp / "model")))
+    expected = reference(quantized, tokenizer, [human("<image>\n" + question)], pixels(model, tmp / "a.png"))
+    assert expected.strip() and capsys.readouterr().out == expected + "\n"
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # faults at the boundary: the prompt, /save, a broken tokenizer
 

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import llama
-from llama import (Llama, LlamaConfig, Tokenizer, generate, hf_to_llama_keys, llama_to_hf_keys, load_checkpoint,
-                   load_strict, sample)
+from llama import (Llama, LlamaConfig, Tokenizer, generate, generate_batch, hf_to_llama_keys, llama_to_hf_keys,
+                   load_checkpoint, load_strict, sample)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 MODELS = ["llama_gqa", "llama_tied"]  # gqa: sharded, 2 KV heads; tied: tied head, head_dim 16 != 48/4, linear RoPE
@@ -525,3 +525,97 @@ def test_sample_low_temperature_is_nearly_greedy():
 def test_empty_nucleus_keeps_the_most_likely_token(top_p):
     generator = torch.Generator().manual_seed(0)
     assert sample(LOGITS[:1].expand(100, 3), 1.0, top_p, generator).tolist() == [0] * 100
+
+
+# ------------------------------------------------------------------------------------------- batched generation
+
+def mixed_prompts(vocab_size, lengths=(5, 12, 1, 8, 3), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab_size, (n,), generator=generator).tolist() for n in lengths]
+
+
+def alone(model, prompt, max_new_tokens, eos_id=None):
+    model.setup_cache(1, len(prompt) + max_new_tokens)
+    return list(generate(model, torch.tensor([prompt]), max_new_tokens=max_new_tokens, eos_id=eos_id))
+
+
+def test_left_padded_rows_compute_what_they_compute_alone():
+    model, _ = load("llama_tied")  # linear RoPE scaling: the per-row positions go through the scaling too
+    model.double()
+    prompts = mixed_prompts(model.config.vocab_size, (3, 9, 6))
+    T = max(map(len, prompts))
+    ids = torch.stack([torch.tensor([0] * (T - len(p)) + p) for p in prompts])  # (3, 9) left-padded
+    left_pad = torch.tensor([T - len(p) for p in prompts])
+    with torch.no_grad():
+        model.setup_cache(3, T + 1)
+        prefill = model(ids, input_pos=torch.arange(T), left_pad=left_pad)  # (3, T, V)
+        step = model(torch.tensor([[7], [8], [9]]), input_pos=torch.tensor([T]), left_pad=left_pad)  # (3, 1, V)
+        for b, p in enumerate(prompts):
+            full = model(torch.tensor([p + [7 + b]]))  # (1, len + 1, V), no cache
+            assert (prefill[b, T - len(p):] - full[0, :-1]).abs().max() <= 1e-9
+            assert (step[b, 0] - full[0, -1]).abs().max() <= 1e-9
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_generate_batch_equals_each_prompt_alone(name):
+    model, _ = load(name)
+    prompts = mixed_prompts(model.config.vocab_size)
+    assert generate_batch(model, prompts, max_new_tokens=10) == [alone(model, p, 10) for p in prompts]
+
+
+def test_generate_batch_rows_stop_at_their_own_eos():
+    model, _ = load("llama_gqa")
+    prompts = mixed_prompts(model.config.vocab_size, (5, 12, 1, 8, 3, 7, 2, 10))
+    free = [alone(model, p, 12) for p in prompts]
+    eos = free[0][2]
+    expected = [alone(model, p, 12, eos) for p in prompts]
+    stops = sorted(len(out) for out in expected if out[-1] == eos)
+    assert len(set(stops)) >= 2 and len(stops) >= 3 and min(map(len, expected)) < 12 == max(map(len, expected)), \
+        "rows must finish at different steps (the batch is compacted) while one runs to the end"
+    assert generate_batch(model, prompts, max_new_tokens=12, eos_id=eos) == expected
+
+
+def test_generate_batch_from_embeddings_equals_token_ids():
+    model, _ = load("llama_gqa")
+    prompts = mixed_prompts(model.config.vocab_size)
+    with torch.no_grad():
+        embeds = [model.embed_tokens(torch.tensor(p)) for p in prompts]  # (T_i, C) each
+    assert generate_batch(model, embeds, max_new_tokens=8) == generate_batch(model, prompts, max_new_tokens=8)
+
+
+def test_generate_batch_reuses_a_large_enough_cache_and_refuses_an_empty_prompt():
+    model, _ = load("llama_gqa")
+    prompts = mixed_prompts(model.config.vocab_size)
+    model.setup_cache(8, 40)  # stale entries from an earlier use do not matter
+    model(torch.randint(0, 200, (8, 40)), input_pos=torch.arange(40))
+    assert generate_batch(model, prompts, max_new_tokens=6) == [alone(model, p, 6) for p in prompts]
+    model.setup_cache(8, 40)
+    cache = model.layers[0].self_attn.k_cache
+    generate_batch(model, prompts, max_new_tokens=6)
+    assert model.layers[0].self_attn.k_cache is cache
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate_batch(model, [[5], []], max_new_tokens=2)
+
+
+def test_last_only_gives_the_last_positions_logits():
+    model, ref = load("llama_tied")
+    with torch.no_grad():
+        model.setup_cache(2, 12)
+        last = model(ref["input_ids"], input_pos=torch.arange(12), last_only=True)  # (2, 1, V)
+    assert last.shape[1] == 1 and (last[:, 0] - ref["logits"][:, -1]).abs().max() <= 1e-4
+
+
+def test_grown_cache_keeps_its_entries():
+    model, ref = load("llama_gqa")
+    model.double()
+    ids = ref["input_ids"]  # (2, 12)
+    with torch.no_grad():
+        full = model(ids)
+        model.setup_cache(2, 5)
+        model(ids[:, :5], input_pos=torch.arange(5))
+        model.grow_cache(12)
+        assert model.cache_len == 12 and model.layers[0].self_attn.k_cache.shape[2] == 12
+        rest = model(ids[:, 5:], input_pos=torch.arange(5, 12))
+    assert (rest - full[:, 5:]).abs().max() <= 1e-9
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.grow_cache(10_000)
