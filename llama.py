@@ -182,7 +182,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
         self.k_cache = self.v_cache = None  # (B, n_kv, L, hd) once Llama.setup_cache ran; plain tensors, not state
 
-    def forward(self, x, cos, sin, input_pos=None, kv_len=None, mask=None):
+    def forward(self, x, cos, sin, input_pos=None, kv_len=None, mask=None, rows=slice(None)):
+        """rows: the KV-cache rows of the batch's rows (a slice; Llama.forward's cache_row)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
@@ -191,10 +192,10 @@ class Attention(nn.Module):
         if input_pos is None:  # plain causal forward, no cache
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads < self.n_heads)
         else:
-            self.k_cache[:B].index_copy_(2, input_pos, k)
-            self.v_cache[:B].index_copy_(2, input_pos, v)
+            self.k_cache[rows].index_copy_(2, input_pos, k)
+            self.v_cache[rows].index_copy_(2, input_pos, v)
             # attend over the filled prefix only, not the whole preallocated buffer
-            k, v = self.k_cache[:B, :, :kv_len], self.v_cache[:B, :, :kv_len]  # (B, Hkv, L, hd)
+            k, v = self.k_cache[rows, :, :kv_len], self.v_cache[rows, :, :kv_len]  # (B, Hkv, L, hd)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                enable_gqa=self.n_kv_heads < self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, C)
@@ -219,8 +220,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, input_pos=None, kv_len=None, mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, kv_len, mask)
+    def forward(self, x, cos, sin, input_pos=None, kv_len=None, mask=None, rows=slice(None)):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, kv_len, mask, rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -289,16 +290,18 @@ class Llama(nn.Module):
             layer.self_attn.k_cache = layer.self_attn.v_cache = None
         self.cache_len = 0
 
-    def forward(self, input_ids=None, inputs_embeds=None, input_pos=None, left_pad=None, last_only=False):
+    def forward(self, input_ids=None, inputs_embeds=None, input_pos=None, left_pad=None, last_only=False,
+                cache_row=0):
         """input_pos (T,): increasing KV-cache slots of the tokens (setup_cache first); None: positions 0..T-1.
         left_pad (B,): generate_batch's left padding, row b's first real token is in slot left_pad[b]: its RoPE
         positions count from 0 there and no token attends to a padding slot. last_only: logits of the last
-        position only (all generation needs; a prompt's (B, T, vocab) would be large)."""
+        position only (all generation needs; a prompt's (B, T, vocab) would be large). cache_row: batch row b uses
+        KV-cache row cache_row + b (generate_batch prefills a batch in groups of rows)."""
         assert (input_ids is None) != (inputs_embeds is None), "pass exactly one of input_ids and inputs_embeds"
         assert left_pad is None or input_pos is not None, "left_pad needs the KV cache (input_pos)"
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
-        T = x.shape[1]
-        kv_len, mask = None, None  # no cache: plain causal attention
+        B, T = x.shape[:2]
+        kv_len, mask, rows = None, None, slice(cache_row, cache_row + B)  # no cache: plain causal attention
         positions = torch.arange(T, device=x.device) if input_pos is None else input_pos  # (T,)
         if input_pos is not None:
             kv_len = int(input_pos[-1]) + 1  # the last token sees the longest prefix
@@ -315,8 +318,9 @@ class Llama(nn.Module):
         if cos.dim() == 3:
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd): the same for every head
         for layer in self.layers:
-            x = (checkpoint(layer, x, cos, sin, input_pos, kv_len, mask, use_reentrant=False)
-                 if self.gradient_checkpointing and self.training else layer(x, cos, sin, input_pos, kv_len, mask))
+            args = (x, cos, sin, input_pos, kv_len, mask, rows)
+            x = (checkpoint(layer, *args, use_reentrant=False) if self.gradient_checkpointing and self.training
+                 else layer(*args))
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         return self.lm_head(self.norm(x))  # (B, T, vocab), (B, 1, vocab) when last_only
@@ -539,13 +543,16 @@ def generate_batch(model: Llama, prompts, *, max_new_tokens: int, temperature=0.
     """New token ids for each prompt, a list per prompt; an EOS ends its row and is included, as generate yields it.
     prompts: token-id lists (or 1-D tensors) of any lengths, or embedding tensors (T_i, C) (LLaVA's prompts).
 
-    Left padding: the prompts are right-aligned in one (B, T) prefill, so every row's next token goes into the same
+    Left padding: the prompts are right-aligned (T = the longest), so every row's next token goes into the same
     cache slot T + i and one forward decodes all rows, with the batch-1 KV cache code. The padding slots are masked
     out and each row's RoPE positions start at 0 at its first real token (Llama.forward's left_pad), so a row
     computes what it computes alone: greedy output equals generate's for the prompt alone (fp32; batched matmuls
-    round differently in the last bits). Finished rows are dropped from the batch, their cache rows compacted, once
-    they are a quarter of it. The KV cache is set up here (B rows, T + max_new_tokens slots) unless the model's
-    is large enough, and kept for the next call; model.reset_cache() frees it."""
+    round differently in the last bits). Padding would cost prefill compute (a third of it for lengths drawn from
+    16..64), so the rows are sorted longest first and prefilled in groups whose lengths are within 3/4 of the
+    group's first, each group from its own longest prompt's first slot. Finished rows are dropped from the batch,
+    their cache rows compacted, once they are a quarter of it. The KV cache is set up here (B rows, T +
+    max_new_tokens slots) unless the model's is large enough, and kept for the next call; model.reset_cache()
+    frees it. Cache slots before a group's first slot are not written, only masked: setup_cache zero-fills them."""
     if not prompts:
         return []
     lengths = [len(p) for p in prompts]
@@ -553,19 +560,27 @@ def generate_batch(model: Llama, prompts, *, max_new_tokens: int, temperature=0.
         raise ValueError(f"prompt {lengths.index(0)} is empty: generation needs at least one token")
     device = model.embed_tokens.weight.device
     B, T = len(prompts), max(lengths)
+    rows = sorted(range(B), key=lambda b: -lengths[b])  # rows[j]: the prompt batch row j decodes, None once done
     embeds = torch.is_tensor(prompts[0]) and prompts[0].is_floating_point()
     x = (prompts[0].new_zeros(B, T, prompts[0].shape[-1]) if embeds  # (B, T, C): padding is never attended
          else torch.full((B, T), model.config.pad_token_id, dtype=torch.long, device=device))  # (B, T)
-    for b, prompt in enumerate(prompts):
-        x[b, T - lengths[b]:] = torch.as_tensor(prompt, device=device)  # right-aligned
-    left_pad = torch.tensor([T - n for n in lengths], device=device)  # (B,)
+    for j, b in enumerate(rows):
+        x[j, T - lengths[b]:] = torch.as_tensor(prompts[b], device=device)  # right-aligned
+    left_pad = torch.tensor([T - lengths[b] for b in rows], device=device)  # (B,)
     cache = model.layers[0].self_attn.k_cache
     if cache is None or cache.shape[0] < B or model.cache_len < T + max_new_tokens:
         model.setup_cache(B, T + max_new_tokens)
     slots = torch.arange(T + max_new_tokens, device=device)
-    logits = model(**{"inputs_embeds" if embeds else "input_ids": x}, input_pos=slots[:T], left_pad=left_pad,
-                   last_only=True)[:, -1]  # (B, V)
-    out, rows = [[] for _ in prompts], list(range(B))  # rows[j]: the prompt batch row j decodes, None once done
+    logits, start = [], 0
+    while start < B:  # prefill, a group of rows of similar lengths at a time
+        end, first = start + 1, T - lengths[rows[start]]  # first: the slot of the group's first real token
+        while end < B and 4 * lengths[rows[end]] >= 3 * lengths[rows[start]]:
+            end += 1
+        logits.append(model(**{"inputs_embeds" if embeds else "input_ids": x[start:end, first:]},
+                            input_pos=slots[first:T], left_pad=left_pad[start:end], last_only=True,
+                            cache_row=start)[:, -1])  # (rows, V)
+        start = end
+    logits, out = torch.cat(logits), [[] for _ in prompts]  # (B, V)
     for i in range(max_new_tokens):
         tokens = sample(logits.float(), temperature, top_p, generator)  # (B',)
         for row, token in zip(rows, tokens.tolist()):

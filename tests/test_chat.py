@@ -238,7 +238,9 @@ def test_int8_weights_answer_through_chat(tiny, capsys):
     args = ["--model", str(tmp / "model"), "--image", str(tmp / "a.png"), "--max-new-tokens", str(MAX_NEW),
             "--quantize", "int8"]
     loaded, *_ = chat.load(chat.parse_args(args))
-    assert sum(isinstance(m, Int8Linear) for m in loaded.modules()) == 7 * len(loaded.llm.layers) + 2  # + projector
+    linears = [m for part in (loaded.llm.layers, loaded.projector) for m in part.modules()
+               if isinstance(m, (torch.nn.Linear, Int8Linear))]
+    assert len(linears) == 7 * len(loaded.llm.layers) + 2 and all(isinstance(m, Int8Linear) for m in linears)
     chat.main(args + ["--prompt", question])
     quantized = quantize_int8(LLaVA.from_pretrained(str(tmp / "model")))
     expected = reference(quantized, tokenizer, [human("<image>\n" + question)], pixels(model, tmp / "a.png"))

@@ -388,3 +388,93 @@ def test_demo_accuracy_on_the_demo_format(tmp_path, monkeypatch):
     expected = sum(question.startswith("What") for question, _ in gold)
     assert 0 < expected < 8
     assert demo.demo_accuracy(None, None, str(tmp_path)) == (expected, 8)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# batches, processes and int8 weights: the same answers as one question at a time in one process
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def varied(tmp_path_factory):
+    """(checkpoint, mc questions, image folder): a tiny LLaVA whose weights are large enough that its answers
+    depend on the image and the words, and mc questions of different lengths, half with an image."""
+    import shutil
+    from dataclasses import replace
+    from PIL import Image
+    from clip import CLIPVisionConfig
+    from llama import LlamaConfig, Tokenizer
+    from llava import LLaVA, LLaVAConfig
+    root = tmp_path_factory.mktemp("varied")
+    vocab = Tokenizer(os.path.join(FIXTURES, "tokenizer.model")).vocab_size
+    torch.manual_seed(1)
+    model = LLaVA(LLaVAConfig(llm=replace(LlamaConfig.from_name("tiny"), vocab_size=vocab),
+                              vision=CLIPVisionConfig.from_name("tiny")))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(("llm.", "projector.")):
+                p.normal_(0.0, 0.5 if p.ndim > 1 else 1.0)
+    model.save_pretrained(str(root / "model"))
+    shutil.copy(os.path.join(FIXTURES, "tokenizer.model"), root / "model" / "tokenizer.model")
+    records = []
+    for i in range(10):
+        Image.new("RGB", (30 + 5 * i, 40), (25 * i, 255 - 20 * i, 60)).save(root / f"{i}.png")
+        records.append({"id": f"s{i}", "question": "Which one is it?" + " Look closely." * (i % 4),
+                        "choices": ["red", "green", "blue"][:2 + i % 2], "answer": i % 2,
+                        **({"image": f"{i}.png"} if i % 2 == 0 else {})})
+    return str(root / "model"), write_jsonl(root / "questions.jsonl", records), str(root)
+
+
+def mc_answers(varied, out, *flags):
+    model, questions, images = varied
+    evaluate.main(["mc", "--model", model, "--questions", questions, "--images", images, "--out", str(out),
+                   "--max-new-tokens", "5", *flags])
+    return fileio.read_jsonl(str(out / "answers.jsonl"))
+
+
+def test_mc_answers_at_batch_8_equal_batch_1(varied, tmp_path):
+    one = mc_answers(varied, tmp_path / "b1", "--batch-size", "1")
+    eight = mc_answers(varied, tmp_path / "b8", "--batch-size", "8")
+    assert len({a["text"] for a in one}) >= 3, "the answers hardly differ: a weak check"
+    assert eight == one  # the same records in the same (question) order
+    assert (tmp_path / "b8" / "summary.json").read_text() == (tmp_path / "b1" / "summary.json").read_text()
+
+
+def test_demo_mode_at_batch_8_equals_batch_1(varied, tmp_path, capsys):
+    model, _, _ = varied
+    data = make_demo_dir(tmp_path / "data", [("colour", "red"), ("shape", "square"), ("shape", "circle"),
+                                             ("count", "2")])
+    for size in ("1", "8"):
+        evaluate.main(["demo", "--model", model, "--data", data, "--out", str(tmp_path / size), "--batch-size", size])
+    assert (tmp_path / "1" / "summary.json").read_text() == (tmp_path / "8" / "summary.json").read_text()
+
+
+def test_int8_weights_answer_through_evaluate(varied, tmp_path):
+    model, _, _ = varied
+    answers = mc_answers(varied, tmp_path / "int8", "--quantize", "int8")
+    quantized, tokenizer = inference.load_model(model, "cpu", "float32", quantize="int8")
+    items = evaluate.mc_items(varied[1], varied[2])
+    assert [a["text"] for a in answers] == [inference.answer(quantized, tokenizer, item["text"], item["image_path"], 5)
+                                            for item in items]
+    assert json.loads((tmp_path / "int8" / "summary.json").read_text())["all"]["total"] == 10
+
+
+@pytest.mark.slow
+def test_two_torchrun_processes_answer_as_one_and_resume(varied, tmp_path):
+    import subprocess
+    import sys
+    model, questions, images = varied
+    one = mc_answers(varied, tmp_path / "one", "--batch-size", "2")
+    out = tmp_path / "two"
+    out.mkdir()
+    kept = [{**a, "text": "KEPT"} for a in one[:3]]  # an interrupted run's answers: never asked again
+    (out / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in kept) + '{"question_id": "s3", "te')
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "evaluate.py", "mc", "--model", model, "--questions", questions, "--images", images,
+                          "--out", str(out), "--max-new-tokens", "5", "--batch-size", "2", "--device", "cpu"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert fileio.read_jsonl(str(out / "answers.jsonl")) == kept + one[3:]  # each question once, in order
+    assert run.stdout.count("all:") == 1  # only rank 0 scores and prints
