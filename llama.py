@@ -291,7 +291,7 @@ class Llama(nn.Module):
         self.cache_len = 0
 
     def forward(self, input_ids=None, inputs_embeds=None, input_pos=None, left_pad=None, last_only=False,
-                cache_row=0):
+                cache_row=0, head=True):
         """input_pos (T,): increasing KV-cache slots of the tokens (setup_cache first); None: positions 0..T-1.
         left_pad (B,): generate_batch's left padding, row b's first real token is in slot left_pad[b]: its RoPE
         positions count from 0 there and no token attends to a padding slot. last_only: logits of the last
@@ -323,7 +323,8 @@ class Llama(nn.Module):
                  else layer(*args))
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
-        return self.lm_head(self.norm(x))  # (B, T, vocab), (B, 1, vocab) when last_only
+        x = self.norm(x)  # head=False: these hidden states (B, T, C), for a loss that runs lm_head where labels are
+        return self.lm_head(x) if head else x  # (B, T, vocab), (B, 1, vocab) when last_only
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32) -> "Llama":

@@ -82,16 +82,19 @@ class LLaVA(nn.Module):
         return embeds
 
     def forward(self, input_ids, pixel_values=None, labels=None):
-        logits = self.llm(inputs_embeds=self.embed(input_ids, pixel_values))  # (B, T, V)
+        """No labels: (logits (B, T, V), None). Labels: (logits of the N labelled positions (N, V), mean loss)."""
+        hidden = self.llm(inputs_embeds=self.embed(input_ids, pixel_values), head=labels is None)  # (B, T, V or D)
         if labels is None:
-            return logits, None
-        # token t predicts label t+1 (labels are aligned with input_ids, as in transformers)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return logits, loss
+            return hidden, None
+        # token t predicts label t+1: shift the labels, not the logits, and run the head only where a label is
+        # (image tokens and prompts have none: ~95 % of stage-1 positions), never on full (B, T, V) logits
+        targets, keep = labels[:, 1:], labels[:, 1:] != -100  # (B, T-1)
+        logits = self.llm.lm_head(hidden[:, :-1][keep])  # (N, V)
+        return logits, F.cross_entropy(logits.float(), targets[keep])
 
     def generate(self, input_ids, pixel_values=None, **kwargs):
-        """Yields token ids (batch 1). The caller runs model.llm.setup_cache first; kwargs as llama.generate."""
-        with torch.inference_mode():  # images are encoded once, then prefilled into the KV cache with the text
+        """Yields token ids (batch 1) after model.llm.setup_cache; the image is encoded once, then prefilled."""
+        with torch.inference_mode():
             embeds = self.embed(input_ids, pixel_values)  # (1, T, D)
         return generate(self.llm, inputs_embeds=embeds, **kwargs)  # llama's
 
@@ -100,8 +103,6 @@ class LLaVA(nn.Module):
         """Token-id lists for [(input_ids (T_i,), pixel_values (N_i, 3, S, S) or None)]; kwargs as llama's."""
         embeds = [self.embed(ids[None], pixels)[0] for ids, pixels in prompts]  # (T_i, D) each, as batch 1 has it
         return generate_batch(self.llm, embeds, **kwargs)  # llama's
-
-    # ---------------------------------------------------------------------------------------------- checkpoints
 
     @classmethod
     def from_pretrained(cls, path, vision_tower=None, device="cpu", dtype=torch.float32) -> "LLaVA":
@@ -124,10 +125,9 @@ class LLaVA(nn.Module):
         config = LLaVAConfig(llm=llm.config, vision=tower.config, projector_type=projector_type, **config_overrides)
         with torch.device("meta"):  # nothing is allocated: every part is replaced below
             model = cls(config)
-        model.llm, model.vision_tower = llm, tower.requires_grad_(False)
+        model.llm, model.vision_tower, model.source_path = llm, tower.requires_grad_(False), llm_path
         # PyTorch's default Linear init, as the original builds mm_projector after loading the LLM
         model.projector = build_projector(projector_type, tower.config.hidden_size, llm.config.hidden_size)
-        model.source_path = llm_path
         return model.to(device=device, dtype=dtype).eval()
 
     def save_pretrained(self, path, file="model.safetensors", prefix=""):
@@ -139,12 +139,11 @@ class LLaVA(nn.Module):
         save_tensors(os.path.join(path, file), sd)
         write_json(os.path.join(path, "config.json"), self.config.to_dict())
 
-    def save_projector(self, path):
-        """Stage-1 output: config.json + projector.safetensors (keys "projector.*")."""
+    def save_projector(self, path):  # the stage-1 output: config.json + projector.safetensors ("projector.*")
         self.save_pretrained(path, "projector.safetensors", "projector.")
 
     def load_projector(self, path):
         """Stage-1 output, strictly: our projector.safetensors or the original release's mm_projector.bin."""
         tensors, files, keys = formats.read_projector(path, self.config.projector_type)
-        weight = next(self.projector.parameters())
-        load_strict(self.projector, tensors, files, *keys, device=weight.device, dtype=weight.dtype)
+        w = next(self.projector.parameters())
+        load_strict(self.projector, tensors, files, *keys, device=w.device, dtype=w.dtype)

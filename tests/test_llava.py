@@ -231,3 +231,36 @@ def test_from_parts_reads_a_full_clip_model(model, tmp_path):  # openai/clip-vit
     reference = LLaVA.from_parts(str(tmp_path / "llm"), os.path.join(FIXTURES, "clip_tiny"))
     for key, value in reference.vision_tower.state_dict().items():
         assert torch.equal(built.vision_tower.state_dict()[key], value), key
+
+
+def _full_logits_loss(model, ids, pixel_values, labels):  # the textbook form: every position's logits, then shift
+    logits = model.llm(inputs_embeds=model.embed(ids, pixel_values))  # (B, T, V)
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                             ignore_index=-100)
+
+
+def test_loss_on_labelled_positions_equals_the_full_logits_loss():
+    model = LLaVA.from_pretrained(HF_DIR).requires_grad_(True)
+    ids, pixels, labels = ours(REF["input_ids_1"]), REF["pixel_values_1"], REF["labels_1"]
+    _, loss = model(ids, pixels, labels=labels)
+    torch.testing.assert_close(loss, _full_logits_loss(model, ids, pixels, labels), atol=1e-6, rtol=0)
+
+
+def test_loss_on_labelled_positions_gives_the_full_logits_gradients():
+    model = LLaVA.from_pretrained(HF_DIR).requires_grad_(True)
+    model.vision_tower.requires_grad_(False)
+    ids, pixels, labels = ours(REF["input_ids_1"]), REF["pixel_values_1"], REF["labels_1"]
+    model(ids, pixels, labels=labels)[1].backward()
+    ours_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    _full_logits_loss(model, ids, pixels, labels).backward()
+    assert ours_grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(ours_grads[name], p.grad, atol=1e-6, rtol=0, msg=name)
+
+
+def test_training_forward_returns_logits_of_the_labelled_positions_only():
+    labels = REF["labels_1"]
+    logits, _ = LLaVA.from_pretrained(HF_DIR)(ours(REF["input_ids_1"]), REF["pixel_values_1"], labels=labels)
+    assert logits.shape == (int((labels[:, 1:] != -100).sum()), REF["logits_1"].shape[-1])
