@@ -30,8 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
-from api import APIError, ChatClient, FatalAPIError
-from fileio import append_jsonl, read_json, read_jsonl, repair_jsonl, require, write_json
+from api import APIError, Cancelled, ChatClient, FatalAPIError, read_api_key
+from fileio import append_jsonl, inside, read_json, read_jsonl, repair_jsonl, require, write_json
 
 OPTIONS = ["A", "B", "C", "D", "E"]  # the converter's and the eval script's option letters: at most five choices
 # The original converter's templates (scripts/convert_sqa_to_llava_base_prompt.py, create_one_example_chatbot)
@@ -93,10 +93,8 @@ def check_problem(problem, pid, where, image_folder):
         raise ValueError(f"{where}: 'answer' {problem['answer']} is not an index of its {len(choices)} choices")
     image = require(problem, "image", where)
     if image is not None:  # the release has null or "image.png"
-        folder = os.path.abspath(image_folder)
-        path = os.path.normpath(os.path.join(folder, pid, image)) if isinstance(image, str) and image else ""
-        if not path.startswith(folder + os.sep):
-            raise ValueError(f"{where}: 'image' must be null or a file name inside {folder}, got {image!r}")
+        relative = os.path.join(pid, image) if isinstance(image, str) and image else image
+        inside(image_folder, relative, f"{where}: 'image'")
 
 
 def load_scienceqa(root, split):
@@ -167,16 +165,21 @@ def convert(problems, prompt_format=DEFAULT_FORMAT):
 # answer files (LLaVA's format), written resumably by the model and by GPT-4
 
 
-def run_pool(fn, items, workers, desc):
-    """[fn(item)] in order, `workers` at a time; on an error or Ctrl-C the items not started are dropped."""
+def run_pool(fn, items, workers, desc, cancel=None):
+    """[fn(item)] in order, `workers` at a time; on an error or Ctrl-C the items not started are dropped, and
+    cancel() (a ChatClient's) ends the waits of those in flight, so Ctrl-C exits at once."""
     pool = ThreadPoolExecutor(max(1, workers))
     try:
         return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, disable=not items))
+    except KeyboardInterrupt:
+        if cancel:
+            cancel()
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def answer_all(items, ask, out_path, model_id, workers=1):
+def answer_all(items, ask, out_path, model_id, workers=1, cancel=None):
     """Append {question_id, prompt, text, answer_id, model_id, metadata} for items not yet in out_path (a torn
     last line is cut first); ask(item) -> text, or None for a failed request (left for the next run)."""
     done = {r.get("question_id") for r in repair_jsonl(out_path)}
@@ -191,7 +194,7 @@ def answer_all(items, ask, out_path, model_id, workers=1):
                                         "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}})
         return text is not None
 
-    answered = sum(run_pool(one, todo, workers, model_id))
+    answered = sum(run_pool(one, todo, workers, model_id, cancel))
     print(f"{out_path}: {len(done)} answers were there, {answered} new, {len(todo) - answered} failed")
     return len(todo) - answered
 
@@ -289,6 +292,8 @@ def ask_client(client, messages, what):
     """The reply text, or None when the request failed for good (a refused key stops the run)."""
     try:
         return client.complete(messages)["content"]
+    except Cancelled:  # Ctrl-C: nobody's failure, asked again on the next run
+        return None
     except APIError as e:
         if isinstance(e, FatalAPIError) and e.status in (401, 403):
             raise
@@ -300,7 +305,7 @@ def gpt4_answers(problems, client, out_path, shots=(), workers=4):
     items = [{"question_id": pid, "prompt": question_text(p), "messages": gpt4_messages(p, shots)}
              for pid, p in problems.items()]
     return answer_all(items, lambda item: ask_client(client, item["messages"], item["question_id"]), out_path,
-                      client.model, workers)
+                      client.model, workers, client.cancel)
 
 
 def judge_all(problems, pids, ours, gpt4, client, log_path, workers=4):
@@ -321,7 +326,7 @@ def judge_all(problems, pids, ours, gpt4, client, log_path, workers=4):
                 append_jsonl(log_path, {"question_id": pid, "messages": messages, "reply": reply})
         return -1 if reply is None else parse_answer(reply, len(problems[pid]["choices"]))
 
-    return dict(zip(pids, run_pool(one, pids, workers, "judge")))
+    return dict(zip(pids, run_pool(one, pids, workers, "judge", client.cancel)))
 
 
 def ensemble(problems, ours, gpt4, mode, client=None, log_path=None, workers=4):
@@ -393,9 +398,10 @@ def make_demo_scienceqa(root, n_images=12, seed=0):
 
 
 def make_client(args):
-    api_key = os.environ.get(args.api_key_env)
-    if not api_key:
-        sys.exit(f"error: set the API key in the environment variable {args.api_key_env}")
+    try:
+        api_key = read_api_key(args.api_key_env)  # stripped and checked; errors never show it
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     # temperature 0: ScienceQA's GPT-3 baseline; as repeatable as the API allows
     return ChatClient(args.base_url, api_key, args.gpt4_model, temperature=0.0, max_tokens=args.max_tokens)
 

@@ -409,3 +409,19 @@ def test_demo_trains_with_the_scienceqa_recipe(tiny_checkpoint, tmp_path):
     scienceqa.main(["answer", "--model", run_dir, "--root", root, "--out", answers, "--max-new-tokens", "3",
                     "--limit", "2"])
     assert len(scienceqa.read_answers(answers)) == 2
+
+
+def test_ctrl_c_in_the_pool_cancels_the_requests_in_flight():
+    import threading
+    import time
+    cancelled = threading.Event()
+
+    def one(item):
+        if item == 0:
+            raise KeyboardInterrupt  # as if Ctrl-C reached the main thread while item 1 waits in a backoff
+        return cancelled.wait(5)  # a client's wait: ends only when cancel() is called
+
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        scienceqa.run_pool(one, [0, 1], workers=2, desc="test", cancel=cancelled.set)
+    assert cancelled.is_set() and time.monotonic() - start < 2
