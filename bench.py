@@ -189,8 +189,9 @@ def clip_run(args):
         print(f"  speed ratio {name} / transformers: {ratio:.2f}x of medians, {paired:.2f}x median of pairs")
 
 # ---- train ----
-# A training step exactly as train.py runs it in one process (AdamW, clipping, bf16 autocast + flash attention on
-# CUDA), on random weights and random tokens: each sample is BOS, one image's placeholders, then text to --seq-len.
+# train.py's own optimizer step (train.train_step: accumulation, clipping, AdamW, bf16 autocast + flash attention on
+# CUDA) in one process, on random weights and random tokens: each sample is BOS, one image's placeholders, then text
+# to --seq-len. The optimizer's settings are the --recipe's.
 TRAIN_PRESETS = {  # name: (LlamaConfig preset, CLIPVisionConfig preset)
     "demo": (None, None),  # train.py's demo shapes
     "tiny": ("tiny", "tiny"),
@@ -201,8 +202,10 @@ TRAIN_PRESETS = {  # name: (LlamaConfig preset, CLIPVisionConfig preset)
 
 def train_args(parser):
     parser.add_argument("--preset", default="demo", choices=TRAIN_PRESETS)
+    parser.add_argument("--recipe", default="llava-v1.5", help="train.py recipe for the optimizer's lr, decay, clip")
     parser.add_argument("--stage", type=int, default=2, choices=(1, 2))
     parser.add_argument("--batch", type=int, default=16, help="samples per step")
+    parser.add_argument("--micro-batch", type=int, help="samples per forward (default: the whole batch)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per sample, image tokens included")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
     parser.add_argument("--grad-checkpointing", action="store_true")
@@ -212,9 +215,6 @@ def train_args(parser):
 
 def train_bench(args):
     import resource
-    from contextlib import nullcontext
-    from types import SimpleNamespace
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     import demo
     import train
     from clip import CLIPVisionConfig
@@ -227,33 +227,32 @@ def train_bench(args):
     llm_name, vision_name = TRAIN_PRESETS[args.preset]
     llm = LlamaConfig.from_name(llm_name) if llm_name else LlamaConfig(vocab_size=512, **demo.DEMO_LLM)
     vision = CLIPVisionConfig.from_name(vision_name) if vision_name else CLIPVisionConfig(**demo.DEMO_CLIP)
+    config = train.make_config(args.recipe, args.stage)
     torch.manual_seed(0)
     with torch.device(device):
         model = train.set_stage(LLaVA(LLaVAConfig(llm=llm, vision=vision)), args.stage)
     flops = train.flops_per_step(model, args.stage)
     model = train.parallelize(model, device, args.grad_checkpointing)
-    optimizer = train.make_optimizer(model, SimpleNamespace(lr=1e-5, weight_decay=0.0))
+    optimizer = train.make_optimizer(model, config)
     trained = [p for p in model.parameters() if p.requires_grad]
     P, T, B = model.config.num_image_tokens, args.seq_len, args.batch
+    micro = args.micro_batch or B
     if T <= P + 1:
         raise SystemExit(f"--seq-len {T} must exceed the {P} image tokens + BOS")
+    if B % micro:
+        raise SystemExit(f"--batch {B} must be a multiple of --micro-batch {micro}")
     input_ids = torch.randint(3, llm.vocab_size, (B, T), device=device)  # (B, T)
     input_ids[:, 0], input_ids[:, 1:P + 1] = llm.bos_token_id, -200
     labels = input_ids.masked_fill(input_ids == -200, -100)  # (B, T)
     pixel_values = torch.randn(B, 3, vision.image_size, vision.image_size, device=device)  # (B, 3, S, S)
-    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext()
-    attention = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]) if cuda else nullcontext()
+    micro_batches = [{"input_ids": input_ids[i:i + micro], "labels": labels[i:i + micro],
+                      "pixel_values": pixel_values[i:i + micro]} for i in range(0, B, micro)]
     times = []
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     for step in range(args.steps + 2):
         _sync(device); start = time.perf_counter()
-        with autocast, attention:
-            _, loss = model(input_ids, pixel_values, labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train.train_step(model, optimizer, micro_batches, config.lr, config.grad_clip, device)  # the loop's step
         _sync(device)
         times.append(time.perf_counter() - start)
     dt = statistics.median(times[2:])
@@ -262,7 +261,8 @@ def train_bench(args):
     achieved = flops(B * T, B, T) / dt
     memory = (f"peak allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else
               f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
-    print(f"train {args.preset} stage {args.stage} on {name}: batch {B} x {T} tokens ({P} image tokens), "
+    print(f"train {args.preset} stage {args.stage} ({args.recipe} optimizer) on {name}: batch {B} x {T} tokens "
+          f"({P} image tokens) in micro-batches of {micro}, "
           f"grad checkpointing {'on' if args.grad_checkpointing else 'off'}, "
           f"{sum(p.numel() for p in trained) / 1e6:.1f}M of {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
           f"parameters trained")

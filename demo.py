@@ -25,8 +25,6 @@ from llama import Llama, LlamaConfig, Tokenizer
 
 # The demo: tiny random-init models, trained from scratch in minutes on 2 CPU cores. The frozen random tower keeps
 # colour and position (one layer: LayerNorm'd random patch projections); a fast projector learns to read it.
-DEMO_RECIPES = {1: dict(lr=1e-3, epochs=1, batch_size=32, template="plain"),
-                2: dict(lr=2e-3, projector_lr=1e-2, epochs=4, batch_size=16, template="vicuna_v1")}
 DEMO_LLM = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=4, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=512)
 DEMO_CLIP = dict(hidden_size=192, intermediate_size=384, num_hidden_layers=1, num_attention_heads=4,

@@ -1,16 +1,28 @@
 """Train LLaVA: stage 1 aligns the image features (projector only), stage 2 tunes on instructions (projector + LLM).
 
-    python train.py                                               # the built-in demo: a few minutes on a laptop CPU
-    python train.py --stage 1 && python train.py --stage 2        # the same demo, one stage at a time
-    torchrun --nproc_per_node 8 train.py --stage 1 --model vicuna-7b --vision-tower clip-vit-large-patch14 \\
-        --data blip_laion_cc_sbu_558k.json --image-folder images --out runs/stage1
-    torchrun --nproc_per_node 8 train.py --stage 2 --model vicuna-7b --vision-tower clip-vit-large-patch14 \\
-        --projector runs/stage1 --data llava_instruct_158k.json --image-folder coco/train2017 --out runs/stage2
+    python train.py                                          # the built-in demo, stage 1 then 2: minutes on a CPU
+    python train.py --stage 1 && python train.py --stage 2   # the same demo, one stage at a time
+    python train.py --recipe llava-v1.5 --stage 2 --dry-run  # the resolved config as one JSON object
+    torchrun --nproc_per_node 8 train.py --recipe llava-v1.5 --stage 1 --model vicuna-7b-v1.5 \\
+        --vision-tower clip-vit-large-patch14-336 --data blip_laion_cc_sbu_558k.json --image-folder images \\
+        --out runs/stage1 --set micro_batch_size=32
+    torchrun --nproc_per_node 8 train.py --recipe llava-v1.5 --stage 2 --model vicuna-7b-v1.5 \\
+        --vision-tower clip-vit-large-patch14-336 --projector runs/stage1 --data llava_v1_5_mix665k.json \\
+        --image-folder playground/data --out runs/stage2 --set micro_batch_size=16
+
+Recipes are data: TrainConfig holds every hyperparameter and RECIPES names the original scripts' values
+(`llava-v1` = the paper, `llava-v1.5`, `scienceqa`, `demo`); `--set key=value` overrides any field. Flags are
+for paths and actions only. With no --data and --model the demo runs (recipe `demo` unless --recipe names
+another); with real paths --recipe is required, so a real run never trains on values nobody chose.
 
 The two stages are one loop that differs only in which parameters require grad; the CLIP tower never trains.
 One process when RANK is unset; under torchrun every decoder block and then the whole model is sharded with FSDP2
 (bf16 compute with fp32 gradient reduction on CUDA, fp32 and gloo on CPU). The loss of a step is the mean over all
 answer tokens of the global batch, so it does not depend on how the batch is split over GPUs and micro-batches.
+A run ends with a training state (checkpoints/step_N: trained weights, optimizer, RNG) and then the output, so a
+failed final write loses nothing. A rank that stalls for dist_timeout seconds ends the job; on gloo with a message
+naming the last good state (NCCL's watchdog aborts the process itself). Limits: one cosine schedule; full
+(unsharded) training states gathered on rank 0, which is simple and resumes on any GPU count but needs its memory.
 """
 import argparse
 import json
@@ -19,140 +31,284 @@ import os
 import random
 import shutil
 import signal
-import sys
+import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, fields
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
-from demo import DEMO_RECIPES, build_demo_inputs, demo_accuracy
+import formats
+from demo import DEMO_CLIP, build_demo_inputs, demo_accuracy
+from fileio import append_jsonl, read_json, read_jsonl, save_tensors, write_json, write_text
 from llama import Tokenizer
 from llava import LLaVA
 
-# The paper's recipe for the real models (LLaVA-1.5: stage 1 lr 1e-3 batch 256, stage 2 lr 2e-5 batch 128, 1 epoch).
-RECIPES = {1: dict(lr=2e-3, epochs=1, batch_size=128, template="plain"),
-           2: dict(lr=2e-5, epochs=3, batch_size=32, template="vicuna_v1")}
-PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "A10G": 70, "4090": 165}  # dense bf16, for MFU
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", type=int, choices=(1, 2), help="1 or 2; left out: the whole demo, stage 1 then 2")
-    p.add_argument("--model", help="base LLM directory (HF LLaMA/Vicuna), or a LLaVA checkpoint to go on from")
-    p.add_argument("--vision-tower", help="CLIP directory (HF layout); not needed with a LLaVA checkpoint")
-    p.add_argument("--projector", help="stage-1 output directory; required in stage 2 from a base LLM")
-    p.add_argument("--data", help="LLaVA JSON: a list of {id, image, conversations}")
-    p.add_argument("--image-folder", help="folder the image paths in --data are relative to")
-    p.add_argument("--tokenizer", help="tokenizer.model (default: the one in --model)")
-    p.add_argument("--out", help="output directory (default runs/demo/stage<N>, or runs/stage<N>)")
-    p.add_argument("--projector-type", default="mlp2x_gelu", choices=("linear", "mlp2x_gelu"))
-    p.add_argument("--template", help="conversation template (default: plain in stage 1, vicuna_v1 in stage 2)")
-    p.add_argument("--image-aspect-ratio", default="pad", choices=("pad", "square"))
-    p.add_argument("--lr", type=float, help="peak learning rate (default: the stage's recipe)")
-    p.add_argument("--projector-lr", type=float, help="peak lr of the projector (default: --lr)")
-    p.add_argument("--epochs", type=float, help="passes over the data (default: the stage's recipe)")
-    p.add_argument("--batch-size", type=int, help="global batch in samples (default: the stage's recipe)")
-    p.add_argument("--micro-batch-size", type=int, help="samples per forward per process (default: all at once)")
-    p.add_argument("--max-length", type=int, default=2048, help="tokens per sample, image tokens included")
-    p.add_argument("--warmup-ratio", type=float, default=0.03)
-    p.add_argument("--weight-decay", type=float, default=0.0, help="never applied to norms and biases")
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
-                   help="batch samples of similar length (and modality) together: less padding")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute each decoder block in backward")
-    p.add_argument("--save-every", type=int, default=0, help="write a training state every N steps")
-    p.add_argument("--resume", nargs="?", const="latest", help="a training state directory (default: the latest)")
-    p.add_argument("--stop-after", type=int, help="stop after this step and write a training state")
-    p.add_argument("--num-workers", type=int, help="data loader processes (default 4; demo 0)")
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable rows/images instead of stopping")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--peak-tflops", type=float, help="accelerator peak for MFU (default: known cards)")
-    p.add_argument("--demo-dir", default="runs/demo")
-    p.add_argument("--eval-limit", type=int, help="demo: score only the first N held-out questions")
-    return p.parse_args(argv)
-
-
 # -----------------------------------------------------------------------------------------------------------------
-# set-up: inputs, demo, model, distributed
+# config: one dataclass, named recipes, the command line
+
+
+@dataclass
+class TrainConfig:
+    recipe: str = "demo"  # the named recipe the values came from (RECIPES)
+    stage: int = 1  # 1: the projector learns to align features; 2: projector + LLM learn to follow instructions
+    lr: float = 2e-5  # peak learning rate
+    projector_lr: float = 0.0  # peak lr of the projector (the original's mm_projector_lr); 0: the same as lr
+    batch_size: int = 128  # global batch in samples (per-device batch x GPUs x accumulation in the original)
+    micro_batch_size: int = 0  # samples per forward per process; 0: the process's whole share of the batch at once
+    epochs: float = 1.0  # passes over the data; the last partial batch of each epoch is left out
+    warmup_ratio: float = 0.03  # share of the steps with linear warmup from 0 (HF Trainer)
+    weight_decay: float = 0.0  # AdamW decay of the weight matrices; never applied to norms and biases
+    grad_clip: float = 1.0  # max global gradient norm (HF Trainer's max_grad_norm)
+    projector_type: str = "mlp2x_gelu"  # "linear": the paper; "mlp2x_gelu": LLaVA-1.5
+    image_size: int = 336  # the tower's input size in the recipe (ViT-L/14: 224, -336: 336); other: error; 0: any
+    template: str = "vicuna_v1"  # conversation template (data.TEMPLATES): "plain" for stage-1 captions
+    image_aspect_ratio: str = "square"  # "square": resize + centre-crop (CLIP's); "pad": pad to a square first
+    max_length: int = 2048  # tokens per sample, image tokens included (model_max_length)
+    group_by_length: bool = False  # batches of similar length and one modality: less padding (LLaVA-1.5 stage 2)
+    grad_checkpointing: bool = True  # recompute each decoder block in backward: less memory, ~1/3 more compute
+    num_workers: int = 4  # data loader processes
+    skip_bad: bool = False  # skip unreadable rows and images (counted and reported) instead of stopping
+    seed: int = 0  # the projector's init and the data order
+    save_every: int = 0  # write a training state every N steps; 0: only when stopped and at the end
+    stop_after: int = 0  # stop after this step with a training state; 0: run to the end
+    dist_timeout: float = 300.0  # seconds a collective waits for a stalled rank before the job ends
+    threads: int = 0  # torch CPU threads; 0: torch's choice
+    peak_tflops: float = 0.0  # accelerator peak for the MFU column; 0: the known cards (PEAK_TFLOPS)
+    demo_dir: str = "runs/demo"  # the demo's data, base models and outputs
+    eval_limit: int = 0  # demo: score only the first N held-out questions; 0: all
+    # paths and actions: from the flags, not from recipes (--set refuses them)
+    model: str | None = None  # base LLM directory (HF LLaMA/Vicuna), or a LLaVA checkpoint to go on from
+    vision_tower: str | None = None  # CLIP directory (HF layout); not needed with a LLaVA checkpoint
+    projector: str | None = None  # stage-1 output directory (projector.safetensors or mm_projector.bin)
+    data: str | None = None  # LLaVA JSON: a list of {id, image, conversations}
+    image_folder: str | None = None  # folder the image paths in data are relative to
+    tokenizer: str | None = None  # tokenizer.model; default: the one in the model directory
+    out: str | None = None  # output directory; default runs/stage<N> (demo: <demo_dir>/stage<N>)
+    resume: str | None = None  # a training state directory, or "latest" in <out>/checkpoints
+    demo: bool = False  # no --data and --model: build the demo's inputs, print its accuracy at the end
+
+
+PATH_FIELDS = ("model", "vision_tower", "projector", "data", "image_folder", "tokenizer", "out", "resume")
+CHOICES = {"projector_type": ("linear", "mlp2x_gelu"), "template": tuple(data.TEMPLATES),
+           "image_aspect_ratio": ("square", "pad")}
+# the demo: tiny models from scratch on 2 CPU cores; its fast projector lr reads the random tower in minutes.
+# One thread: when another process holds a core, 2 OpenMP threads wait on each other and run 10-20x slower
+DEMO = dict(projector_type="mlp2x_gelu", image_size=DEMO_CLIP["image_size"], image_aspect_ratio="pad",
+            group_by_length=True, grad_checkpointing=False, num_workers=0, threads=1)
+# stage -> the values that differ from TrainConfig's defaults, which are the original scripts' shared ones:
+# warmup 0.03, weight decay 0, cosine, max length 2048, gradient checkpointing (haotian-liu/LLaVA, scripts/)
+RECIPES = {
+    "llava-v1": {  # the paper: scripts/pretrain.sh (CC-595K), then Section 4's 3 epochs of LLaVA-Instruct-158K
+        1: dict(lr=2e-3, batch_size=128, epochs=1, template="plain", projector_type="linear", image_size=224),
+        2: dict(lr=2e-5, batch_size=32, epochs=3, template="vicuna_v1", projector_type="linear", image_size=224)},
+    "llava-v1.5": {  # scripts/v1_5/pretrain.sh (LCS-558K) and v1_5/finetune.sh (the 665K mix)
+        1: dict(lr=1e-3, batch_size=256, epochs=1, template="plain"),
+        2: dict(lr=2e-5, batch_size=128, epochs=1, template="vicuna_v1", image_aspect_ratio="pad",
+                group_by_length=True)},  # group_by_modality_length
+    "scienceqa": {  # scripts/finetune_sqa.sh: stage 2 only, from the paper's stage-1 projector
+        2: dict(lr=2e-5, batch_size=128, epochs=12, template="vicuna_v1", projector_type="linear", image_size=224)},
+    "demo": {
+        1: dict(lr=1e-3, batch_size=32, epochs=1, template="plain", **DEMO),
+        2: dict(lr=2e-3, projector_lr=1e-2, batch_size=16, epochs=4, template="vicuna_v1", **DEMO)},
+}
+PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "A10G": 70, "4090": 165}  # dense bf16, for MFU
 
 
 def fail(message):
     raise SystemExit(f"train.py: error: {message}")
 
 
-def is_llava_checkpoint(path):
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    d = json.loads(config.read_text())
-    return d.get("format") == "llava-minimal" or "mm_vision_tower" in d or "vision_config" in d
+def make_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", choices=RECIPES, help="named values (default: demo; required with --data/--model)")
+    p.add_argument("--stage", type=int, choices=(1, 2), help="1 or 2; left out: the whole demo, stage 1 then 2")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override TrainConfig fields, e.g. --set lr=1e-4 micro_batch_size=8 (see --dry-run)")
+    p.add_argument("--model", help="base LLM directory (HF LLaMA/Vicuna), or a LLaVA checkpoint to go on from")
+    p.add_argument("--vision-tower", help="CLIP directory (HF layout); not needed with a LLaVA checkpoint")
+    p.add_argument("--projector", help="stage-1 output directory; required in stage 2 from a base LLM")
+    p.add_argument("--data", help="LLaVA JSON: a list of {id, image, conversations}")
+    p.add_argument("--image-folder", help="folder the image paths in --data are relative to")
+    p.add_argument("--tokenizer", help="tokenizer.model (default: the one in --model)")
+    p.add_argument("--out", help="output directory (default runs/stage<N>; demo: <demo_dir>/stage<N>)")
+    p.add_argument("--resume", nargs="?", const="latest", help="a training state directory (default: the latest)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config as one JSON object and exit")
+    return p
 
 
-def resolve_args(args, rank):
-    """Fill the demo or recipe defaults and check every input path, so bad input stops before any training."""
-    demo = args.data is None and args.model is None
-    if not demo and (args.data is None or args.model is None):
-        fail("give both --data and --model, or neither to run the built-in demo")
+KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
+
+
+def parse_value(key, text):
+    kind = {f.name: f.type for f in fields(TrainConfig)}[key]
+    try:
+        if kind is bool:
+            value = {"true": True, "1": True, "yes": True, "on": True,
+                     "false": False, "0": False, "no": False, "off": False}[text.lower()]
+        else:
+            value = kind(text)
+    except (KeyError, ValueError):
+        fail(f"--set {key}={text}: {key} must be {KINDS[kind]}, not {text!r}")
+    if key in CHOICES and value not in CHOICES[key]:
+        fail(f"--set {key}={text}: {key} is one of {', '.join(CHOICES[key])}")
+    return value
+
+
+def make_config(recipe="demo", stage=1, sets=(), demo=False, **paths):
+    """The recipe's values for this stage, then each --set key=value in order, then the default paths."""
+    if stage not in RECIPES[recipe]:
+        fail(f"recipe {recipe} has no stage {stage}: it starts from a stage-1 projector (--recipe llava-v1 --stage 1)")
+    config = TrainConfig(recipe=recipe, stage=stage, demo=demo, **RECIPES[recipe][stage], **paths)
+    flagged = ("recipe", "stage", *PATH_FIELDS)
+    settable = [f.name for f in fields(TrainConfig) if f.name not in (*flagged, "demo")]
+    for item in sets:
+        key, sep, text = item.partition("=")
+        if key in flagged:
+            fail(f"--set {item}: give {key} with its flag, --{key.replace('_', '-')}")
+        if not sep or key not in settable:
+            fail(f"--set {item}: expected KEY=VALUE with KEY one of {', '.join(settable)}")
+        setattr(config, key, parse_value(key, text))
+    config.projector_lr = config.projector_lr or config.lr
+    root = Path(config.demo_dir)
     if demo:
-        root = Path(args.demo_dir)
-        if args.stage == 1:
-            build_demo_inputs(root, rank)
-        args.model, args.vision_tower = str(root / "base" / "llm"), str(root / "base" / "clip")
-        args.data, args.image_folder = str(root / "data" / f"stage{args.stage}.json"), str(root / "data" / "images")
-        if args.stage == 2 and args.projector is None:
-            args.projector = str(root / "stage1")
-            if not (root / "stage1" / "projector.safetensors").is_file():
-                fail(f"no stage-1 output in {root / 'stage1'}: run `python train.py --stage 1` first")
-        args.num_workers = 0 if args.num_workers is None else args.num_workers
-        # idle, 2 threads are ~1.7x faster; but when another process holds a core, OpenMP threads wait on each
-        # other and 2 threads run 10-20x slower than 1: one thread keeps the demo's time predictable
-        torch.set_num_threads(1)
-    for key, value in (DEMO_RECIPES if demo else RECIPES)[args.stage].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.demo, args.num_workers = demo, 4 if args.num_workers is None else args.num_workers
-    args.out = args.out or (str(Path(args.demo_dir) / f"stage{args.stage}") if demo else f"runs/stage{args.stage}")
-    args.tokenizer = args.tokenizer or str(Path(args.model) / "tokenizer.model")
-    llava_checkpoint = is_llava_checkpoint(args.model)
-    for flag, path, kind in (("--data", args.data, "file"), ("--image-folder", args.image_folder, "dir"),
-                             ("--model", args.model, "dir"), ("--vision-tower", args.vision_tower, "dir"),
-                             ("--projector", args.projector, "dir"), ("--tokenizer", args.tokenizer, "file")):
+        config.model, config.vision_tower = str(root / "base" / "llm"), str(root / "base" / "clip")
+        config.data, config.image_folder = str(root / "data" / f"stage{stage}.json"), str(root / "data" / "images")
+        config.projector = config.projector or (str(root / "stage1") if stage == 2 else None)
+    config.out = config.out or str((root if demo else Path("runs")) / f"stage{stage}")
+    config.tokenizer = config.tokenizer or (str(Path(config.model) / "tokenizer.model") if config.model else None)
+    return config
+
+
+def is_llava_checkpoint(path):
+    """A LLaVA checkpoint to go on from (ours, the original release, llava-hf), not a base LLM."""
+    try:
+        return formats.detect_format(path) in (formats.OWN, "llava-original", "llava-hf")
+    except (OSError, ValueError) as e:
+        fail(f"--model: {e}")
+
+
+def check_inputs(config, rank):
+    """Build the demo's inputs, check every input path: bad input stops before any training."""
+    if config.demo and config.stage == 1:
+        build_demo_inputs(Path(config.demo_dir), rank)
+    if config.demo and config.stage == 2 and not (Path(config.projector) / "projector.safetensors").is_file():
+        fail(f"no stage-1 output in {config.projector}: run `python train.py --stage 1` first")
+    llava_checkpoint = is_llava_checkpoint(config.model)
+    for key, kind in (("data", "file"), ("image_folder", "dir"), ("model", "dir"), ("vision_tower", "dir"),
+                      ("projector", "dir"), ("tokenizer", "file")):
+        path = getattr(config, key)
         if path is not None and not (os.path.isfile(path) if kind == "file" else os.path.isdir(path)):
-            fail(f"{flag}: no such {'file' if kind == 'file' else 'directory'}: {path}")
-    if args.projector and not any(os.path.isfile(os.path.join(args.projector, f))
-                                  for f in ("projector.safetensors", "mm_projector.bin")):
-        fail(f"--projector: {args.projector} holds no projector.safetensors (stage-1 output) or mm_projector.bin")
-    if not llava_checkpoint and args.vision_tower is None:
-        fail(f"--model {args.model} is a base LLM: give --vision-tower (a CLIP directory) too")
-    if args.stage == 2 and not llava_checkpoint and args.projector is None:
+            fail(f"--{key.replace('_', '-')}: no such {'file' if kind == 'file' else 'directory'}: {path}")
+    if config.projector and not any(os.path.isfile(os.path.join(config.projector, f))
+                                    for f in ("projector.safetensors", "mm_projector.bin")):
+        fail(f"--projector: {config.projector} holds no projector.safetensors (stage-1 output) or mm_projector.bin")
+    if not llava_checkpoint and config.vision_tower is None:
+        fail(f"--model {config.model} is a base LLM: give --vision-tower (a CLIP directory) too")
+    if config.stage == 2 and not llava_checkpoint and config.projector is None:
         fail("stage 2 from a base LLM needs the stage-1 projector: give --projector <stage-1 output directory>")
-    return args
 
 
-def build_model(args):
-    torch.manual_seed(args.seed)  # every rank draws the same random projector before sharding
-    if is_llava_checkpoint(args.model):
-        model = LLaVA.from_pretrained(args.model, vision_tower=args.vision_tower)
+# -----------------------------------------------------------------------------------------------------------------
+# distributed init
+
+
+def setup_distributed(timeout_s):
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    # the default (10 to 30 min) leaves a job with one hung rank idling on every other GPU for that long
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_sum(values, device):
+    totals = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    return totals.tolist()
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# data order: a pure function of (seed, epoch), so a resumed run sees exactly the batches it would have seen
+
+
+def epoch_order(dataset, epoch, world, config):
+    """Global batches are consecutive runs of batch_size; with length grouping each one holds similar lengths and
+    is split into `world` chunks of even token totals. The set of samples in a batch never depends on `world`."""
+    generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+    if config.group_by_length:
+        return data.modality_length_grouped_indices(dataset.lengths, config.batch_size // world, world, generator)
+    return torch.randperm(len(dataset), generator=generator).tolist()
+
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def worker_init(worker_id):
+    """Slurm's SIGTERM and Ctrl-C reach the whole process group: the main process decides when to stop (after the
+    step, with a training state), so its loader workers ignore both instead of dying under it. The workers start
+    with both blocked (step_batches), so one that arrives before this runs is dropped here, not fatal."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def step_batches(dataset, epoch, first_step, steps_per_epoch, collate, rank, world, config):
+    """Yields (step, [micro-batches of this rank]) from first_step on: each rank takes its contiguous share of the
+    global batch, cut into micro-batches; the loader works ahead in worker processes."""
+    order, local = epoch_order(dataset, epoch, world, config), config.batch_size // world
+    micro = config.micro_batch_size or local
+    index_lists = []
+    for step in range(first_step, steps_per_epoch):
+        mine = order[step * config.batch_size + rank * local:][:local]
+        index_lists += [mine[i:i + micro] for i in range(0, local, micro)]
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # inherited by the workers: see worker_init
+    try:
+        loader = iter(DataLoader(dataset, batch_sampler=index_lists, collate_fn=collate,
+                                 num_workers=config.num_workers, worker_init_fn=worker_init,
+                                 pin_memory=torch.cuda.is_available()))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal that came meanwhile reaches the main process now
+    for step in range(first_step, steps_per_epoch):
+        yield epoch * steps_per_epoch + step, [next(loader) for _ in range(local // micro)]
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# model
+
+
+def build_model(config):
+    torch.manual_seed(config.seed)  # every rank draws the same random projector before sharding
+    if is_llava_checkpoint(config.model):
+        model = LLaVA.from_pretrained(config.model, vision_tower=config.vision_tower)
     else:
-        model = LLaVA.from_parts(args.model, args.vision_tower, projector_type=args.projector_type,
-                                 image_aspect_ratio=args.image_aspect_ratio)
-    if args.projector is not None:
-        model.load_projector(args.projector)
-    model.config.template = args.template  # saved with the checkpoint: chat and evaluate render with it
-    return set_stage(model, args.stage)
+        model = LLaVA.from_parts(config.model, config.vision_tower, projector_type=config.projector_type)
+    if config.projector is not None:
+        model.load_projector(config.projector)
+    for key, have in (("projector_type", model.config.projector_type), ("image_size", model.config.image_size)):
+        if getattr(config, key) and getattr(config, key) != have:
+            fail(f"--model/--vision-tower give {key} {have}, recipe {config.recipe} has {getattr(config, key)}: "
+                 f"--set {key}={have} to train with it")
+    # saved with the checkpoint: chat and evaluate render and preprocess the way it trained
+    model.config.template, model.config.image_aspect_ratio = config.template, config.image_aspect_ratio
+    return set_stage(model.train(), config.stage)  # training mode: the decoder recomputes blocks only then
 
 
 def set_stage(model, stage):
@@ -163,21 +319,8 @@ def set_stage(model, stage):
     return model
 
 
-def setup_distributed():
-    cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 def parallelize(model, device, grad_checkpointing):
-    if grad_checkpointing:  # keeps the parameter names: the block's own forward runs inside checkpoint()
-        for block in model.llm.layers:
-            block.forward = lambda *a, _f=block.forward, **kw: checkpoint(_f, *a, use_reentrant=False, **kw)
+    model.llm.gradient_checkpointing = grad_checkpointing  # the layer loop runs each block inside checkpoint()
     if not dist.is_initialized():
         return model.to(device)
     cuda = device.type == "cuda"
@@ -189,26 +332,6 @@ def parallelize(model, device, grad_checkpointing):
         fully_shard(block, mp_policy=mp_policy, reshard_after_forward=i < len(model.llm.layers) - 1)
     fully_shard(model, mp_policy=mp_policy, ignored_params=set(model.vision_tower.parameters()))
     return model
-
-
-def make_optimizer(model, args):
-    """AdamW, no weight decay on norms and biases; the projector may take its own lr (the original mm_projector_lr)."""
-    groups = []
-    for is_projector in (True, False):
-        params = [p for n, p in model.named_parameters()
-                  if p.requires_grad and n.startswith("projector.") == is_projector]
-        scale = (getattr(args, "projector_lr", None) or args.lr) / args.lr if is_projector else 1.0
-        groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay, "lr_scale": scale},
-                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr_scale": scale}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
-
-
-def lr_at(step, total_steps, args):
-    """Linear warmup over warmup_ratio of the steps, then cosine to 0 (the HF schedule LLaVA trained with)."""
-    warmup = math.ceil(args.warmup_ratio * total_steps)
-    if step < warmup:
-        return args.lr * (step + 1) / (warmup + 1)
-    return args.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
 
 
 def flops_per_step(model, stage):
@@ -227,39 +350,55 @@ def flops_per_step(model, stage):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# data order: a pure function of (seed, epoch), so a resumed run sees exactly the batches it would have seen
+# optimizer and schedule
 
 
-def epoch_order(dataset, epoch, world, args):
-    """Global batches are consecutive runs of batch_size; with length grouping each one holds similar lengths and
-    is split into `world` chunks of even token totals. The set of samples in a batch never depends on `world`."""
-    generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-    if args.group_by_length:
-        return data.modality_length_grouped_indices(dataset.lengths, args.batch_size // world, world, generator)
-    return torch.randperm(len(dataset), generator=generator).tolist()
+def make_optimizer(model, config):
+    """AdamW, no weight decay on norms and biases; the projector may take its own lr (the original mm_projector_lr)."""
+    groups = []
+    for is_projector in (True, False):
+        params = [p for n, p in model.named_parameters()
+                  if p.requires_grad and n.startswith("projector.") == is_projector]
+        scale = (config.projector_lr or config.lr) / config.lr if is_projector else 1.0
+        groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay,
+                    "lr_scale": scale}, {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0,
+                                         "lr_scale": scale}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
 
 
-def step_batches(dataset, epoch, first_step, steps_per_epoch, collate, rank, world, args):
-    """Yields (step, [micro-batches of this rank]) from first_step on: each rank takes its contiguous share of the
-    global batch, cut into micro-batches; the loader works ahead in worker processes."""
-    order, local = epoch_order(dataset, epoch, world, args), args.batch_size // world
-    micro = args.micro_batch_size or local
-    index_lists = []
-    for step in range(first_step, steps_per_epoch):
-        mine = order[step * args.batch_size + rank * local:][:local]
-        index_lists += [mine[i:i + micro] for i in range(0, local, micro)]
-    loader = iter(DataLoader(dataset, batch_sampler=index_lists, collate_fn=collate, num_workers=args.num_workers,
-                             pin_memory=torch.cuda.is_available()))
-    for step in range(first_step, steps_per_epoch):
-        yield epoch * steps_per_epoch + step, [next(loader) for _ in range(local // micro)]
+def lr_at(step, total_steps, config):
+    """HF's cosine schedule, which LLaVA trained with: peak * step / warmup over the first ceil(warmup_ratio * total)
+    steps (0 at the first step), then a half cosine from the peak to 0."""
+    warmup = math.ceil(config.warmup_ratio * total_steps)
+    if step < warmup:
+        return config.lr * step / warmup
+    return config.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# checkpoints: a training state holds the trained weights, the optimizer, the step (the data position and the
-# schedule follow from it) and each rank's RNG; full (unsharded) tensors, so it can resume on any number of GPUs
+# training state and output: a training state holds the trained weights, the optimizer, the step (the data
+# position and the schedule follow from it), each rank's RNG, and the values a resume must share; full (unsharded)
+# tensors, so it resumes on any number of GPUs. Directories are written to a fresh temp dir, then renamed.
+
+RESUME_MUST_MATCH = ("stage", "batch_size", "data", "template", "seed", "max_length")  # data order, what trains
 
 
-def save_state(model, optimizer, step, args, rank):
+@contextmanager
+def temp_dir(folder, target, nbytes, hint=""):
+    """A fresh temp directory in `folder`, always removed afterwards. An OSError inside (a full disk) becomes an
+    error naming the target, the space it needs and the space free."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{Path(target).name}.", suffix=".tmp", dir=folder))
+    try:
+        yield tmp
+    except OSError as e:
+        fail(f"could not write {target}: {e.strerror or e}; it needs about {nbytes / 2**20:,.1f} MiB, "
+             f"{shutil.disk_usage(folder).free / 2**20:,.1f} MiB are free there{hint}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_state(model, optimizer, step, config, rank):
     weights = get_model_state_dict(model, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
     optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -269,47 +408,54 @@ def save_state(model, optimizer, step, args, rank):
     rngs = [None] * dist.get_world_size() if dist.is_initialized() else [rng]
     if dist.is_initialized():
         dist.all_gather_object(rngs, rng)
+    final = Path(config.out) / "checkpoints" / f"step_{step:07d}"
     if rank == 0:
-        final = Path(args.out) / "checkpoints" / f"step_{step:07d}"
-        tmp = final.with_name(final.name + ".tmp")  # renamed when complete: a crash never leaves a broken state
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
-        # optimizer: {"state": {name: {"step", "exp_avg", "exp_avg_sq"}}, "param_groups": [...]} -> "name:key" tensors
-        save_file({f"{name}:{key}": v for name, s in optim["state"].items() for key, v in s.items()},
-                  tmp / "optimizer.safetensors")
-        state = {"step": step, "stage": args.stage, "batch_size": args.batch_size, "data": args.data,
+        weights = {k: v.contiguous() for k, v in weights.items()}
+        # optimizer: {"state": {name: {"step", "exp_avg", "exp_avg_sq"}}, "param_groups": [...]} -> "name:key"
+        moments = {f"{name}:{key}": v for name, s in optim["state"].items() for key, v in s.items()}
+        state = {"step": step, **{k: getattr(config, k) for k in RESUME_MUST_MATCH},
                  "param_groups": optim["param_groups"], "rng": rngs}
-        (tmp / "state.json").write_text(json.dumps(state))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        nbytes = sum(v.numel() * v.element_size() for v in [*weights.values(), *moments.values()])
+        with temp_dir(final.parent, final, nbytes) as tmp:
+            save_tensors(tmp / "model.safetensors", weights)
+            save_tensors(tmp / "optimizer.safetensors", moments)
+            write_json(tmp / "state.json", state, indent=None)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
         for old in final.parent.glob("step_*"):  # keep only the newest
-            if old != final and not old.name.endswith(".tmp"):
+            if old != final:
                 shutil.rmtree(old)
     if dist.is_initialized():
         dist.barrier()
+    return final
 
 
-def find_state(args):
-    if args.resume != "latest":
-        return Path(args.resume)
-    states = sorted(p for p in (Path(args.out) / "checkpoints").glob("step_*") if not p.name.endswith(".tmp"))
-    if not states:
-        fail(f"--resume: no training state in {Path(args.out) / 'checkpoints'}")
-    return states[-1]
+def latest_state(out):
+    states = sorted((Path(out) / "checkpoints").glob("step_*"))  # temp dirs start with "."
+    return states[-1] if states else None
 
 
-def load_state(path, model, optimizer, args, rank):
+def find_state(config):
+    path = latest_state(config.out) if config.resume == "latest" else Path(config.resume)
+    if path is None:
+        fail(f"--resume: no training state in {Path(config.out) / 'checkpoints'}")
+    return path
+
+
+def load_state(path, model, optimizer, config, rank):
     if not (path / "state.json").is_file():
         fail(f"--resume: {path} is not a training state (no state.json)")
-    state = json.loads((path / "state.json").read_text())
-    for key in ("stage", "batch_size", "data"):  # these change the data order or what trains
-        if state[key] != getattr(args, key):
-            fail(f"--resume: {path} was written with {key}={state[key]!r}, this run has {getattr(args, key)!r}")
+    state = read_json(path / "state.json")
+    for key in RESUME_MUST_MATCH:
+        if state.get(key) != getattr(config, key):
+            fail(f"--resume: {path} was trained with {key}={state.get(key)!r}, this run has {getattr(config, key)!r}")
     weights = load_file(path / "model.safetensors")
-    trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    if trained - weights.keys():
-        fail(f"{path / 'model.safetensors'}: missing trained tensor {sorted(trained - weights.keys())[0]}")
+    for name, param in model.named_parameters():  # DTensor shapes are the full ones
+        if param.requires_grad and name not in weights:
+            fail(f"--resume: {path / 'model.safetensors'} has no {name}: a state of another stage or projector")
+        if param.requires_grad and weights[name].shape != param.shape:
+            fail(f"--resume: {path / 'model.safetensors'}: {name} is {list(weights[name].shape)}, this model's is "
+                 f"{list(param.shape)}: the state comes from a model of another width or projector")
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
     optim = {"state": {}, "param_groups": [dict(g, betas=tuple(g["betas"])) for g in state["param_groups"]]}
     for key, value in load_file(path / "optimizer.safetensors").items():
@@ -325,8 +471,17 @@ def load_state(path, model, optimizer, args, rank):
     return state["step"]
 
 
-def save_output(model, args, rank, cuda):
-    """Stage 1: the projector; stage 2: the whole model + tokenizer.model. Gathered into a plain copy on rank 0."""
+def trim_metrics(path, step):
+    """Keep the records up to `step`: a run that died after its last training state logged steps that the resumed
+    run repeats, and a fresh run (step 0) starts a fresh log."""
+    records = read_jsonl(path)
+    if any(r.get("step", 0) > step for r in records):
+        write_text(path, "".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= step))
+
+
+def save_output(model, config, rank, cuda, state):
+    """Stage 1: the projector; stage 2: the whole model + tokenizer.model. Gathered into a plain copy on rank 0 and
+    written to a temp dir in <out> whose files then move into <out>: a failed write leaves no partial file."""
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
         return
@@ -334,140 +489,197 @@ def save_output(model, args, rank, cuda):
         plain = LLaVA(model.config)
     dtype = torch.bfloat16 if cuda else torch.float32  # the precision it trained in
     plain.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}, assign=True)
-    if args.stage == 1:
-        plain.save_projector(args.out)
-    else:
-        plain.save_pretrained(args.out)
-        shutil.copy(args.tokenizer, Path(args.out) / "tokenizer.model")
+    saved = plain.projector if config.stage == 1 else plain
+    hint = f".\nThe trained weights are safe in {state}: make room, then --resume writes the output"
+    with temp_dir(config.out, config.out, sum(p.numel() * p.element_size() for p in saved.parameters()), hint) as tmp:
+        if config.stage == 1:
+            plain.save_projector(str(tmp))
+        else:
+            plain.save_pretrained(str(tmp))
+            shutil.copy(config.tokenizer, tmp / "tokenizer.model")
+        for file in tmp.iterdir():
+            os.replace(file, Path(config.out) / file.name)
 
 
 # -----------------------------------------------------------------------------------------------------------------
+# the loop
 
 
-def all_sum(values, device):
-    totals = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(totals)
-    return totals.tolist()
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    if args.stage is None:  # `python train.py` alone: the whole built-in demo, stage 1 then stage 2
-        if args.data or args.model or args.out or args.resume or args.projector:
-            fail("--stage 1 or --stage 2 is required with --data, --model, --out, --resume or --projector")
-        rest = list(sys.argv[1:] if argv is None else argv)
-        return main(rest + ["--stage", "2"]) if main(rest + ["--stage", "1"]) is not None else None
-    rank, world, device = setup_distributed()
-    cuda = device.type == "cuda"
-    args = resolve_args(args, rank)
-    if args.batch_size % world or (args.batch_size // world) % (args.micro_batch_size or 1):
-        fail(f"--batch-size {args.batch_size} must split evenly over {world} processes x --micro-batch-size")
-    log = print if rank == 0 else (lambda *a, **k: None)
-
-    tokenizer = Tokenizer(args.tokenizer)
-    model = build_model(args)
-    config = model.config
-    dataset = data.LLaVADataset(args.data, args.image_folder, tokenizer, args.template, config.num_image_tokens,
-                                config.image_size, pad_to_square=config.image_aspect_ratio == "pad",
-                                max_length=args.max_length, skip_bad=args.skip_bad)
-    steps_per_epoch = len(dataset) // args.batch_size  # the last partial batch of an epoch is left out
-    total_steps = int(args.epochs * steps_per_epoch)
-    if total_steps == 0:
-        fail(f"{args.data}: {len(dataset)} usable samples, fewer than one batch of {args.batch_size}")
-    flops = flops_per_step(model, args.stage)
-    model = parallelize(model, device, args.grad_checkpointing)
-    optimizer = make_optimizer(model, args)
-    step = load_state(find_state(args), model, optimizer, args, rank) if args.resume else 0
-    collate = lambda batch: data.collate(batch, tokenizer.pad_id)
-    trained = [p for p in model.parameters() if p.requires_grad]
-    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items()
-                                     if cuda and k in torch.cuda.get_device_name()), None)
+def train_step(model, optimizer, micro_batches, lr, grad_clip, device):
+    """One optimizer step over this rank's micro-batches of a global batch: accumulate, clip, AdamW. The loss is the
+    mean over every answer token of the global batch, however it is split over ranks and micro-batches.
+    Returns (loss, grad_norm, tokens, images), over all ranks. bench.py times this function."""
+    world, cuda = dist.get_world_size() if dist.is_initialized() else 1, device.type == "cuda"
     autocast = torch.autocast("cuda", torch.bfloat16) if cuda and world == 1 else nullcontext()  # FSDP casts itself
     attention = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]) if cuda else nullcontext()
-    stop = []  # SIGTERM / Ctrl-C: finish the step, write a training state, exit; a second Ctrl-C exits at once
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    answer_tokens, tokens, images = all_sum([  # over all ranks: answer tokens set the loss's denominator
+        sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches),
+        sum(b["input_ids"].numel() for b in micro_batches),
+        sum(len(b["pixel_values"]) for b in micro_batches if b["pixel_values"] is not None)], device)
+    loss_sum = torch.zeros((), device=device)
+    for batch in micro_batches:
+        batch = {k: v.to(device, non_blocking=True) if v is not None else None for k, v in batch.items()}
+        with autocast, attention:
+            _, micro_loss = model(batch["input_ids"], batch["pixel_values"], batch["labels"])  # token mean
+        n = (batch["labels"][:, 1:] != -100).sum()
+        # FSDP averages gradients over ranks: scale so the step's gradient is the global token mean
+        (micro_loss * n * world / max(answer_tokens, 1)).backward()
+        loss_sum += micro_loss.detach() * n
+    trained = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trained, grad_clip)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    (loss_total,) = all_sum([loss_sum.item()], device)
+    return loss_total / max(answer_tokens, 1), grad_norm.item(), tokens, images
+
+
+@contextmanager
+def stop_requests():
+    """A list that SIGTERM (Slurm, preemption) or Ctrl-C appends to: the loop finishes its step, writes a training
+    state and ends; a second Ctrl-C stops at once. The previous handlers come back afterwards."""
+    stop = []
 
     def on_signal(signum, frame):
         if stop and signum == signal.SIGINT:
             raise KeyboardInterrupt
         stop.append(signal.Signals(signum).name)
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    metrics = open(Path(args.out) / "metrics.jsonl", "a") if rank == 0 else None
-    log(f"stage {args.stage}: {len(dataset)} samples, {total_steps} steps of {args.batch_size}, "
-        f"{sum(p.numel() for p in trained):,} trained parameters, {world} process(es) on {device.type}")
+    try:
+        yield stop
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
+def train_loop(model, optimizer, dataset, collate, config, step, total_steps, flops, rank, world, device):
+    """Steps from `step` to total_steps: fetch, one optimizer step, log, save. Returns (step, why it stopped early
+    or None, totals for the summary line)."""
+    steps_per_epoch, metrics = len(dataset) // config.batch_size, Path(config.out) / "metrics.jsonl"
+    peak = config.peak_tflops or next((v for k, v in PEAK_TFLOPS.items()
+                                       if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
-    run_tokens, run_start, first_loss, loss = 0, time.time(), None, float("nan")
-    while step < total_steps and not stop:
-        epoch, first = divmod(step, steps_per_epoch)
-        for step, micro_batches in step_batches(dataset, epoch, first, steps_per_epoch, collate, rank, world, args):
-            if step >= total_steps:
-                break
-            start, lr = time.time(), lr_at(step, total_steps, args)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            answer_tokens, tokens, images = all_sum([  # over all ranks: answer tokens set the loss's denominator
-                sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches),
-                sum(b["input_ids"].numel() for b in micro_batches),
-                sum(len(b["pixel_values"]) for b in micro_batches if b["pixel_values"] is not None)], device)
-            loss_sum = torch.zeros((), device=device)
-            for batch in micro_batches:
-                batch = {k: v.to(device, non_blocking=True) if v is not None else None for k, v in batch.items()}
-                with autocast, attention:
-                    _, micro_loss = model(batch["input_ids"], batch["pixel_values"], batch["labels"])  # token mean
-                n = (batch["labels"][:, 1:] != -100).sum()
-                # FSDP averages gradients over ranks: scale so the step's gradient is the global token mean
-                (micro_loss * n * world / max(answer_tokens, 1)).backward()
-                loss_sum += micro_loss.detach() * n
-            grad_norm = torch.nn.utils.clip_grad_norm_(trained, args.grad_clip)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_total, stopping = all_sum([loss_sum.item(), float(bool(stop))], device)
-            loss, dt, step = loss_total / max(answer_tokens, 1), time.time() - start, step + 1
-            first_loss = loss if first_loss is None else first_loss
-            run_tokens += tokens
-            record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss, "lr": lr,
-                      "grad_norm": grad_norm.item(), "tokens": int(tokens), "tokens_per_s": tokens / dt}
-            if peak:
-                seq_len = micro_batches[0]["input_ids"].shape[1]
-                record["mfu"] = flops(tokens, images, seq_len) / dt / (peak * 1e12 * world)
-            if rank == 0:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                os.fsync(metrics.fileno())
-                bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "lr", "tokens_per_s", "mfu") if k in record})
-                bar.update(1)
-            if stopping and not stop:
-                stop.append("another rank")
-            if stop or step == args.stop_after or (args.save_every and step % args.save_every == 0):
-                save_state(model, optimizer, step, args, rank)
-            if step == args.stop_after:
-                stop.append(f"--stop-after {step}")
-            if stop:
-                break
+    totals = {"tokens": 0, "start": time.time(), "first_loss": None, "loss": float("nan")}
+    with stop_requests() as stop:
+        while step < total_steps and not stop:
+            epoch, first = divmod(step, steps_per_epoch)
+            for step, micro_batches in step_batches(dataset, epoch, first, steps_per_epoch, collate, rank, world,
+                                                    config):
+                if step >= total_steps:
+                    break
+                start, lr = time.time(), lr_at(step, total_steps, config)
+                loss, grad_norm, tokens, images = train_step(model, optimizer, micro_batches, lr, config.grad_clip,
+                                                             device)
+                step, dt = step + 1, time.time() - start
+                record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss, "lr": lr,
+                          "grad_norm": grad_norm, "tokens": int(tokens), "tokens_per_s": tokens / dt}
+                if peak:
+                    seq_len = micro_batches[0]["input_ids"].shape[1]
+                    record["mfu"] = flops(tokens, images, seq_len) / dt / (peak * 1e12 * world)
+                if rank == 0:
+                    append_jsonl(metrics, record)
+                    bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "lr", "tokens_per_s", "mfu")
+                                     if k in record})
+                    bar.update(1)
+                totals.update(tokens=totals["tokens"] + tokens, loss=loss, first_loss=totals["first_loss"] or loss)
+                if all_sum([float(bool(stop))], device)[0] and not stop:  # every rank stops at the same step
+                    stop.append("another rank")
+                if step == config.stop_after:
+                    stop.append(f"stop_after={step}")
+                if stop or (config.save_every and step % config.save_every == 0):
+                    save_state(model, optimizer, step, config, rank)
+                if stop:
+                    break
     bar.close()
-    elapsed = time.time() - run_start
+    return step, (stop[0] if stop else None), totals
+
+
+def run_stage(config, rank, world, device):
+    """One stage: inputs, model, sharding, optimizer, resume, the loop, then the training state and the output."""
+    log = print if rank == 0 else (lambda *a, **k: None)
+    check_inputs(config, rank)
+    if config.batch_size % world or (config.batch_size // world) % (config.micro_batch_size or 1):
+        fail(f"batch_size {config.batch_size} must split evenly over {world} processes x micro_batch_size")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    tokenizer = Tokenizer(config.tokenizer)
+    model = build_model(config)
+    dataset = data.LLaVADataset(config.data, config.image_folder, tokenizer, config.template,
+                                model.config.num_image_tokens, model.config.image_size,
+                                pad_to_square=config.image_aspect_ratio == "pad", max_length=config.max_length,
+                                skip_bad=config.skip_bad)
+    steps_per_epoch = len(dataset) // config.batch_size  # the last partial batch of an epoch is left out
+    total_steps = int(config.epochs * steps_per_epoch)
+    if total_steps == 0:
+        fail(f"{config.data}: {len(dataset)} usable samples, fewer than one batch of {config.batch_size}")
+    flops = flops_per_step(model, config.stage)
+    model = parallelize(model, device, config.grad_checkpointing)
+    optimizer = make_optimizer(model, config)
+    state = find_state(config) if config.resume else None
+    first_step = load_state(state, model, optimizer, config, rank) if state else 0
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        trim_metrics(Path(config.out) / "metrics.jsonl", first_step)
+    log(f"stage {config.stage} ({config.recipe}): {len(dataset)} samples, {total_steps} steps of {config.batch_size}, "
+        f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trained parameters, "
+        f"{world} process(es) on {device.type}")
+    try:
+        step, stopped, totals = train_loop(model, optimizer, dataset, lambda b: data.collate(b, tokenizer.pad_id),
+                                           config, first_step, total_steps, flops, rank, world, device)
+    except RuntimeError as e:  # gloo raises on a timed-out collective (NCCL's watchdog aborts the process)
+        if not (dist.is_initialized() and "timed out" in str(e).lower()):
+            raise
+        fail(f"rank {rank}: no answer from another rank within dist_timeout={config.dist_timeout:g} s (a rank "
+             f"stalled or died): {str(e).splitlines()[0]}\nthe last good training state: "
+             f"{latest_state(config.out) or 'none yet'}; continue with --resume")
+    elapsed = time.time() - totals["start"]
     skipped = ", ".join(f"{n} {reason}" for reason, n in dataset.skipped.items()) or "none"
-    log(f"done: {step}/{total_steps} steps, {run_tokens:,.0f} tokens in {elapsed:.0f} s "
-        f"({run_tokens / max(elapsed, 1e-9):,.0f} tokens/s), loss {first_loss or float('nan'):.4f} -> {loss:.4f}; "
-        f"samples skipped: {skipped}; left out as the partial last batch: {len(dataset) % args.batch_size} per epoch")
-    if stop:
-        log(f"stopped ({stop[0]}) at step {step}: continue with --resume")
-    else:
-        save_output(model, args, rank, cuda)
-        log(f"saved {'projector' if args.stage == 1 else 'model'} to {args.out}")
-        if args.demo and args.stage == 2 and rank == 0:
-            trained_model = LLaVA.from_pretrained(args.out).eval()  # the demo's last line: held-out accuracy
-            correct, total = demo_accuracy(trained_model, Tokenizer(args.out),
-                                                    str(Path(args.demo_dir) / "data"), limit=args.eval_limit)
-            print(f"demo accuracy: {100 * correct / max(total, 1):.1f}% ({correct}/{total})")
-    for s, handler in handlers.items():
-        signal.signal(s, handler)
+    log(f"done: {step}/{total_steps} steps, {totals['tokens']:,.0f} tokens in {elapsed:.0f} s "
+        f"({totals['tokens'] / max(elapsed, 1e-9):,.0f} tokens/s), loss {totals['first_loss'] or float('nan'):.4f} "
+        f"-> {totals['loss']:.4f}; samples skipped: {skipped}; left out as the partial last batch: "
+        f"{len(dataset) % config.batch_size} per epoch")
+    if stopped:
+        log(f"stopped ({stopped}) at step {step}: continue with --resume")
+        return None
+    if step > first_step:  # the trained weights are safe in a training state before the output is written
+        state = save_state(model, optimizer, step, config, rank)
+    save_output(model, config, rank, device.type == "cuda", state)
+    log(f"saved {'projector' if config.stage == 1 else 'model'} to {config.out}")
+    if config.demo and config.stage == 2 and rank == 0:
+        trained_model = LLaVA.from_pretrained(config.out).eval()  # the demo's last line: held-out accuracy
+        correct, total = demo_accuracy(trained_model, Tokenizer(config.out), str(Path(config.demo_dir) / "data"),
+                                       limit=config.eval_limit or None)
+        print(f"demo accuracy: {100 * correct / max(total, 1):.1f}% ({correct}/{total})")
+    return model
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
+    demo = args.data is None and args.model is None and args.recipe in (None, "demo")
+    if args.stage is None and (not demo or args.out or args.resume or args.projector or args.dry_run):
+        fail("--stage 1 or --stage 2 is required with --data, --model, --out, --resume, --projector or --dry-run")
+    if not demo and args.recipe is None:
+        fail(f"--recipe is required with --data/--model: one of {', '.join(RECIPES)}")
+    if not demo and not args.dry_run and (args.data is None or args.model is None):
+        fail("give both --data and --model, or neither (and no --recipe but demo) to run the built-in demo")
+    paths = {name: getattr(args, name) for name in PATH_FIELDS}
+    stages = [args.stage] if args.stage else [1, 2]
+    configs = [make_config(args.recipe or "demo", stage, args.set, demo, **paths) for stage in stages]
+    if args.dry_run:
+        print(json.dumps(asdict(configs[0])))
+        return None
+    rank, world, device = setup_distributed(configs[0].dist_timeout)
+    model = None
+    for config in configs:  # the demo without --stage: stage 1, then stage 2 from its projector
+        model = run_stage(config, rank, world, device)
+        if model is None:
+            break
     if dist.is_initialized():
         dist.barrier()  # gloo aborts at exit when a rank tears down while another still talks
         dist.destroy_process_group()
-    return None if stop else model  # None: ended early, a training state was written
+    return model  # None: ended early, a training state was written
 
 
 if __name__ == "__main__":
