@@ -14,6 +14,17 @@ import tempfile
 from safetensors.torch import save_file
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: mkstemp/mkdtemp create 0600/0700 entries, ordinary files get 0666/0777 & ~umask
+
+
+def fresh_dir(folder, name) -> str:
+    """A fresh, empty folder .<name>.XXXX.tmp in `folder` (filled, then renamed into place), ordinary permissions."""
+    tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.chmod(tmp, 0o777 & ~_UMASK)
+    return tmp
+
+
 def atomic_write(path, write) -> None:
     """write(tmp_path) fills a fresh temporary file next to `path`; it replaces `path` only once complete."""
     path = os.fspath(path)
@@ -24,6 +35,7 @@ def atomic_write(path, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # as open() would have made it, not mkstemp's owner-only 0600
         os.replace(tmp, path)
     except BaseException:  # a full disk, Ctrl-C or a bug: the target keeps its old content, no temp file stays
         if os.path.exists(tmp):

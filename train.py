@@ -31,7 +31,6 @@ import os
 import random
 import shutil
 import signal
-import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -53,7 +52,7 @@ from tqdm import tqdm
 import data
 import formats
 from demo import DEMO_CLIP, build_demo_inputs, demo_accuracy
-from fileio import append_jsonl, read_json, read_jsonl, save_tensors, write_json, write_text
+from fileio import append_jsonl, fresh_dir, read_json, read_jsonl, save_tensors, write_json, write_text
 from llama import Tokenizer
 from llava import LLaVA
 
@@ -388,7 +387,7 @@ def temp_dir(folder, target, nbytes, hint=""):
     """A fresh temp directory in `folder`, always removed afterwards. An OSError inside (a full disk) becomes an
     error naming the target, the space it needs and the space free."""
     Path(folder).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{Path(target).name}.", suffix=".tmp", dir=folder))
+    tmp = Path(fresh_dir(folder, Path(target).name))
     try:
         yield tmp
     except OSError as e:

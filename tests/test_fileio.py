@@ -127,3 +127,14 @@ def test_inside_refuses_paths_that_leave_the_root_naming_the_row(tmp_path, path)
 def test_inside_takes_an_absolute_path_under_the_root(tmp_path):
     assert fileio.inside(str(tmp_path), str(tmp_path / "a.png"), "row") == str(tmp_path / "a.png")
     assert fileio.inside("/", "/etc/passwd", "row") == "/etc/passwd"  # an absolute root, on purpose
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    fileio.write_text(tmp_path / "a.txt", "x")
+    assert os.stat(tmp_path / "a.txt").st_mode & 0o777 == 0o666 & ~fileio._UMASK  # as open() makes it, not 0600
+
+
+def test_fresh_dir_is_empty_and_has_ordinary_permissions(tmp_path):
+    folder = fileio.fresh_dir(tmp_path, "out")
+    assert os.listdir(folder) == [] and os.path.basename(folder).startswith(".out.")
+    assert os.stat(folder).st_mode & 0o777 == 0o777 & ~fileio._UMASK
