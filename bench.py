@@ -3,6 +3,7 @@
     python bench.py llama --preset smollm-135m          # prefill and decode tokens/s
     python bench.py clip --preset vit-l-14 --batch 8    # tower images/s
     python bench.py train --preset tiny                 # training-step tokens/s and peak memory
+    python bench.py lora --preset smollm-135m           # LoRA vs full stage 2: trained params, optimizer, memory, time
 
 Figures go to BENCHMARKS.md with the machine, the command and the date.
 """
@@ -196,6 +197,8 @@ TRAIN_PRESETS = {  # name: (LlamaConfig preset, CLIPVisionConfig preset)
     "demo": (None, None),  # train.py's demo shapes
     "tiny": ("tiny", "tiny"),
     "tinyllama-336": ("tinyllama-1.1b", "vit-l-14-336"),  # a 1B-class LLaVA-1.5
+    "smollm-135m": ("smollm-135m", "tiny"),  # LLM shapes with the tiny tower: short sequences fit a CPU (bench lora)
+    "tinyllama-1.1b": ("tinyllama-1.1b", "tiny"),
     "vicuna-7b-336": ("vicuna-7b", "vit-l-14-336"),  # LLaVA-1.5-7B
 }
 
@@ -211,6 +214,8 @@ def train_args(parser):
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--peak-tflops", type=float, help="accelerator peak: prints MFU (default: known cards)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--lora-r", type=int, help="LoRA rank (default: the recipe's lora_r; 0: full tuning)")
+    parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line (bench lora)")
 
 
 def train_bench(args):
@@ -227,10 +232,11 @@ def train_bench(args):
     llm_name, vision_name = TRAIN_PRESETS[args.preset]
     llm = LlamaConfig.from_name(llm_name) if llm_name else LlamaConfig(vocab_size=512, **demo.DEMO_LLM)
     vision = CLIPVisionConfig.from_name(vision_name) if vision_name else CLIPVisionConfig(**demo.DEMO_CLIP)
-    config = train.make_config(args.recipe, args.stage)
+    config = train.make_config(args.recipe, args.stage, [] if args.lora_r is None else [f"lora_r={args.lora_r}"])
     torch.manual_seed(0)
     with torch.device(device):
-        model = train.set_stage(LLaVA(LLaVAConfig(llm=llm, vision=vision)), args.stage)
+        model = train.set_stage(LLaVA(LLaVAConfig(llm=llm, vision=vision)), args.stage, config.lora_r,
+                                config.lora_alpha, config.lora_dropout)
     flops = train.flops_per_step(model, args.stage)
     model = train.parallelize(model, device, args.grad_checkpointing)
     optimizer = train.make_optimizer(model, config)
@@ -268,12 +274,48 @@ def train_bench(args):
           f"parameters trained")
     print(f"  {dt * 1e3:.1f} ms/step (median of {args.steps}), {B * T / dt:,.0f} tokens/s, "
           f"{achieved / 1e12:.3g} TFLOP/s{f', MFU {100 * achieved / (peak * 1e12):.1f}%' if peak else ''}, {memory}")
+    optimizer_bytes = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+                          if torch.is_tensor(v))
+    print(f"  lora_r {config.lora_r}, optimizer state {optimizer_bytes / 2**20:,.1f} MiB")
+    if args.json:
+        print("json: " + json.dumps({"lora_r": config.lora_r, "trained": sum(p.numel() for p in trained),
+                                     "params": sum(p.numel() for p in model.parameters()), "step_s": dt,
+                                     "all_steps_s": times, "optimizer_bytes": optimizer_bytes, "memory": memory}))
+
+
+def lora_args(parser):
+    parser.add_argument("--preset", default="smollm-135m", choices=TRAIN_PRESETS)
+    parser.add_argument("--lora-r", type=int, default=128, help="LoRA rank (alpha 2r, the recipe's dropout)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=64, help="tokens per sample (16 image tokens + text)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (after 2 warm-up steps)")
+    parser.add_argument("--threads", type=int, default=1)
+
+
+def lora_bench(args):
+    """Full stage 2 (llava-v1.5) and LoRA stage 2 (llava-v1.5-lora) of `bench.py train`, each in its own process so
+    that each peak RSS is its own: trained parameters, optimizer state, peak memory, step time and their ratios."""
+    import subprocess
+    import sys
+    results = {}
+    for recipe, r in (("llava-v1.5", 0), ("llava-v1.5-lora", args.lora_r)):
+        command = [sys.executable, __file__, "train", "--preset", args.preset, "--recipe", recipe, "--lora-r", str(r),
+                   "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
+                   "--threads", str(args.threads), "--json"]
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        print(out.rstrip())
+        results[r] = json.loads(out.split("json: ", 1)[1])
+    full, lora = results[0], results[args.lora_r]
+    print(f"LoRA r={args.lora_r} / full: trained parameters {lora['trained'] / full['trained']:.4f}x, optimizer state "
+          f"{lora['optimizer_bytes'] / full['optimizer_bytes']:.4f}x, step time {lora['step_s'] / full['step_s']:.2f}x "
+          f"(medians); peak memory {full['memory']} -> {lora['memory']}")
 
 
 BENCHES = [
     ("llama", add_llama_args, run_llama),
     ("clip", clip_args, clip_run),
     ("train", train_args, train_bench),
+    ("lora", lora_args, lora_bench),
 ]
 
 

@@ -18,6 +18,13 @@ the `llm.` prefix). Frozen and trained tensors in one block are fine for FSDP2's
     save_adapters(model, out, {"base_model": name})          # adapter.safetensors + adapter_config.json: MBs
     merge_lora(model)                                        # a plain LLaVA for save_pretrained, chat, export
     load_adapters(base_model, out)                           # the trained model again from the base + the file
+
+train.py (stage 2 with lora_r > 0, e.g. --recipe llava-v1.5-lora) writes the merged model to --out and, beside it,
+adapter.safetensors (adapters + projector, fp32 adapters) with adapter_config.json (r, alpha, dropout, targets,
+base_model, vision_tower, projector_type, template, image_aspect_ratio). To rebuild the output from the base:
+
+    model = LLaVA.from_parts(base_llm_dir, clip_dir, projector_type="mlp2x_gelu")  # the run's --model, tower
+    load_adapters(model, "runs/stage2")   # adapters and the trained projector; merge_lora(model) to fold them in
 """
 import math
 import os

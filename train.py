@@ -11,18 +11,21 @@
         --image-folder playground/data --out runs/stage2 --set micro_batch_size=16
 
 Recipes are data: TrainConfig holds every hyperparameter and RECIPES names the original scripts' values
-(`llava-v1` = the paper, `llava-v1.5`, `scienceqa`, `demo`); `--set key=value` overrides any field. Flags are
-for paths and actions only. With no --data and --model the demo runs (recipe `demo` unless --recipe names
-another); with real paths --recipe is required, so a real run never trains on values nobody chose.
+(`llava-v1` = the paper, `llava-v1.5`, `llava-v1.5-lora`, `scienceqa`, `demo`); `--set key=value` overrides any
+field. Flags are for paths and actions only. With no --data and --model the demo runs (recipe `demo` unless
+--recipe names another); with real paths --recipe is required, so a real run never trains on values nobody chose.
 
 The two stages are one loop that differs only in which parameters require grad; the CLIP tower never trains.
+With lora_r > 0 (recipe `llava-v1.5-lora`, or `--set lora_r=N`) stage 2 trains the projector and LoRA adapters on
+the LLM's block linears (lora.py), the LLM frozen; the output has them merged in, adapter.safetensors beside it.
 One process when RANK is unset; under torchrun every decoder block and then the whole model is sharded with FSDP2
 (bf16 compute with fp32 gradient reduction on CUDA, fp32 and gloo on CPU). The loss of a step is the mean over all
 answer tokens of the global batch, so it does not depend on how the batch is split over GPUs and micro-batches.
 A run ends with a training state (checkpoints/step_N: trained weights, optimizer, RNG) and then the output, so a
 failed final write loses nothing. A rank that stalls for dist_timeout seconds ends the job; on gloo with a message
-naming the last good state (NCCL's watchdog aborts the process itself). Limits: one cosine schedule; full
-(unsharded) training states gathered on rank 0, which is simple and resumes on any GPU count but needs its memory.
+naming the last good state (NCCL's watchdog aborts the process itself). Under torchrun each rank reads only its own
+shards of the base weights (memory-mapped) and writes only its own shards of a training state (DCP, which resumes on
+any number of ranks). `precision` bf16 (the default on CUDA) runs the same code on a CPU. Limits: one cosine schedule.
 """
 import argparse
 import json
@@ -40,11 +43,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
+from safetensors import safe_open
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -52,9 +59,11 @@ from tqdm import tqdm
 import data
 import formats
 from demo import DEMO_CLIP, build_demo_inputs, demo_accuracy
-from fileio import append_jsonl, fresh_dir, read_json, read_jsonl, save_tensors, write_json, write_text
-from llama import Tokenizer
-from llava import LLaVA
+from fileio import append_jsonl, fresh_dir, read_json, read_jsonl, write_json, write_text
+from llama import LlamaConfig, Tokenizer, hf_to_llama_keys, load_checkpoint
+from llava import LLaVA, LLaVAConfig
+from projector import build_projector
+from lora import apply_lora, merge_lora, save_adapters
 
 # -----------------------------------------------------------------------------------------------------------------
 # config: one dataclass, named recipes, the command line
@@ -79,12 +88,16 @@ class TrainConfig:
     max_length: int = 2048  # tokens per sample, image tokens included (model_max_length)
     group_by_length: bool = False  # batches of similar length and one modality: less padding (LLaVA-1.5 stage 2)
     grad_checkpointing: bool = True  # recompute each decoder block in backward: less memory, ~1/3 more compute
+    lora_r: int = 0  # stage 2: LoRA rank on the 7 linears of every LLM block, base frozen (lora.py); 0: full tuning
+    lora_alpha: float = 0.0  # LoRA update scale alpha / r; 0: 2 * lora_r (LLaVA-1.5's 256 for r=128)
+    lora_dropout: float = 0.05  # dropout on the adapters' input (LLaVA's default lora_dropout)
     num_workers: int = 4  # data loader processes
     skip_bad: bool = False  # skip unreadable rows and images (counted and reported) instead of stopping
     seed: int = 0  # the projector's init and the data order
     save_every: int = 0  # write a training state every N steps; 0: only when stopped and at the end
     stop_after: int = 0  # stop after this step with a training state; 0: run to the end
     dist_timeout: float = 300.0  # seconds a collective waits for a stalled rank before the job ends
+    precision: str = "auto"  # "bf16": bf16 compute, fp32 master weights and reduction; "fp32"; "auto": bf16 on CUDA
     threads: int = 0  # torch CPU threads; 0: torch's choice
     peak_tflops: float = 0.0  # accelerator peak for the MFU column; 0: the known cards (PEAK_TFLOPS)
     demo_dir: str = "runs/demo"  # the demo's data, base models and outputs
@@ -103,7 +116,7 @@ class TrainConfig:
 
 PATH_FIELDS = ("model", "vision_tower", "projector", "data", "image_folder", "tokenizer", "out", "resume")
 CHOICES = {"projector_type": ("linear", "mlp2x_gelu"), "template": tuple(data.TEMPLATES),
-           "image_aspect_ratio": ("square", "pad")}
+           "image_aspect_ratio": ("square", "pad"), "precision": ("auto", "bf16", "fp32")}
 # the demo: tiny models from scratch on 2 CPU cores; its fast projector lr reads the random tower in minutes.
 # One thread: when another process holds a core, 2 OpenMP threads wait on each other and run 10-20x slower
 DEMO = dict(projector_type="mlp2x_gelu", image_size=DEMO_CLIP["image_size"], image_aspect_ratio="pad",
@@ -118,6 +131,9 @@ RECIPES = {
         1: dict(lr=1e-3, batch_size=256, epochs=1, template="plain"),
         2: dict(lr=2e-5, batch_size=128, epochs=1, template="vicuna_v1", image_aspect_ratio="pad",
                 group_by_length=True)},  # group_by_modality_length
+    "llava-v1.5-lora": {  # scripts/v1_5/finetune_lora.sh: stage 2 only, from llava-v1.5's stage-1 projector
+        2: dict(lr=2e-4, projector_lr=2e-5, batch_size=128, epochs=1, template="vicuna_v1", image_aspect_ratio="pad",
+                group_by_length=True, lora_r=128, lora_alpha=256.0, lora_dropout=0.05)},
     "scienceqa": {  # scripts/finetune_sqa.sh: stage 2 only, from the paper's stage-1 projector
         2: dict(lr=2e-5, batch_size=128, epochs=12, template="vicuna_v1", projector_type="linear", image_size=224)},
     "demo": {
@@ -182,6 +198,12 @@ def make_config(recipe="demo", stage=1, sets=(), demo=False, **paths):
             fail(f"--set {item}: expected KEY=VALUE with KEY one of {', '.join(settable)}")
         setattr(config, key, parse_value(key, text))
     config.projector_lr = config.projector_lr or config.lr
+    if config.lora_r and config.stage == 1:
+        fail(f"lora_r={config.lora_r} in stage 1: LoRA adapts the LLM, which stage 1 leaves frozen (it trains "
+             f"only the projector); give lora_r in stage 2")
+    if config.lora_r < 0:
+        fail(f"lora_r={config.lora_r}: the LoRA rank is >= 1 (0: no LoRA)")
+    config.lora_alpha = config.lora_alpha or 2.0 * config.lora_r
     root = Path(config.demo_dir)
     if demo:
         config.model, config.vision_tower = str(root / "base" / "llm"), str(root / "base" / "clip")
@@ -282,11 +304,32 @@ def step_batches(dataset, epoch, first_step, steps_per_epoch, collate, rank, wor
     try:
         loader = iter(DataLoader(dataset, batch_sampler=index_lists, collate_fn=collate,
                                  num_workers=config.num_workers, worker_init_fn=worker_init,
-                                 pin_memory=torch.cuda.is_available()))
+                                 pin_memory=torch.cuda.is_available(),
+                                 # its own seed, not one drawn from the global RNG: that stream feeds LoRA's dropout,
+                                 # which must see the same numbers whether a run resumed mid-epoch or not
+                                 generator=torch.Generator().manual_seed(config.seed * 1000 + epoch)))
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal that came meanwhile reaches the main process now
+    spare = None  # the last micro-batch this rank saw: the stand-in for one whose samples were all skipped
     for step in range(first_step, steps_per_epoch):
-        yield epoch * steps_per_epoch + step, [next(loader) for _ in range(local // micro)]
+        micro_batches = []
+        for _ in range(local // micro):
+            batch = next(loader)
+            if batch is None:  # collate dropped every sample (skip_bad): count them, run a stand-in without labels
+                spare = spare or stand_in(dataset, mine, collate)
+                batch = dict(spare, labels=torch.full_like(spare["labels"], -100), skipped=torch.tensor(micro),
+                             stand_in=True)
+            spare = batch
+            micro_batches.append(batch)
+        yield epoch * steps_per_epoch + step, micro_batches
+
+
+def stand_in(dataset, indices, collate):
+    """A readable sample as a micro-batch, for a rank whose first micro-batch was skipped whole."""
+    for i in [*indices, *range(len(dataset))]:
+        if (batch := collate([dataset[i]])) is not None:
+            return batch
+    fail("skip_bad: no sample of the dataset has a readable image")
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -307,25 +350,40 @@ def build_model(config):
                  f"--set {key}={have} to train with it")
     # saved with the checkpoint: chat and evaluate render and preprocess the way it trained
     model.config.template, model.config.image_aspect_ratio = config.template, config.image_aspect_ratio
-    return set_stage(model.train(), config.stage)  # training mode: the decoder recomputes blocks only then
+    # training mode: the decoder recomputes blocks only then
+    return set_stage(model.train(), config.stage, config.lora_r, config.lora_alpha, config.lora_dropout)
 
 
-def set_stage(model, stage):
-    """The two stages differ only here: stage 1 trains the projector, stage 2 the projector and the LLM."""
+def set_stage(model, stage, lora_r=0, lora_alpha=0.0, lora_dropout=0.0):
+    """The two stages differ only here: stage 1 trains the projector, stage 2 the projector and the LLM, or with
+    lora_r > 0 the projector and low-rank adapters on the LLM's block linears, the LLM itself frozen (lora.py)."""
     model.requires_grad_(False)
     model.projector.requires_grad_(True)
     model.llm.requires_grad_(stage == 2)
+    if lora_r:
+        apply_lora(model.llm, lora_r, lora_alpha or 2.0 * lora_r, lora_dropout)  # A drawn from the seeded RNG
     return model
 
 
-def parallelize(model, device, grad_checkpointing):
+def resolve_precision(precision, device):
+    """"auto": bf16 on CUDA, fp32 on CPU. "bf16" on a CPU runs the GPU's code path (FSDP2 mixed precision, flash
+    attention), which is what the tests do."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def parallelize(model, device, grad_checkpointing, bf16=None):
+    """Returns the model on `device`; under torchrun each decoder block, then the root, sharded with FSDP2. A model
+    on the meta device stays there (load_sharded fills each rank's shards afterwards)."""
+    bf16 = device.type == "cuda" if bf16 is None else bf16
     model.llm.gradient_checkpointing = grad_checkpointing  # the layer loop runs each block inside checkpoint()
     if not dist.is_initialized():
         return model.to(device)
-    cuda = device.type == "cuda"
-    mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cuda else None, reduce_dtype=torch.float32)
+    # fp32 master weights and optimizer; each block's weights gathered in bf16, gradients reduced in fp32
+    mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
     # the frozen tower is a plain replica on every rank, outside FSDP and the optimizer; bf16 is enough to run it
-    model.vision_tower.to(device, torch.bfloat16 if cuda else torch.float32)
+    tower_dtype = torch.bfloat16 if bf16 else torch.float32
+    on_meta = model.vision_tower.pre_layrnorm.weight.is_meta  # filled after sharding (load_sharded)
+    model.vision_tower.to(tower_dtype) if on_meta else model.vision_tower.to(device, tower_dtype)
     for i, block in enumerate(model.llm.layers):
         # the last block is needed again first thing in backward: keep it gathered (as torchtitan does)
         fully_shard(block, mp_policy=mp_policy, reshard_after_forward=i < len(model.llm.layers) - 1)
@@ -333,15 +391,98 @@ def parallelize(model, device, grad_checkpointing):
     return model
 
 
+def read_slices(file, device="cpu", skip=lambda key: False):
+    """llama.load_checkpoint's reader for sharded loading: {key: a lazy slice} of a memory-mapped safetensors file;
+    indexing a slice reads only those rows. The file stays open as long as a slice refers to it."""
+    f = safe_open(file, framework="pt", device="cpu")
+    return {k: f.get_slice(k) for k in f.keys() if not skip(k)}
+
+
+def build_sharded(config):
+    """Under torchrun, the model on the meta device and {parameter name: where its values come from}: a lazy slice
+    of the checkpoint's file (the LLM, read after sharding, each rank its own rows) or a small real tensor (the
+    tower, the seeded or stage-1 projector). None where only the whole-model path applies (LoRA, the original
+    release and llava-hf layouts, .bin files): build_model then loads the whole model on every rank."""
+    names = set(os.listdir(config.model))
+    if config.lora_r or not names & {"model.safetensors", "model.safetensors.index.json"}:
+        return None
+    kind = formats.detect_format(config.model)
+    if kind not in (formats.OWN, "llama"):
+        return None
+    torch.manual_seed(config.seed)  # every rank draws the same random projector (as build_model)
+    if kind == formats.OWN:
+        with torch.device("meta"):
+            model = LLaVA(LLaVAConfig.from_dict(read_json(Path(config.model) / "config.json")))
+        tensors, files = load_checkpoint(config.model, read=read_slices)
+        to_model, extra = (lambda sd: sd), {}
+    else:
+        llm_config = LlamaConfig.from_hf(read_json(Path(config.model) / "config.json"))
+        tower = formats.load_clip(config.vision_tower)
+        with torch.device("meta"):
+            model = LLaVA(LLaVAConfig(llm=llm_config, vision=tower.config, projector_type=config.projector_type))
+        tensors, files = load_checkpoint(config.model, skip=lambda key: "rotary_emb.inv_freq" in key,
+                                         read=read_slices)
+        to_model = lambda sd: {"llm." + k: v for k, v in hf_to_llama_keys(sd).items()}
+        # PyTorch's default Linear init, as LLaVA.from_parts (and the original) builds it after the LLM
+        projector = build_projector(config.projector_type, tower.config.hidden_size, llm_config.hidden_size)
+        extra = {**{f"vision_tower.{k}": v for k, v in tower.state_dict().items()},
+                 **{f"projector.{k}": v for k, v in projector.state_dict().items()}}
+    names = to_model({k: k for k in tensors})  # model key -> key in the file
+    sources = {**to_model(tensors), **extra}
+    if config.projector is not None:
+        projector_tensors, _, (to_projector, _) = formats.read_projector(config.projector, model.config.projector_type)
+        sources.update({f"projector.{k}": v for k, v in to_projector(projector_tensors).items()})
+    expected = dict(model.named_parameters())  # a tied head is one parameter, under its first name
+    shape = lambda v: tuple(v.shape) if torch.is_tensor(v) else tuple(v.get_shape())
+    for key, p in expected.items():
+        if key not in sources:
+            raise KeyError(f"{config.model}: missing key {key!r} (expected shape {tuple(p.shape)})")
+        if shape(sources[key]) != tuple(p.shape):
+            where = files.get(names.get(key), config.model)
+            raise ValueError(f"{where}: key {names.get(key, key)!r} has shape {shape(sources[key])}, expected "
+                             f"{tuple(p.shape)}")
+    all_names = set(model.state_dict())
+    for key in sources:
+        if key not in all_names:
+            raise KeyError(f"{files.get(names.get(key), config.model)}: unexpected key {names.get(key, key)!r}")
+    for key, have in (("projector_type", model.config.projector_type), ("image_size", model.config.image_size)):
+        if getattr(config, key) and getattr(config, key) != have:
+            fail(f"--model/--vision-tower give {key} {have}, recipe {config.recipe} has {getattr(config, key)}: "
+                 f"--set {key}={have} to train with it")
+    model.config.template, model.config.image_aspect_ratio = config.template, config.image_aspect_ratio
+    return set_stage(model.train(), config.stage), {k: sources[k] for k in expected}
+
+
+@torch.no_grad()
+def load_sharded(model, sources, device):
+    """Materialise a sharded meta model: each rank allocates and reads only its own rows of every FSDP parameter
+    (dim-0 shards of ceil(rows / world) rows, the last one shorter as FSDP2 pads it), memory-mapped, so a rank's
+    peak memory is about the model / world plus one tensor; replicated parameters (the tower) are read whole."""
+    model.to_empty(device=device)
+    for name, param in model.named_parameters():
+        source = sources[name]
+        if isinstance(param, DTensor):
+            assert [p.dim for p in param.placements] == [0], param.placements  # fully_shard's dim-0 Shard
+            local = param.to_local()
+            chunk = math.ceil(param.shape[0] / param.device_mesh.size())
+            start = param.device_mesh.get_local_rank() * chunk
+            if local.shape[0]:
+                local.copy_(source[start:start + local.shape[0]])
+        else:
+            param.copy_(source[:])
+    return model
+
+
 def flops_per_step(model, stage):
     """A function (tokens, images, seq_len) -> FLOPs of one training step: 2 per multiply-add, backward = 2x forward.
 
-    Trained weights cost 6N per token, frozen LLM weights that the gradient still flows through (stage 1) 4N, the
-    frozen tower 2N per patch (forward only); attention adds 12 * layers * width * seq_len per token (PaLM)."""
+    Trained weights cost 6N per token, frozen LLM weights that the gradient still flows through (stage 1, or the
+    base under LoRA adapters) 4N, the frozen tower 2N per patch (forward only); attention adds
+    12 * layers * width * seq_len per token (PaLM)."""
     count = lambda module: sum(p.numel() for p in module.parameters())
     llm, vision, patches = model.config.llm, model.config.vision, model.config.num_image_tokens
-    n_llm = count(model.llm.layers) + count(model.llm.norm) + model.llm.lm_head.weight.numel()  # no embed lookup
-    per_token = (6 if stage == 2 else 4) * n_llm
+    weights = [*model.llm.layers.parameters(), *model.llm.norm.parameters(), model.llm.lm_head.weight]  # no embed
+    per_token = sum((6 if stage == 2 and p.requires_grad else 4) * p.numel() for p in weights)
     attention = 12 * llm.num_hidden_layers * llm.num_attention_heads * llm.head_dim
     per_image = (6 * count(model.projector) * patches + 2 * count(model.vision_tower) * (patches + 1)
                  + 4 * vision.num_hidden_layers * vision.hidden_size * (patches + 1) ** 2)
@@ -362,7 +503,9 @@ def make_optimizer(model, config):
         groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay,
                     "lr_scale": scale}, {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0,
                                          "lr_scale": scale}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
+    # fused: one kernel over all parameters (CUDA, and CPU since torch 2.4), not a loop of small ones per tensor
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
+                             fused=True)
 
 
 def lr_at(step, total_steps, config):
@@ -376,10 +519,12 @@ def lr_at(step, total_steps, config):
 
 # -----------------------------------------------------------------------------------------------------------------
 # training state and output: a training state holds the trained weights, the optimizer, the step (the data
-# position and the schedule follow from it), each rank's RNG, and the values a resume must share; full (unsharded)
-# tensors, so it resumes on any number of GPUs. Directories are written to a fresh temp dir, then renamed.
+# position and the schedule follow from it), each rank's RNG, and the values a resume must share; each rank's shards
+# (DCP), resharded on load, so it resumes on any number of GPUs. Directories are written to a fresh temp dir, then
+# renamed.
 
-RESUME_MUST_MATCH = ("stage", "batch_size", "data", "template", "seed", "max_length")  # data order, what trains
+RESUME_MUST_MATCH = ("stage", "batch_size", "data", "template", "seed", "max_length",  # data order, what trains
+                     "lora_r", "lora_alpha")
 
 
 @contextmanager
@@ -398,29 +543,42 @@ def temp_dir(folder, target, nbytes, hint=""):
 
 
 def save_state(model, optimizer, step, config, rank):
-    weights = get_model_state_dict(model, options=StateDictOptions(
-        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
-    optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    """Each rank writes its own shards of the trained weights and the optimizer moments, in parallel, with
+    torch.distributed.checkpoint (DCP), which reshards on load: a state written by N ranks resumes on M, or in one
+    process. DCP stores tensors as raw bytes; its .metadata index is a pickle (FileSystemWriter has no other format):
+    written and read only by this project, never a file from elsewhere. Optimizer settings, step and RNG go to
+    state.json."""
+    weights = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))  # local shards
+    optim = get_optimizer_state_dict(model, optimizer)  # {"state": {name: {step, exp_avg, exp_avg_sq}}, groups}
     rng = {"torch": torch.get_rng_state().tolist(), "python": random.getstate(),
            "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
            "cuda": torch.cuda.get_rng_state().tolist() if torch.cuda.is_available() else None}
-    rngs = [None] * dist.get_world_size() if dist.is_initialized() else [rng]
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rngs = [None] * world
     if dist.is_initialized():
         dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
     final = Path(config.out) / "checkpoints" / f"step_{step:07d}"
-    if rank == 0:
-        weights = {k: v.contiguous() for k, v in weights.items()}
-        # optimizer: {"state": {name: {"step", "exp_avg", "exp_avg_sq"}}, "param_groups": [...]} -> "name:key"
-        moments = {f"{name}:{key}": v for name, s in optim["state"].items() for key, v in s.items()}
-        state = {"step": step, **{k: getattr(config, k) for k in RESUME_MUST_MATCH},
-                 "param_groups": optim["param_groups"], "rng": rngs}
-        nbytes = sum(v.numel() * v.element_size() for v in [*weights.values(), *moments.values()])
-        with temp_dir(final.parent, final, nbytes) as tmp:
-            save_tensors(tmp / "model.safetensors", weights)
-            save_tensors(tmp / "optimizer.safetensors", moments)
+    local = lambda v: v.to_local() if isinstance(v, DTensor) else v
+    nbytes = world * sum(local(v).numel() * local(v).element_size() for v in
+                         [*weights.values(), *(t for s in optim["state"].values() for t in s.values())])
+    with temp_dir(final.parent, final, nbytes) if rank == 0 else nullcontext() as tmp:
+        names = [str(tmp)]
+        if dist.is_initialized():
+            dist.broadcast_object_list(names, src=0)  # rank 0's fresh temp dir
+        try:
+            dcp.save({"model": weights, "optimizer": optim["state"]}, storage_writer=FileSystemWriter(names[0]),
+                     no_dist=not dist.is_initialized())
+        except CheckpointException as e:  # DCP gathers every rank's failure: a full disk stays an OSError
+            raise next((exc for exc, _ in e.failures.values() if isinstance(exc, OSError)), e) from None
+        if rank == 0:
+            state = {"step": step, **{k: getattr(config, k) for k in RESUME_MUST_MATCH},
+                     "param_groups": optim["param_groups"], "rng": rngs, "world_size": world}
             write_json(tmp / "state.json", state, indent=None)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
+    if rank == 0:
         for old in final.parent.glob("step_*"):  # keep only the newest
             if old != final:
                 shutil.rmtree(old)
@@ -442,25 +600,28 @@ def find_state(config):
 
 
 def load_state(path, model, optimizer, config, rank):
-    if not (path / "state.json").is_file():
-        fail(f"--resume: {path} is not a training state (no state.json)")
+    if not (path / "state.json").is_file() or not (path / ".metadata").is_file():
+        fail(f"--resume: {path} is not a training state (no state.json and .metadata)")
     state = read_json(path / "state.json")
     for key in RESUME_MUST_MATCH:
         if state.get(key) != getattr(config, key):
             fail(f"--resume: {path} was trained with {key}={state.get(key)!r}, this run has {getattr(config, key)!r}")
-    weights = load_file(path / "model.safetensors")
+    reader = FileSystemReader(str(path))
+    saved = reader.read_metadata().state_dict_metadata  # {"model.<name>": its full size, ...}
     for name, param in model.named_parameters():  # DTensor shapes are the full ones
-        if param.requires_grad and name not in weights:
-            fail(f"--resume: {path / 'model.safetensors'} has no {name}: a state of another stage or projector")
-        if param.requires_grad and weights[name].shape != param.shape:
-            fail(f"--resume: {path / 'model.safetensors'}: {name} is {list(weights[name].shape)}, this model's is "
-                 f"{list(param.shape)}: the state comes from a model of another width or projector")
-    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
-    optim = {"state": {}, "param_groups": [dict(g, betas=tuple(g["betas"])) for g in state["param_groups"]]}
-    for key, value in load_file(path / "optimizer.safetensors").items():
-        name, field = key.rsplit(":", 1)
-        optim["state"].setdefault(name, {})[field] = value
-    set_optimizer_state_dict(model, optimizer, optim, options=StateDictOptions(full_state_dict=True))
+        key = f"model.{name}"
+        if param.requires_grad and key not in saved:
+            fail(f"--resume: {path} has no {name}: a state of another stage or projector")
+        if param.requires_grad and tuple(saved[key].size) != tuple(param.shape):
+            fail(f"--resume: {path}: {name} is {list(saved[key].size)}, this model's is {list(param.shape)}: the "
+                 f"state comes from a model of another width or projector")
+    weights = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))
+    optim = get_optimizer_state_dict(model, optimizer)  # zero moments of the right shapes, filled in place
+    dcp.load({"model": weights, "optimizer": optim["state"]}, storage_reader=reader,  # reshards N ranks -> M
+             no_dist=not dist.is_initialized())
+    set_model_state_dict(model, weights, options=StateDictOptions(strict=False))
+    groups = [dict(g, betas=tuple(g["betas"])) for g in state["param_groups"]]
+    set_optimizer_state_dict(model, optimizer, {"state": optim["state"], "param_groups": groups})
     rng = state["rng"][min(rank, len(state["rng"]) - 1)]
     torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
     random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
@@ -478,7 +639,7 @@ def trim_metrics(path, step):
         write_text(path, "".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= step))
 
 
-def save_output(model, config, rank, cuda, state):
+def save_output(model, config, rank, bf16, state):
     """Stage 1: the projector; stage 2: the whole model + tokenizer.model. Gathered into a plain copy on rank 0 and
     written to a temp dir in <out> whose files then move into <out>: a failed write leaves no partial file."""
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -486,14 +647,22 @@ def save_output(model, config, rank, cuda, state):
         return
     with torch.device("meta"):
         plain = LLaVA(model.config)
-    dtype = torch.bfloat16 if cuda else torch.float32  # the precision it trained in
-    plain.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}, assign=True)
+        if config.lora_r:  # filled below, written to their own small file, then merged: the output is a plain LLaVA
+            apply_lora(plain.llm, config.lora_r, config.lora_alpha, config.lora_dropout)
+    dtype = torch.bfloat16 if bf16 else torch.float32  # the precision it trained in
+    plain.load_state_dict({k: v.to(dtype) if v.is_floating_point() and ".lora_" not in k else v  # adapters: fp32
+                           for k, v in weights.items()}, assign=True)
     saved = plain.projector if config.stage == 1 else plain
     hint = f".\nThe trained weights are safe in {state}: make room, then --resume writes the output"
     with temp_dir(config.out, config.out, sum(p.numel() * p.element_size() for p in saved.parameters()), hint) as tmp:
         if config.stage == 1:
             plain.save_projector(str(tmp))
         else:
+            if config.lora_r:  # adapter.safetensors + adapter_config.json: lora.load_adapters puts them on the base
+                save_adapters(plain, tmp, {"base_model": config.model, "vision_tower": config.vision_tower,
+                                           "projector_type": plain.config.projector_type, "template": config.template,
+                                           "image_aspect_ratio": config.image_aspect_ratio})
+                merge_lora(plain)
             plain.save_pretrained(str(tmp))
             shutil.copy(config.tokenizer, tmp / "tokenizer.model")
         for file in tmp.iterdir():
@@ -504,35 +673,53 @@ def save_output(model, config, rank, cuda, state):
 # the loop
 
 
-def train_step(model, optimizer, micro_batches, lr, grad_clip, device):
+def train_step(model, optimizer, micro_batches, lr, grad_clip, device, bf16=None, times=None):
     """One optimizer step over this rank's micro-batches of a global batch: accumulate, clip, AdamW. The loss is the
-    mean over every answer token of the global batch, however it is split over ranks and micro-batches.
-    Returns (loss, grad_norm, tokens, images), over all ranks. bench.py times this function."""
+    mean over every answer token of the global batch, however it is split over ranks and micro-batches. A stand-in
+    micro-batch (step_batches: all its samples were skipped) has no labels: it adds nothing to the loss or the
+    gradient, but the rank still runs forward and backward, so it takes part in FSDP's collectives.
+    Returns (loss, grad_norm, tokens, images, skipped samples), over all ranks. bench.py times this function;
+    `times`, a dict, gets the seconds of "forward", "backward" and "optimizer" added."""
     world, cuda = dist.get_world_size() if dist.is_initialized() else 1, device.type == "cuda"
-    autocast = torch.autocast("cuda", torch.bfloat16) if cuda and world == 1 else nullcontext()  # FSDP casts itself
-    attention = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]) if cuda else nullcontext()
+    bf16 = cuda if bf16 is None else bf16
+    autocast = torch.autocast(device.type, torch.bfloat16) if bf16 and world == 1 else nullcontext()  # FSDP casts
+    # flash attention on bf16, as on a GPU; torch has a CPU flash kernel (no memory-efficient one there)
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION] if cuda else [SDPBackend.FLASH_ATTENTION]
+    attention = sdpa_kernel(backends) if bf16 else nullcontext()
+    clock = lambda: (torch.cuda.synchronize() if cuda and times is not None else None, time.perf_counter())[1]
+    times = {} if times is None else times
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
-    answer_tokens, tokens, images = all_sum([  # over all ranks: answer tokens set the loss's denominator
-        sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches),
-        sum(b["input_ids"].numel() for b in micro_batches),
-        sum(len(b["pixel_values"]) for b in micro_batches if b["pixel_values"] is not None)], device)
+    real = [b for b in micro_batches if not b.get("stand_in")]
+    answer_tokens, tokens, images, skipped = all_sum([  # over all ranks: answer tokens set the loss's denominator
+        sum(int((b["labels"][:, 1:] != -100).sum()) for b in real),
+        sum(b["input_ids"].numel() for b in real),
+        sum(len(b["pixel_values"]) for b in real if b["pixel_values"] is not None),
+        sum(int(b.get("skipped", 0)) for b in micro_batches)], device)
     loss_sum = torch.zeros((), device=device)
     for batch in micro_batches:
-        batch = {k: v.to(device, non_blocking=True) if v is not None else None for k, v in batch.items()}
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        start = clock()
         with autocast, attention:
             _, micro_loss = model(batch["input_ids"], batch["pixel_values"], batch["labels"])  # token mean
+        micro_loss = torch.nan_to_num(micro_loss)  # no labels: the mean over none is NaN; it counts 0 times below
         n = (batch["labels"][:, 1:] != -100).sum()
+        middle = clock()
         # FSDP averages gradients over ranks: scale so the step's gradient is the global token mean
         (micro_loss * n * world / max(answer_tokens, 1)).backward()
         loss_sum += micro_loss.detach() * n
+        end = clock()
+        times["forward"] = times.get("forward", 0) + middle - start
+        times["backward"] = times.get("backward", 0) + end - middle
+    start = clock()
     trained = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(trained, grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    times["optimizer"] = times.get("optimizer", 0) + clock() - start
     (loss_total,) = all_sum([loss_sum.item()], device)
-    return loss_total / max(answer_tokens, 1), grad_norm.item(), tokens, images
+    return loss_total / max(answer_tokens, 1), grad_norm.item(), tokens, images, skipped
 
 
 @contextmanager
@@ -560,7 +747,8 @@ def train_loop(model, optimizer, dataset, collate, config, step, total_steps, fl
     peak = config.peak_tflops or next((v for k, v in PEAK_TFLOPS.items()
                                        if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
-    totals = {"tokens": 0, "start": time.time(), "first_loss": None, "loss": float("nan")}
+    totals = {"tokens": 0, "start": time.time(), "first_loss": None, "loss": float("nan"), "skipped": 0}
+    bf16 = resolve_precision(config.precision, device)
     with stop_requests() as stop:
         while step < total_steps and not stop:
             epoch, first = divmod(step, steps_per_epoch)
@@ -569,8 +757,8 @@ def train_loop(model, optimizer, dataset, collate, config, step, total_steps, fl
                 if step >= total_steps:
                     break
                 start, lr = time.time(), lr_at(step, total_steps, config)
-                loss, grad_norm, tokens, images = train_step(model, optimizer, micro_batches, lr, config.grad_clip,
-                                                             device)
+                loss, grad_norm, tokens, images, skipped = train_step(
+                    model, optimizer, micro_batches, lr, config.grad_clip, device, bf16)
                 step, dt = step + 1, time.time() - start
                 record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss, "lr": lr,
                           "grad_norm": grad_norm, "tokens": int(tokens), "tokens_per_s": tokens / dt}
@@ -582,7 +770,8 @@ def train_loop(model, optimizer, dataset, collate, config, step, total_steps, fl
                     bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "lr", "tokens_per_s", "mfu")
                                      if k in record})
                     bar.update(1)
-                totals.update(tokens=totals["tokens"] + tokens, loss=loss, first_loss=totals["first_loss"] or loss)
+                totals.update(tokens=totals["tokens"] + tokens, loss=loss, first_loss=totals["first_loss"] or loss,
+                              skipped=totals["skipped"] + skipped)
                 if all_sum([float(bool(stop))], device)[0] and not stop:  # every rank stops at the same step
                     stop.append("another rank")
                 if step == config.stop_after:
@@ -604,17 +793,24 @@ def run_stage(config, rank, world, device):
     if config.threads:
         torch.set_num_threads(config.threads)
     tokenizer = Tokenizer(config.tokenizer)
-    model = build_model(config)
+    built = build_sharded(config) if dist.is_initialized() else None  # on meta: each rank reads its shards below
+    model, sources = built or (build_model(config), None)
     dataset = data.LLaVADataset(config.data, config.image_folder, tokenizer, config.template,
                                 model.config.num_image_tokens, model.config.image_size,
                                 pad_to_square=config.image_aspect_ratio == "pad", max_length=config.max_length,
                                 skip_bad=config.skip_bad)
+    # rows and images found bad at start-up; with num_workers=0 __getitem__ adds the unreadable ones it meets to
+    # dataset.skipped too, so those are counted from the batches (summed over ranks), not from here
+    skipped_at_start = dict(dataset.skipped)
     steps_per_epoch = len(dataset) // config.batch_size  # the last partial batch of an epoch is left out
     total_steps = int(config.epochs * steps_per_epoch)
     if total_steps == 0:
         fail(f"{config.data}: {len(dataset)} usable samples, fewer than one batch of {config.batch_size}")
     flops = flops_per_step(model, config.stage)
-    model = parallelize(model, device, config.grad_checkpointing)
+    bf16 = resolve_precision(config.precision, device)
+    model = parallelize(model, device, config.grad_checkpointing, bf16)
+    if sources:
+        load_sharded(model, sources, device)
     optimizer = make_optimizer(model, config)
     state = find_state(config) if config.resume else None
     first_step = load_state(state, model, optimizer, config, rank) if state else 0
@@ -634,7 +830,9 @@ def run_stage(config, rank, world, device):
              f"stalled or died): {str(e).splitlines()[0]}\nthe last good training state: "
              f"{latest_state(config.out) or 'none yet'}; continue with --resume")
     elapsed = time.time() - totals["start"]
-    skipped = ", ".join(f"{n} {reason}" for reason, n in dataset.skipped.items()) or "none"
+    skipped = ", ".join([f"{n} {reason}" for reason, n in skipped_at_start.items()]
+                        + ([f"{totals['skipped']:.0f} image unreadable while training"] if totals["skipped"] else []))
+    skipped = skipped or "none"
     log(f"done: {step}/{total_steps} steps, {totals['tokens']:,.0f} tokens in {elapsed:.0f} s "
         f"({totals['tokens'] / max(elapsed, 1e-9):,.0f} tokens/s), loss {totals['first_loss'] or float('nan'):.4f} "
         f"-> {totals['loss']:.4f}; samples skipped: {skipped}; left out as the partial last batch: "
@@ -644,7 +842,7 @@ def run_stage(config, rank, world, device):
         return None
     if step > first_step:  # the trained weights are safe in a training state before the output is written
         state = save_state(model, optimizer, step, config, rank)
-    save_output(model, config, rank, device.type == "cuda", state)
+    save_output(model, config, rank, bf16, state)
     log(f"saved {'projector' if config.stage == 1 else 'model'} to {config.out}")
     if config.demo and config.stage == 2 and rank == 0:
         trained_model = LLaVA.from_pretrained(config.out).eval()  # the demo's last line: held-out accuracy

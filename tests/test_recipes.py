@@ -23,6 +23,11 @@ ORIGINAL = {
                             image_aspect_ratio="square", group_by_length=False, image_size=336, **SHARED),
     ("llava-v1.5", 2): dict(lr=2e-5, batch_size=128, epochs=1, projector_type="mlp2x_gelu", template="vicuna_v1",
                             image_aspect_ratio="pad", group_by_length=True, image_size=336, **SHARED),
+    # v1_5/finetune_lora.sh: finetune.sh's values but lr 2e-4, mm_projector_lr 2e-5, lora r 128 alpha 256; dropout
+    # is LLaVA's TrainingArguments default lora_dropout 0.05
+    ("llava-v1.5-lora", 2): dict(lr=2e-4, projector_lr=2e-5, batch_size=128, epochs=1, projector_type="mlp2x_gelu",
+                                 template="vicuna_v1", image_aspect_ratio="pad", group_by_length=True, image_size=336,
+                                 lora_r=128, lora_alpha=256, lora_dropout=0.05, **SHARED),
     ("scienceqa", 2): dict(lr=2e-5, batch_size=128, epochs=12, projector_type="linear", template="vicuna_v1",
                            image_size=224, **SHARED),
     # today's demo: the values that gave 96.5% in 2.6 min on 2 CPU cores
@@ -33,7 +38,7 @@ ORIGINAL = {
 }
 REQUIRED_KEYS = ("recipe", "stage", "lr", "projector_lr", "batch_size", "epochs", "warmup_ratio", "weight_decay",
                  "max_length", "projector_type", "template", "image_aspect_ratio", "group_by_length",
-                 "grad_checkpointing")
+                 "grad_checkpointing", "lora_r", "lora_alpha", "lora_dropout")
 
 
 def dry_run(capsys, *argv):
@@ -62,6 +67,22 @@ def test_projector_lr_defaults_to_lr(capsys):
 def test_scienceqa_has_no_stage_1():
     with pytest.raises(SystemExit, match="recipe scienceqa has no stage 1"):
         train.main(["--recipe", "scienceqa", "--stage", "1", "--dry-run"])
+
+
+def test_full_tuning_unless_lora_r_is_set(capsys):
+    assert dry_run(capsys, "--recipe", "llava-v1.5", "--stage", "2")["lora_r"] == 0
+
+
+def test_lora_r_works_with_any_stage_2_recipe_and_alpha_defaults_to_2r(capsys):
+    config = dry_run(capsys, "--stage", "2", "--set", "lora_r=16")  # the demo
+    assert (config["lora_r"], config["lora_alpha"], config["lora_dropout"]) == (16, 32.0, 0.05)
+    config = dry_run(capsys, "--recipe", "llava-v1", "--stage", "2", "--set", "lora_r=8", "lora_alpha=4")
+    assert (config["lora_r"], config["lora_alpha"]) == (8, 4.0)
+
+
+def test_lora_in_stage_1_is_an_error():
+    with pytest.raises(SystemExit, match="lora_r=8 in stage 1: LoRA adapts the LLM, which stage 1 leaves frozen"):
+        train.main(["--recipe", "llava-v1.5", "--stage", "1", "--set", "lora_r=8", "--dry-run"])
 
 
 def test_set_overrides_by_the_fields_type(capsys):

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
 import train
+from train import FileSystemReader, FileSystemWriter
 from clip import CLIPVisionTower
 from demo import build_demo_inputs
 from llama import Llama
@@ -202,10 +204,10 @@ def test_resume_refuses_a_state_trained_otherwise(demo, cut, setting, message):
 
 def test_resume_names_a_width_mismatch(demo, cut, tmp_path):
     state = tmp_path / "other_width"  # as if written by a model with a 64-wide LLM
-    shutil.copytree(train.latest_state(cut), state)
-    weights = load_file(state / "model.safetensors")
+    weights = load_file(demo / "projector" / "projector.safetensors")
     weights["projector.2.weight"] = torch.zeros(64, 128)
-    save_file(weights, state / "model.safetensors")
+    dcp.save({"model": weights}, checkpoint_id=state, no_dist=True)
+    shutil.copy(train.latest_state(cut) / "state.json", state)
     with pytest.raises(SystemExit, match=r"projector.2.weight is \[64, 128\], this model's is \[128, 128\]"):
         train.main(flags(demo, tmp_path / "out", 1, "--resume", str(state)))
 
@@ -253,7 +255,10 @@ def test_resume_after_a_full_disk_writes_the_output(demo, tmp_path, monkeypatch)
 
 def test_full_disk_at_a_training_state_keeps_the_previous_one(demo, tmp_path, monkeypatch):
     train.main(flags(demo, tmp_path, 1, "stop_after=2"))
-    monkeypatch.setattr(train, "save_tensors", full_disk)
+    class FullDisk(FileSystemWriter):
+        def write_data(self, *args, **kwargs):
+            full_disk()
+    monkeypatch.setattr(train, "FileSystemWriter", FullDisk)
     with pytest.raises(SystemExit, match=re.escape(f"could not write {tmp_path / 'checkpoints' / 'step_0000003'}")):
         train.main(flags(demo, tmp_path, 1, "save_every=1", "--resume"))
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000002"] and not leftovers(tmp_path)
@@ -395,3 +400,147 @@ def test_a_stalled_rank_ends_the_job_and_keeps_the_last_state(demo, tmp_path):
     state = train.latest_state(out)
     assert f"the last good training state: {state}" in text
     assert json.loads((state / "state.json").read_text())["step"] % 2 == 0 and not leftovers(out)
+
+
+# ---------------------------------------------------------------------------------------------- LoRA (lora_r > 0)
+
+
+def base_llava(demo):
+    """The model a LoRA run starts from: the base LLM and tower with the stage-1 projector, fp32, eval mode."""
+    model = LLaVA.from_parts(str(demo / "base" / "llm"), str(demo / "base" / "clip"))
+    model.load_projector(str(demo / "projector"))
+    return model
+
+
+def image_batch(model):
+    """(input_ids, pixel_values): one row with an image's placeholders, one text only."""
+    P, generator = model.config.num_image_tokens, torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.llm.vocab_size, (2, P + 12), generator=generator)
+    ids[0, 2:2 + P] = -200
+    pixels = torch.randn(1, 3, model.config.image_size, model.config.image_size, generator=generator)
+    return ids, pixels
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model.eval()(*batch)[0]
+
+
+def is_adapter(key):
+    return key.endswith((".lora_A", ".lora_B"))
+
+
+def test_lora_at_step_0_gives_the_base_models_logits(demo):
+    # train.py's own model for a LoRA stage 2: adapters on, B = 0, so exactly the base model
+    config = train.make_config("demo", 2, ["lora_r=4"], model=str(demo / "base" / "llm"),
+                               vision_tower=str(demo / "base" / "clip"), projector=str(demo / "projector"))
+    adapted, base = train.build_model(config), base_llava(demo)
+    assert any(is_adapter(k) for k in adapted.state_dict())
+    batch = image_batch(base)
+    assert torch.equal(logits(adapted, batch), logits(base, batch))
+
+
+def test_lora_flops_count_the_frozen_base_at_4n_and_the_adapters_at_6n(demo):
+    base = base_llava(demo)
+    full, frozen = train.flops_per_step(train.set_stage(base, 2), 2)(1, 0, 0), train.flops_per_step(base, 1)(1, 0, 0)
+    train.set_stage(base, 2, lora_r=4)
+    adapters = sum(v.numel() for k, v in base.state_dict().items() if is_adapter(k))
+    assert full == 6 * frozen // 4 and train.flops_per_step(base, 2)(1, 0, 0) == frozen + 6 * adapters
+
+
+@pytest.fixture(scope="module")
+def lora_run(demo, tmp_path_factory):
+    """A 4-step LoRA stage 2 (r 4, dropout 0.05) through train.main: (the returned adapted model, its output dir)."""
+    out = tmp_path_factory.mktemp("lora")
+    return train.main(flags(demo, out, 2, "lora_r=4")), out
+
+
+def test_lora_trains_only_adapters_and_projector(demo, lora_run):
+    model, _ = lora_run
+    base = base_llava(demo).state_dict()
+    trained = model.state_dict()
+    assert trained.keys() - base.keys() and all(is_adapter(k) for k in trained.keys() - base.keys())
+    changed = {k for k in base if not torch.equal(trained[k], base[k])}  # base tensors bit for bit until the merge
+    assert changed == {k for k in base if k.startswith("projector.")}
+    assert all(trained[k].abs().max() > 0 for k in trained if k.endswith(".lora_B"))  # B left 0: the LLM learned
+
+
+def test_lora_output_is_a_plain_checkpoint_that_equals_the_adapted_model(demo, lora_run):
+    model, out = lora_run
+    loaded = LLaVA.from_pretrained(str(out))  # what chat.py and evaluate.py load: no adapter keys, merged weights
+    assert loaded.state_dict().keys() == base_llava(demo).state_dict().keys() and (out / "tokenizer.model").is_file()
+    batch = image_batch(loaded)
+    torch.testing.assert_close(logits(loaded, batch), logits(model, batch), atol=1e-5, rtol=0)
+
+
+def test_lora_merged_change_of_each_adapted_weight_has_rank_at_most_r(demo, lora_run):
+    _, out = lora_run
+    base, merged = base_llava(demo).state_dict(), LLaVA.from_pretrained(str(out)).state_dict()
+    adapted = [k for k in base if k.startswith("llm.layers.") and k.endswith("_proj.weight")]
+    assert len(adapted) == 7 * 2  # q k v o gate up down in each of the demo's 2 blocks
+    for key in adapted:
+        delta = (merged[key] - base[key]).double()
+        assert 1 <= torch.linalg.matrix_rank(delta, rtol=1e-5) <= 4, key
+    assert all(torch.equal(merged[k], base[k]) for k in base if k not in adapted and not k.startswith("projector."))
+
+
+def test_lora_adapter_file_on_the_base_model_gives_the_output(demo, lora_run):
+    _, out = lora_run
+    from lora import load_adapters, merge_lora
+    assert (out / "adapter.safetensors").stat().st_size < (out / "model.safetensors").stat().st_size / 4
+    model = LLaVA.from_parts(str(demo / "base" / "llm"), str(demo / "base" / "clip"))  # any projector: the file's wins
+    config = load_adapters(model, out)
+    assert config["r"] == 4 and config["base_model"] == str(demo / "base" / "llm")
+    output = LLaVA.from_pretrained(str(out)).state_dict()
+    assert all(torch.equal(v, output[k]) for k, v in merge_lora(model).state_dict().items())
+
+
+@pytest.fixture(scope="module")
+def lora_resumed(demo, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora_resume")
+    train.main(flags(demo, root / "full", 2, "lora_r=4"))
+    train.main(flags(demo, root / "cut", 2, "lora_r=4", "stop_after=2"))
+    saved = FileSystemReader(str(train.latest_state(root / "cut"))).read_metadata().state_dict_metadata
+    state = [k.removeprefix("model.") for k in saved if k.startswith("model.")]  # the trained weights' names
+    train.main(flags(demo, root / "cut", 2, "lora_r=4", "--resume"))
+    return root, state
+
+
+def test_lora_training_state_holds_only_adapters_and_projector(lora_resumed):
+    _, state = lora_resumed
+    assert state and all(is_adapter(k) or k.startswith("projector.") for k in state)
+
+
+def test_lora_resume_continues_to_the_same_output(lora_resumed):
+    root, _ = lora_resumed
+    assert losses(root / "cut") == pytest.approx(losses(root / "full"), rel=1e-6)
+    full, cut = (load_file(root / run / "model.safetensors") for run in ("full", "cut"))
+    assert all((v - cut[k]).abs().max() <= 1e-6 for k, v in full.items())
+    full, cut = (load_file(root / run / "adapter.safetensors") for run in ("full", "cut"))
+    assert all((v - cut[k]).abs().max() <= 1e-6 for k, v in full.items())
+
+
+def test_resume_refuses_a_state_of_another_lora_rank(demo, tmp_path):
+    train.main(flags(demo, tmp_path, 2, "lora_r=4", "stop_after=1"))
+    with pytest.raises(SystemExit, match=re.escape("lora_r=4, this run has 8")):
+        train.main(flags(demo, tmp_path, 2, "lora_r=8", "--resume"))
+
+
+@pytest.mark.slow
+def test_lora_two_processes_match_one(demo, tmp_path):
+    # FSDP2 shards each block holding frozen base weights and trained adapters; no dropout: its masks depend on
+    # how the batch is split
+    lora = ("lora_r=4", "lora_dropout=0")
+    one = train.main(flags(demo, tmp_path / "one", 2, *lora))
+    args = flags(demo, tmp_path / "two", 2, *lora, "micro_batch_size=2", "grad_checkpointing=true")
+    for extra in (["stop_after=2"], ["--resume"]):
+        result = subprocess.run(torchrun(*args, *extra), cwd=REPO, capture_output=True, text=True, timeout=180,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+    single, fsdp = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(single) == len(fsdp) == 4
+    assert all(abs(a - b) <= 1e-4 * abs(a) for a, b in zip(single, fsdp)), (single, fsdp)
+    merged = LLaVA.from_pretrained(str(tmp_path / "one"))
+    two = LLaVA.from_pretrained(str(tmp_path / "two")).state_dict()
+    assert all((v - two[k]).abs().max() <= 1e-4 for k, v in merged.state_dict().items())
+    assert one is not None and (tmp_path / "two" / "adapter.safetensors").is_file()
