@@ -685,7 +685,7 @@ def train_step(model, optimizer, micro_batches, lr, grad_clip, device, bf16=None
     autocast = torch.autocast(device.type, torch.bfloat16) if bf16 and world == 1 else nullcontext()  # FSDP casts
     # flash attention on bf16, as on a GPU; torch has a CPU flash kernel (no memory-efficient one there)
     backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION] if cuda else [SDPBackend.FLASH_ATTENTION]
-    attention = sdpa_kernel(backends) if bf16 else nullcontext()
+    attention = (lambda: sdpa_kernel(backends)) if bf16 else nullcontext  # a new one per use: entered once each
     clock = lambda: (torch.cuda.synchronize() if cuda and times is not None else None, time.perf_counter())[1]
     times = {} if times is None else times
     for group in optimizer.param_groups:
@@ -700,7 +700,7 @@ def train_step(model, optimizer, micro_batches, lr, grad_clip, device, bf16=None
     for batch in micro_batches:
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         start = clock()
-        with autocast, attention:
+        with autocast, attention():
             _, micro_loss = model(batch["input_ids"], batch["pixel_values"], batch["labels"])  # token mean
         micro_loss = torch.nan_to_num(micro_loss)  # no labels: the mean over none is NaN; it counts 0 times below
         n = (batch["labels"][:, 1:] != -100).sum()

@@ -1,0 +1,140 @@
+"""train.py at scale, on CPU with gloo: a training state written by 2 ranks (DCP shards) resumes in 1 and in 2
+processes to the weights of an uninterrupted run; rank-sharded memory-mapped loading gives single-process loading's
+parameters; precision=bf16 (the GPU path: FSDP2 mixed precision, flash attention) tracks fp32 and saves bf16;
+micro-batches whose images are all corrupt are skipped, counted once and still take part in the collectives.
+Tiny demo models, a few steps each; the torchrun tests are slow."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import train
+from llava import LLaVA
+from test_train import REPO, demo, flags, losses, records, torchrun  # noqa: F401 (demo: the shared fixture)
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_torchrun(*args, script="train.py"):
+    command = torchrun(*args)
+    command[command.index("train.py")] = script
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def weights_close(a, b, tol):
+    return all((v.float() - b[k].float()).abs().max() <= tol for k, v in a.items())
+
+
+@pytest.mark.slow
+def test_a_state_of_2_ranks_resumes_in_1_and_in_2(demo, tmp_path):
+    args = ("lr=1e-3", "micro_batch_size=2")
+    one = train.main(flags(demo, tmp_path / "one", 2, *args)).state_dict()  # uninterrupted, one process
+    run_torchrun(*flags(demo, tmp_path / "two", 2, *args, "stop_after=2"))
+    shards = sorted(p.name for p in train.latest_state(tmp_path / "two").glob("*.distcp"))
+    assert len(shards) == 2  # each rank wrote its own
+    shutil.copytree(tmp_path / "two", tmp_path / "two_then_one")
+    resumed_in_1 = train.main(flags(demo, tmp_path / "two_then_one", 2, *args, "--resume")).state_dict()
+    run_torchrun(*flags(demo, tmp_path / "two", 2, *args, "--resume"))
+    resumed_in_2 = LLaVA.from_pretrained(str(tmp_path / "two")).state_dict()
+    assert weights_close(one, resumed_in_1, 1e-4) and weights_close(one, resumed_in_2, 1e-4)
+    for out in ("two_then_one", "two"):
+        assert all(abs(a - b) <= 1e-4 * abs(a) for a, b in zip(losses(tmp_path / "one"), losses(tmp_path / out)))
+
+
+SHARDED_LOAD = """
+import sys, torch, torch.distributed as dist
+import train
+from torch.distributed.tensor import DTensor
+rank, world, device = train.setup_distributed(60)
+config = train.make_config("demo", 2, ["num_workers=0"], model=sys.argv[1], vision_tower=sys.argv[2],
+                           projector=sys.argv[3] or None, data="unused", image_folder="unused")
+model, sources = train.build_sharded(config)
+assert next(model.llm.parameters()).is_meta
+model = train.load_sharded(train.parallelize(model, device, False, False), sources, device)
+full = {n: p.full_tensor() if isinstance(p, DTensor) else p.detach() for n, p in model.named_parameters()}
+if rank == 0:
+    reference = dict(train.build_model(config).named_parameters())
+    assert full.keys() == reference.keys(), set(full) ^ set(reference)
+    for name, value in full.items():
+        assert torch.equal(value, reference[name]), name
+    print("same parameters:", len(full))
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("start", ["base", "llava"])
+def test_rank_sharded_loading_gives_the_parameters_of_one_process(demo, tmp_path, start):
+    script = tmp_path / "sharded_load.py"
+    script.write_text(SHARDED_LOAD)
+    if start == "base":  # a base LLM (HF names, mapped first) + CLIP + the stage-1 projector
+        model, tower, projector = demo / "base" / "llm", demo / "base" / "clip", demo / "projector"
+    else:  # our own LLaVA checkpoint: every part from one file
+        model, tower, projector = tmp_path / "llava", "", ""
+        LLaVA.from_parts(str(demo / "base" / "llm"), str(demo / "base" / "clip")).save_pretrained(str(model))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(script), str(model), str(tower), str(projector)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240,
+                            env={**ENV, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "same parameters" in result.stdout
+
+
+@pytest.mark.slow
+def test_bf16_tracks_fp32_and_saves_bf16(demo, tmp_path):
+    args = ("lr=1e-3", "micro_batch_size=2")
+    train.main(flags(demo, tmp_path / "fp32", 2, *args, "precision=fp32"))
+    # 2 ranks: exactly the GPU path (FSDP2 MixedPrecisionPolicy(bf16, fp32), flash attention), on CPU tensors
+    run_torchrun(*flags(demo, tmp_path / "bf16", 2, *args, "precision=bf16"))
+    train.main(flags(demo, tmp_path / "bf16_one", 2, *args, "precision=bf16"))  # one process: bf16 autocast
+    fp32 = losses(tmp_path / "fp32")
+    for out in ("bf16", "bf16_one"):
+        bf16 = losses(tmp_path / out)
+        assert len(bf16) == len(fp32) == 4
+        assert all(abs(a - b) <= 2e-2 * abs(a) for a, b in zip(fp32, bf16)), (fp32, bf16)  # bf16: 8 mantissa bits
+        assert bf16 != fp32  # it did compute in bf16
+        with safe_open(tmp_path / out / "model.safetensors", "pt") as f:  # docs: saved in the precision it trained
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    with safe_open(tmp_path / "fp32" / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+
+
+def corrupt_data(demo, folder):
+    """small1.json with its first sample's image cut in half: the header reads, the pixels do not."""
+    shutil.copytree(demo / "data" / "images", folder / "images")
+    rows = json.loads((demo / "small1.json").read_text())
+    image = folder / "images" / rows[0]["image"]
+    image.write_bytes(image.read_bytes()[:len(image.read_bytes()) // 2])
+    return rows[0]
+
+
+def skip_flags(demo, tmp_path, out):
+    corrupt_data(demo, tmp_path)
+    args = flags(demo, tmp_path / out, 1, "skip_bad=true", "micro_batch_size=1")
+    args[args.index("--image-folder") + 1] = str(tmp_path / "images")
+    return args
+
+
+def test_a_micro_batch_of_corrupt_images_is_skipped_and_counted_once(demo, tmp_path, capsys):
+    train.main(skip_flags(demo, tmp_path, "out"))
+    summary = capsys.readouterr().out
+    assert "samples skipped: 1 image unreadable while training;" in summary, summary
+    assert [r["step"] for r in records(tmp_path / "out")] == [1, 2, 3, 4]
+    assert all(r["loss"] == r["loss"] for r in records(tmp_path / "out"))  # no NaN from the stand-in
+
+
+@pytest.mark.slow
+def test_a_rank_whose_micro_batch_is_skipped_still_takes_part(demo, tmp_path):
+    stdout = run_torchrun(*skip_flags(demo, tmp_path, "out"))
+    assert re.search(r"samples skipped: 1 image unreadable while training;", stdout), stdout
+    assert len(records(tmp_path / "out")) == 4
