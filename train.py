@@ -391,11 +391,25 @@ def parallelize(model, device, grad_checkpointing, bf16=None):
     return model
 
 
+class FileSlice:
+    """A tensor of a safetensors file that reads only the rows it is indexed with, through a memory map opened and
+    closed per read: the pages it touched leave the process with the map (one open map for the whole file would
+    keep every page read resident, and a rank's peak memory would again be the whole model)."""
+    def __init__(self, file, key, shape):
+        self.file, self.key, self.shape = file, key, tuple(shape)
+
+    def get_shape(self):
+        return self.shape
+
+    def __getitem__(self, index):
+        with safe_open(self.file, framework="pt", device="cpu") as f:
+            return f.get_slice(self.key)[index]
+
+
 def read_slices(file, device="cpu", skip=lambda key: False):
-    """llama.load_checkpoint's reader for sharded loading: {key: a lazy slice} of a memory-mapped safetensors file;
-    indexing a slice reads only those rows. The file stays open as long as a slice refers to it."""
-    f = safe_open(file, framework="pt", device="cpu")
-    return {k: f.get_slice(k) for k in f.keys() if not skip(k)}
+    """llama.load_checkpoint's reader for sharded loading: {key: FileSlice}, nothing read yet."""
+    with safe_open(file, framework="pt", device="cpu") as f:
+        return {k: FileSlice(file, k, f.get_slice(k).get_shape()) for k in f.keys() if not skip(k)}
 
 
 def build_sharded(config):
@@ -403,8 +417,7 @@ def build_sharded(config):
     of the checkpoint's file (the LLM, read after sharding, each rank its own rows) or a small real tensor (the
     tower, the seeded or stage-1 projector). None where only the whole-model path applies (LoRA, the original
     release and llava-hf layouts, .bin files): build_model then loads the whole model on every rank."""
-    names = set(os.listdir(config.model))
-    if config.lora_r or not names & {"model.safetensors", "model.safetensors.index.json"}:
+    if config.lora_r or not set(os.listdir(config.model)) & {"model.safetensors", "model.safetensors.index.json"}:
         return None
     kind = formats.detect_format(config.model)
     if kind not in (formats.OWN, "llama"):

@@ -9,10 +9,8 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 from safetensors import safe_open
 
 import train
