@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -47,6 +48,7 @@ from safetensors import safe_open
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -558,8 +560,8 @@ def temp_dir(folder, target, nbytes, hint=""):
 def save_state(model, optimizer, step, config, rank):
     """Each rank writes its own shards of the trained weights and the optimizer moments, in parallel, with
     torch.distributed.checkpoint (DCP), which reshards on load: a state written by N ranks resumes on M, or in one
-    process. DCP stores tensors as raw bytes; its .metadata index is a pickle (FileSystemWriter has no other format):
-    written and read only by this project, never a file from elsewhere. Optimizer settings, step and RNG go to
+    process. DCP stores tensors as raw bytes; its .metadata index is a pickle (FileSystemWriter has no other format),
+    read back by StateReader, which builds nothing but DCP's metadata classes. Optimizer settings, step and RNG go to
     state.json."""
     weights = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))  # local shards
     optim = get_optimizer_state_dict(model, optimizer)  # {"state": {name: {step, exp_avg, exp_avg_sq}}, groups}
@@ -612,6 +614,36 @@ def find_state(config):
     return path
 
 
+class StateReader(FileSystemReader):
+    """DCP's reader with its .metadata pickle read weights_only-style: only DCP's metadata classes, torch.Size, dtypes
+    and paths may be built from it, so a training state can never run code (torch.load(weights_only=True) reads its
+    other non-tensor items)."""
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+               ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            dcp_module = module.startswith("torch.distributed.checkpoint.")
+            found = (super().find_class(module, name)  # nothing else is even imported
+                     if dcp_module or module == "torch" or (module, name) in StateReader.ALLOWED else None)
+            if (dcp_module and isinstance(found, type) or (module, name) in StateReader.ALLOWED
+                    or module == "torch" and isinstance(found, torch.dtype)):
+                return found
+            raise pickle.UnpicklingError(f"a training state's .metadata may not build {module}.{name}")
+
+    def read_metadata(self, *args, **kwargs):
+        with open(Path(self.checkpoint_dir) / ".metadata", "rb") as f:
+            metadata = self.Unpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+    def __init__(self, path):
+        super().__init__(str(path))
+        self.checkpoint_dir = path
+
+
 def load_state(path, model, optimizer, config, rank):
     if not (path / "state.json").is_file() or not (path / ".metadata").is_file():
         fail(f"--resume: {path} is not a training state (no state.json and .metadata)")
@@ -619,8 +651,11 @@ def load_state(path, model, optimizer, config, rank):
     for key in RESUME_MUST_MATCH:
         if state.get(key) != getattr(config, key):
             fail(f"--resume: {path} was trained with {key}={state.get(key)!r}, this run has {getattr(config, key)!r}")
-    reader = FileSystemReader(str(path))
-    saved = reader.read_metadata().state_dict_metadata  # {"model.<name>": its full size, ...}
+    try:
+        reader = StateReader(path)
+        saved = reader.read_metadata().state_dict_metadata  # {"model.<name>": its full size, ...}
+    except (pickle.UnpicklingError, EOFError, AttributeError) as e:
+        fail(f"--resume: {path / '.metadata'} is not a training state's index: {e}")
     for name, param in model.named_parameters():  # DTensor shapes are the full ones
         key = f"model.{name}"
         if param.requires_grad and key not in saved:

@@ -5,6 +5,7 @@ micro-batches whose images are all corrupt are skipped, counted once and still t
 Tiny demo models, a few steps each; the torchrun tests are slow."""
 import json
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -136,3 +137,15 @@ def test_a_rank_whose_micro_batch_is_skipped_still_takes_part(demo, tmp_path):
     stdout = run_torchrun(*skip_flags(demo, tmp_path, "out"))
     assert re.search(r"samples skipped: 1 image unreadable while training;", stdout), stdout
     assert len(records(tmp_path / "out")) == 4
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo this must not run",))
+
+
+def test_a_state_whose_metadata_would_run_code_is_refused(demo, tmp_path):
+    train.main(flags(demo, tmp_path, 1, "stop_after=2"))
+    (train.latest_state(tmp_path) / ".metadata").write_bytes(pickle.dumps(RunsCode()))
+    with pytest.raises(SystemExit, match=r"\.metadata is not a training state's index: .* may not build posix.system"):
+        train.main(flags(demo, tmp_path, 1, "--resume"))
