@@ -314,7 +314,7 @@ def wait_for_steps(out, n, proc, seconds=120):
 
 def check_state_and_log_agree(out):
     states = list((Path(out) / "checkpoints").glob("step_*"))
-    assert len(states) == 1 and (states[0] / "optimizer.safetensors").is_file()
+    assert len(states) == 1 and (states[0] / "state.json").is_file(), states
     step = json.loads((states[0] / "state.json").read_text())["step"]
     assert 2 <= step < 200 and len(losses(out)) == step
 
