@@ -268,7 +268,7 @@ def main(argv=None):
     if args.mode is None:  # no subcommand (with or without --demo): the demo, with its defaults
         args = parser.parse_args(["demo"])
     if not os.path.isdir(args.model):
-        sys.exit(f"error: no checkpoint folder {args.model} (the demo's: train it first, README 'Run the demo')")
+        sys.exit(f"error: no checkpoint folder {args.model} (the demo's: train it first, run `python train.py`)")
     # read the inputs (and the judge's key) before spending minutes on loading the model
     try:
         if args.mode == "demo":
