@@ -57,8 +57,7 @@ class LoRALinear(nn.Module):
         self.train(base.training)  # added to a model in eval mode: no dropout until it is put in train mode
 
     def reset_parameters(self) -> None:  # also the way to initialise after to_empty() on a meta-built model
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init (fan_in = in_features)
-        nn.init.zeros_(self.lora_B)  # B A = 0: the adapted model starts as the base model
+        init_adapter(self.lora_A, self.lora_B)
 
     def forward(self, x):  # (..., in) -> (..., out)
         update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)  # (..., r) -> (..., out)
@@ -70,6 +69,24 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, alpha={self.alpha}, "
                 f"dropout={self.dropout}")
+
+
+def init_adapter(lora_A, lora_B) -> None:
+    nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))  # nn.Linear's own init (fan_in = in_features)
+    nn.init.zeros_(lora_B)  # B A = 0: the adapted model starts as the base model
+
+
+def initial_adapters(model: nn.Module, device="cpu") -> dict:
+    """{"...lora_A": (r, in), "...lora_B": (out, r)}: real initial values for the adapters of a model built on meta,
+    drawn from the global RNG in the order apply_lora draws them on a real model: after the same seed and the same
+    draws before it, they equal that model's adapters."""
+    values = {}
+    for name, module in model.named_modules():  # apply_lora's order: block by block, each block's linears in order
+        if isinstance(module, LoRALinear):
+            A, B = (torch.empty(p.shape, dtype=p.dtype, device=device) for p in (module.lora_A, module.lora_B))
+            init_adapter(A, B)
+            values.update({f"{name}.lora_A": A, f"{name}.lora_B": B})
+    return values
 
 
 def apply_lora(llm: nn.Module, r: int, alpha: float, dropout: float = 0.0, targets=TARGETS) -> int:

@@ -65,7 +65,7 @@ from fileio import append_jsonl, fresh_dir, read_json, read_jsonl, write_json, w
 from llama import LlamaConfig, Tokenizer, hf_to_llama_keys, load_checkpoint
 from llava import LLaVA, LLaVAConfig
 from projector import build_projector
-from lora import apply_lora, merge_lora, save_adapters
+from lora import apply_lora, initial_adapters, merge_lora, save_adapters
 
 # -----------------------------------------------------------------------------------------------------------------
 # config: one dataclass, named recipes, the command line
@@ -151,7 +151,9 @@ def fail(message):
 
 def make_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", choices=RECIPES, help="named values (default: demo; required with --data/--model)")
+    recipes = ", ".join(f"{name} (stage {' and '.join(map(str, stages))})" for name, stages in RECIPES.items())
+    p.add_argument("--recipe", choices=RECIPES, metavar="NAME",
+                   help=f"named values (default: demo; required with --data/--model): {recipes}")
     p.add_argument("--stage", type=int, choices=(1, 2), help="1 or 2; left out: the whole demo, stage 1 then 2")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override TrainConfig fields, e.g. --set lr=1e-4 micro_batch_size=8 (see --dry-run)")
@@ -185,10 +187,19 @@ def parse_value(key, text):
     return value
 
 
+def stage_1_for(recipe):
+    """The first recipe whose stage 1 makes a projector that `recipe`'s stage 2 can start from."""
+    def fit(name, stage):  # a projector fits another run with the same projector type and tower image size
+        config = TrainConfig(**RECIPES[name][stage])
+        return config.projector_type, config.image_size
+    return next(name for name in RECIPES if 1 in RECIPES[name] and fit(name, 1) == fit(recipe, 2))
+
+
 def make_config(recipe="demo", stage=1, sets=(), demo=False, **paths):
     """The recipe's values for this stage, then each --set key=value in order, then the default paths."""
     if stage not in RECIPES[recipe]:
-        fail(f"recipe {recipe} has no stage {stage}: it starts from a stage-1 projector (--recipe llava-v1 --stage 1)")
+        fail(f"recipe {recipe} has no stage {stage}: it starts from a stage-1 projector (--recipe "
+             f"{stage_1_for(recipe)} --stage 1)")
     config = TrainConfig(recipe=recipe, stage=stage, demo=demo, **RECIPES[recipe][stage], **paths)
     flagged = ("recipe", "stage", *PATH_FIELDS)
     settable = [f.name for f in fields(TrainConfig) if f.name not in (*flagged, "demo")]
@@ -417,9 +428,10 @@ def read_slices(file, device="cpu", skip=lambda key: False):
 def build_sharded(config):
     """Under torchrun, the model on the meta device and {parameter name: where its values come from}: a lazy slice
     of the checkpoint's file (the LLM, read after sharding, each rank its own rows) or a small real tensor (the
-    tower, the seeded or stage-1 projector). None where only the whole-model path applies (LoRA, the original
-    release and llava-hf layouts, .bin files): build_model then loads the whole model on every rank."""
-    if config.lora_r or not set(os.listdir(config.model)) & {"model.safetensors", "model.safetensors.index.json"}:
+    tower, the seeded or stage-1 projector, LoRA adapters drawn as build_model draws them). None where only the
+    whole-model path applies (the original release and llava-hf layouts, .bin files): build_model then loads the
+    whole model on every rank."""
+    if not set(os.listdir(config.model)) & {"model.safetensors", "model.safetensors.index.json"}:
         return None
     kind = formats.detect_format(config.model)
     if kind not in (formats.OWN, "llama"):
@@ -447,6 +459,8 @@ def build_sharded(config):
     if config.projector is not None:
         projector_tensors, _, (to_projector, _) = formats.read_projector(config.projector, model.config.projector_type)
         sources.update({f"projector.{k}": v for k, v in to_projector(projector_tensors).items()})
+    set_stage(model.train(), config.stage, config.lora_r, config.lora_alpha, config.lora_dropout)  # adapters on meta
+    sources.update(initial_adapters(model))  # real ones, from the RNG after the projector, as in build_model
     expected = dict(model.named_parameters())  # a tied head is one parameter, under its first name
     shape = lambda v: tuple(v.shape) if torch.is_tensor(v) else tuple(v.get_shape())
     for key, p in expected.items():
@@ -465,7 +479,7 @@ def build_sharded(config):
             fail(f"--model/--vision-tower give {key} {have}, recipe {config.recipe} has {getattr(config, key)}: "
                  f"--set {key}={have} to train with it")
     model.config.template, model.config.image_aspect_ratio = config.template, config.image_aspect_ratio
-    return set_stage(model.train(), config.stage), {k: sources[k] for k in expected}
+    return model, {k: sources[k] for k in expected}
 
 
 @torch.no_grad()

@@ -16,8 +16,8 @@ from torch.utils.checkpoint import checkpoint
 from clip import CLIPVisionConfig
 from llama import Llama, LlamaConfig
 from llava import IMAGE_TOKEN_INDEX, LLaVA, LLaVAConfig
-from lora import (ADAPTER_FILE, CONFIG_FILE, TARGETS, LoRALinear, adapter_state_dict, apply_lora, load_adapters,
-                  lora_state_dict, merge_lora, save_adapters)
+from lora import (ADAPTER_FILE, CONFIG_FILE, TARGETS, LoRALinear, adapter_state_dict, apply_lora, initial_adapters,
+                  load_adapters, lora_state_dict, merge_lora, save_adapters)
 
 R, ALPHA = 4, 8
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -260,6 +260,21 @@ def test_adapters_follow_the_base_weights_device_and_dtype():
     model.to(torch.float64)  # moved later: the adapters go along
     assert {p.dtype for p in lora_state_dict(model).values()} == {torch.float64}
     assert model(text_ids()).dtype == torch.float64
+
+
+def test_initial_adapters_of_a_meta_model_equal_those_apply_lora_draws_on_a_real_one():
+    """train.py's rank-sharded loading: adapters added on meta get the values a real model would draw."""
+    model = tiny_llama(seed=5)
+    apply_lora(model, R, ALPHA)
+    with torch.device("meta"):
+        meta = Llama(LlamaConfig.from_name("tiny"))
+    apply_lora(meta, R, ALPHA)
+    torch.manual_seed(5)
+    Llama(LlamaConfig.from_name("tiny"))  # the same draws before the adapters
+    values = initial_adapters(meta)
+    expected = lora_state_dict(model)
+    assert values.keys() == expected.keys() and all(torch.equal(v, expected[k]) for k, v in values.items())
+    assert all(v.device.type == "cpu" for v in values.values()) and expected["layers.1.mlp.down_proj.lora_A"].any()
 
 
 def test_meta_built_model_filled_with_assign_equals_the_adapted_model():

@@ -2,6 +2,7 @@
 refuses what it cannot parse, the learning-rate schedule is HF's, the command line stays small. No training here."""
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,9 +65,19 @@ def test_projector_lr_defaults_to_lr(capsys):
     assert dry_run(capsys, "--recipe", "llava-v1.5", "--stage", "1", "--set", "lr=3e-4")["projector_lr"] == 3e-4
 
 
-def test_scienceqa_has_no_stage_1():
-    with pytest.raises(SystemExit, match="recipe scienceqa has no stage 1"):
-        train.main(["--recipe", "scienceqa", "--stage", "1", "--dry-run"])
+@pytest.mark.parametrize("recipe, start", [("scienceqa", "llava-v1"), ("llava-v1.5-lora", "llava-v1.5")])
+def test_a_stage_2_only_recipe_names_the_stage_1_recipe_whose_projector_fits(recipe, start):
+    # scienceqa: the paper's linear projector on 224 px; llava-v1.5-lora: LLaVA-1.5's MLP on 336 px
+    message = f"recipe {recipe} has no stage 1: it starts from a stage-1 projector (--recipe {start} --stage 1)"
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        train.main(["--recipe", recipe, "--stage", "1", "--dry-run"])
+
+
+def test_help_and_docstring_list_every_recipe():
+    recipe_help = next(a.help for a in train.make_parser()._actions if a.dest == "recipe")  # before wrapping
+    for name, stages in train.RECIPES.items():
+        assert f"`{name}`" in train.__doc__, name
+        assert f"{name} (stage {' and '.join(map(str, stages))})" in recipe_help, name
 
 
 def test_full_tuning_unless_lora_r_is_set(capsys):

@@ -54,7 +54,7 @@ import sys, torch, torch.distributed as dist
 import train
 from torch.distributed.tensor import DTensor
 rank, world, device = train.setup_distributed(60)
-config = train.make_config("demo", 2, ["num_workers=0"], model=sys.argv[1], vision_tower=sys.argv[2],
+config = train.make_config("demo", 2, ["num_workers=0", *sys.argv[4:]], model=sys.argv[1], vision_tower=sys.argv[2],
                            projector=sys.argv[3] or None, data="unused", image_folder="unused")
 model, sources = train.build_sharded(config)
 assert next(model.llm.parameters()).is_meta
@@ -63,6 +63,7 @@ full = {n: p.full_tensor() if isinstance(p, DTensor) else p.detach() for n, p in
 if rank == 0:
     reference = dict(train.build_model(config).named_parameters())
     assert full.keys() == reference.keys(), set(full) ^ set(reference)
+    assert sum(name.endswith(".lora_A") for name in full) == (14 if sys.argv[4:] else 0)  # 7 linears x 2 blocks
     for name, value in full.items():
         assert torch.equal(value, reference[name]), name
     print("same parameters:", len(full))
@@ -72,17 +73,18 @@ dist.destroy_process_group()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("start", ["base", "llava"])
+@pytest.mark.parametrize("start", ["base", "llava", "lora"])
 def test_rank_sharded_loading_gives_the_parameters_of_one_process(demo, tmp_path, start):
     script = tmp_path / "sharded_load.py"
     script.write_text(SHARDED_LOAD)
-    if start == "base":  # a base LLM (HF names, mapped first) + CLIP + the stage-1 projector
+    sets = ["lora_r=4"] if start == "lora" else []  # adapters: A drawn after the projector, B zeros, on every rank
+    if start in ("base", "lora"):  # a base LLM (HF names, mapped first) + CLIP + the stage-1 projector
         model, tower, projector = demo / "base" / "llm", demo / "base" / "clip", demo / "projector"
     else:  # our own LLaVA checkpoint: every part from one file
         model, tower, projector = tmp_path / "llava", "", ""
         LLaVA.from_parts(str(demo / "base" / "llm"), str(demo / "base" / "clip")).save_pretrained(str(model))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(script), str(model), str(tower), str(projector)]
+               str(script), str(model), str(tower), str(projector), *sets]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240,
                             env={**ENV, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-3000:]
