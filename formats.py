@@ -12,6 +12,7 @@ torch.load(weights_only=True): tensors only, never code. The own layouts (HF LLa
 LLaVA's "llava-minimal") are read by llama.py, clip.py and llava.py, which call in here for everything else; the one
 exception is read_projector, which reads our stage-1 projector.safetensors beside the original's mm_projector.bin.
 """
+import json
 import os
 import pickle
 
@@ -242,22 +243,61 @@ def read_projector(path, projector_type: str, device="cpu"):
 
 # ------------------------------------------------------------------------------------------- export to llava-hf
 
-# The conversation as LLaVA-1.5 was trained on it (data.py's vicuna_v1): "SYSTEM USER: <image>\nQ ASSISTANT: A</s>
-# USER: ...". A system message carries the system prompt (data.py's TEMPLATES), as with llava-1.5-hf's template.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- set parts = [{'type': 'text', 'text': message['content']}] if message['content'] is string "
-    "else message['content'] -%}"
-    "{%- if message['role'] == 'system' -%}"
-    "{%- for part in parts if part['type'] == 'text' -%}{{ part['text'] + ' ' }}{%- endfor -%}"
-    "{%- elif message['role'] == 'user' -%}{{ 'USER: ' }}"
-    "{%- for part in parts if part['type'] == 'image' -%}{{ '<image>\n' }}{%- endfor -%}"
-    "{%- for part in parts if part['type'] == 'text' -%}{{ part['text'] + ' ' }}{%- endfor -%}"
-    "{%- else -%}{{ 'ASSISTANT:' }}"
-    "{%- for part in parts if part['type'] == 'text' -%}{{ ' ' + part['text'] }}{%- endfor -%}{{ eos_token }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}")
+# Chat templates: jinja that renders a chat as data.render does the same conversation (its text, with <image>, <s>
+# and </s> spelled out), one per template style, with the template's system prompt as the default system message.
+# The leading <s> is left to the tokenizer (add_bos_token), as in llava-1.5-hf. A user message's images and text
+# become LLaVA's "value" ("<image>\n" + text), and an image moves to the front as data.move_image_to_front does.
+CHAT_MESSAGE = (
+    "{%- macro text(message) -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{{ message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') }}"
+    "{%- endif -%}{%- endmacro -%}"
+    "{%- macro question(message) -%}"
+    "{%- set images = [] if message['content'] is string "
+    "else message['content'] | selectattr('type', 'equalto', 'image') | list -%}"
+    "{%- set value = ('<image>\n' if images else '') + text(message) -%}"
+    "{%- if '<image>' in value -%}{{ ('<image>\n' + (value | replace('<image>', '') | trim)) | trim }}"
+    "{%- else -%}{{ value }}{%- endif -%}{%- endmacro -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = text(messages[0]) -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set system = DEFAULT_SYSTEM -%}{%- set turns = messages -%}{%- endif -%}")
+CHAT_TEMPLATES = {  # by data.Template.style
+    # "SYSTEM USER: <image>\nQ ASSISTANT: A</s>USER: ... ASSISTANT:" (vicuna_v1, llava_v1)
+    "two": (
+        "{{ system + ' ' }}"
+        "{%- for message in turns -%}"
+        "{%- if message['role'] == 'user' -%}{{ 'USER: ' + question(message) + ' ' }}"
+        "{%- else -%}{{ 'ASSISTANT: ' + text(message) + eos_token }}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"),
+    # "[INST] <<SYS>>\nSYSTEM\n<</SYS>>\n\n<image>\nQ [/INST] A </s><s>[INST] ... [/INST]" (llama_2, llava_llama_2)
+    "llama_2": (
+        "{%- for message in turns -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{{ (bos_token if not loop.first else '') + '[INST] ' }}"
+        "{%- if loop.first -%}{{ '<<SYS>>\n' + system + '\n<</SYS>>\n\n' }}{%- endif -%}"
+        "{{ question(message) + ' [/INST]' }}"
+        "{%- else -%}{{ ' ' + text(message) + ' ' + eos_token }}{%- endif -%}"
+        "{%- endfor -%}"),
+    # stage 1: "<image>" + caption + "\n"; the instruction text and any system message are dropped
+    "plain": (
+        "{%- for message in turns -%}"
+        "{%- if message['role'] == 'user' -%}{{ '<image>' }}{%- else -%}{{ text(message) + '\n' }}{%- endif -%}"
+        "{%- endfor -%}"),
+}
+
+
+def chat_template(name: str) -> str:
+    """The jinja chat template for data.py's conversation template `name`, or a ValueError naming it."""
+    from data import TEMPLATES  # the system prompts live beside the renderer; only an export needs them
+    if name not in TEMPLATES:
+        raise ValueError(f"conversation template {name!r} is unknown (known: {', '.join(TEMPLATES)}); cannot write "
+                         "its chat template")
+    template = TEMPLATES[name]
+    if template.style not in CHAT_TEMPLATES:
+        raise ValueError(f"conversation template {name!r} (style {template.style!r}) has no chat template")
+    default = "{%- set DEFAULT_SYSTEM = " + json.dumps(template.system) + " -%}"
+    return default + CHAT_MESSAGE + CHAT_TEMPLATES[template.style]
 
 
 def image_processor_config(image_size: int, do_pad: bool) -> dict:
@@ -303,6 +343,7 @@ def export_hf(model, path, tokenizer=None) -> None:
     c = model.config
     if c.projector_type != "mlp2x_gelu":
         raise ValueError(f"llava-hf has only the mlp2x_gelu projector, this model has {c.projector_type!r}")
+    template = chat_template(c.template)  # checked before anything is written
     file = tokenizer or getattr(model, "source_path", None)
     file = os.path.join(file, "tokenizer.model") if file and os.path.isdir(file) else file
     tokenizer = Tokenizer(file) if file and os.path.isfile(file) else None  # checked before anything is written
@@ -324,7 +365,7 @@ def export_hf(model, path, tokenizer=None) -> None:
     files["processor_config.json"] = {
         "processor_class": "LlavaProcessor", "image_token": IMAGE_TOKEN, "patch_size": c.vision.patch_size,
         "num_additional_image_tokens": 1, "vision_feature_select_strategy": SELECT_STRATEGY[c.select_feature]}
-    files["chat_template.json"] = {"chat_template": CHAT_TEMPLATE}
+    files["chat_template.json"] = {"chat_template": template}
     for name, content in files.items():
         write_json(os.path.join(path, name), content)
     if tokenizer:

@@ -3,6 +3,7 @@ CLIP folders, pickle .bin files), each key map with its inverse, the format dete
 Fixtures from tests/make_fixtures.py, which also checks by hand that transformers loads what export_hf writes."""
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -12,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import formats
 from clip import CLIPVisionConfig, tower_to_clip_keys
+from data import TEMPLATES, Template, render
 from llama import Tokenizer
 from llava import IMAGE_TOKEN_INDEX, LLaVA, LLaVAConfig
 
@@ -486,10 +488,70 @@ def test_export_preprocessor_config_is_llava_s_clip_processing(exported):
     assert config["image_mean"] == [0.48145466, 0.4578275, 0.40821073]
 
 
-def test_export_chat_template_renders_vicuna_v1(exported):
-    template = read(exported, "chat_template.json")["chat_template"]
-    for piece in ["'USER: '", "'<image>\n'", "'ASSISTANT:'", "eos_token", "add_generation_prompt", "'system'"]:
-        assert piece in template, piece
+def render_chat(template, messages, add_generation_prompt):
+    """The chat through jinja as transformers' apply_chat_template renders it (sandbox, trim and lstrip blocks)."""
+    jinja2 = pytest.importorskip("jinja2")
+    import jinja2.ext
+    import jinja2.sandbox
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[jinja2.ext.loopcontrols])
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            bos_token="<s>", eos_token="</s>")
+
+
+def original_ids(text, tokenizer, n_image_tokens=3):
+    """A prompt string tokenized as the original LLaVA did: bos first, then every chunk between <image>, <s> and
+    </s> encoded on its own."""
+    ids = [tokenizer.bos_id]
+    for part in re.split(r"(<image>|<s>|</s>)", text):
+        special = {"<image>": [IMAGE_TOKEN_INDEX] * n_image_tokens, "<s>": [tokenizer.bos_id],
+                   "</s>": [tokenizer.eos_id]}
+        ids += special[part] if part in special else tokenizer.sp.encode(part) if part else []
+    return ids
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_chat_template_renders_the_prompt_of_its_conversation_template(name):
+    tokenizer = Tokenizer(TOKENIZER)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}]
+    text = render_chat(formats.chat_template(name), chat, add_generation_prompt=True)
+    ids, _ = render([{"from": "human", "value": "<image>\nWhat colour is it?"}], name, tokenizer, 3,
+                    for_generation=True)
+    assert original_ids(text, tokenizer) == ids
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_chat_template_renders_a_conversation_as_training_does(name):
+    tokenizer = Tokenizer(TOKENIZER)
+    turns = [("human", "Describe <image> briefly."), ("gpt", "A red circle."), ("human", "Where?"), ("gpt", "Left.")]
+    turns = turns[:2] if TEMPLATES[name].style == "plain" else turns  # stage 1 is one image and its caption
+    chat = [{"role": {"human": "user", "gpt": "assistant"}[role], "content": value} for role, value in turns]
+    text = render_chat(formats.chat_template(name), chat, add_generation_prompt=False)
+    ids, _ = render([{"from": role, "value": value} for role, value in turns], name, tokenizer, 3)
+    assert original_ids(text, tokenizer) == ids
+
+
+def test_chat_template_takes_the_system_message_in_place_of_the_template_s():
+    tokenizer = Tokenizer(TOKENIZER)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image>\nWhat is it?"}]
+    text = render_chat(formats.chat_template("vicuna_v1"), chat, add_generation_prompt=True)
+    ids, _ = render([{"from": "human", "value": "<image>\nWhat is it?"}], Template("two", "Be brief."), tokenizer, 3,
+                    for_generation=True)
+    assert original_ids(text, tokenizer) == ids
+
+
+def test_export_writes_the_chat_template_of_the_model_s_conversation_template(model, tmp_path):
+    llava_v1 = LLaVA(LLaVAConfig(**{**model.config.__dict__, "template": "llava_v1"}))
+    formats.export_hf(llava_v1, tmp_path)
+    assert read(tmp_path, "chat_template.json") == {"chat_template": formats.chat_template("llava_v1")}
+    assert formats.chat_template("llava_v1") != formats.chat_template("vicuna_v1")
+
+
+def test_export_refuses_an_unknown_conversation_template_before_writing(model, tmp_path):
+    unknown = LLaVA(LLaVAConfig(**{**model.config.__dict__, "template": "mistral"}))
+    with pytest.raises(ValueError, match="conversation template 'mistral' is unknown"):
+        formats.export_hf(unknown, tmp_path)
+    assert os.listdir(tmp_path) == []
 
 
 def test_export_refuses_a_tokenizer_whose_pieces_do_not_end_at_the_image_id(model, tmp_path):
