@@ -1,5 +1,5 @@
 """Conversation data for LLaVA: templates, one renderer for training and chat, LLaVA-JSON datasets, batching with
-length grouping, and the built-in "shapes" demo dataset.
+length grouping. (The built-in "shapes" demo dataset is made in demo.py.)
 
 A conversation is LLaVA's JSON list of turns, [{"from": "human" | "gpt", "value": str}, ...]. render() turns it
 into (input_ids, labels) exactly as the original LLaVA training code tokenized its prompt string (see render), but

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from clip import CLIPVisionConfig, CLIPVisionTower
 from data import IMAGE_TOKEN, TEMPLATES
-from fileio import read_records, require, write_bytes
+from fileio import inside, read_records, require, write_bytes
 from inference import answer_fn, tally
 from llama import Llama, LlamaConfig, Tokenizer
 
@@ -44,7 +44,9 @@ DEMO_COLORS = {"red": (220, 20, 20), "green": (20, 160, 40), "blue": (30, 60, 23
                "purple": (140, 30, 170)}
 DEMO_SHAPES = ("circle", "square", "triangle")
 DEMO_PLACES = ("left", "middle", "right")
-DEMO_SIZES = {"small": 0.36, "large": 0.46}  # radius / width of a third: shapes stay recognisable at a tower's 32 px
+# radius / width of a third: on the 64 px images, resized to the demo tower's 48 px, a small shape is ~12 px across
+# and a large one ~15 px, more than a patch (8 px)
+DEMO_SIZES = {"small": 0.36, "large": 0.46}
 SHORT_ANSWER = "Answer the question using a single word or phrase."  # LLaVA-1.5's prompt for short answers
 CAPTION_PROMPTS = ("Describe the image concisely.", "Provide a brief description of the given image.",
                    "Give a short and clear explanation of the subsequent image.",
@@ -242,10 +244,11 @@ def demo_items(data_dir, limit=None):
     for n, record in enumerate(read_records(path)[:limit]):
         where = f"{path}, item {n}"
         # LLaVA JSON convention: image paths are relative to the image folder (data_dir/images); accept data_dir too
-        image = os.path.join(data_dir, "images", require(record, "image", where))
+        relative = require(record, "image", where)
+        image = inside(os.path.join(data_dir, "images"), relative, where)
         items.append({"question_id": require(record, "id", where), "text": require(record, "question", where),
                       "answer": require(record, "answer", where), "category": record.get("category", "all"),
-                      "image_path": image if os.path.exists(image) else os.path.join(data_dir, record["image"])})
+                      "image_path": image if os.path.exists(image) else inside(data_dir, relative, where)})
     return items
 
 

@@ -16,7 +16,7 @@ from collections import defaultdict
 from api import APIError, ChatClient, read_api_key
 from demo import demo_items, score_demo
 from fileio import append_jsonl, inside, read_jsonl, read_records, repair_jsonl, require, write_json
-from inference import QUANTIZE, answer_batches, answer_file, distributed, load_model, tally
+from inference import DTYPES, QUANTIZE, answer_batches, answer_file, distributed, load_model, tally
 
 # -----------------------------------------------------------------------------------------------------------------
 # answering with the model
@@ -243,7 +243,7 @@ def main(argv=None):
     for name, p in modes.items():
         p.add_argument("--model", default="runs/demo/stage2", help="checkpoint directory (with tokenizer.model)")
         p.add_argument("--device", default=None)
-        p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA)")
+        p.add_argument("--dtype", default=None, choices=DTYPES, help="default: bf16 on CUDA, fp32 elsewhere")
         p.add_argument("--max-new-tokens", type=int, default={"demo": 16, "mc": 16, "judge": 512}[name])
         p.add_argument("--batch-size", type=int, default=None, help="questions at a time (default 8 CPU, 32 CUDA)")
         p.add_argument("--quantize", choices=QUANTIZE, help="int8 weights for the LLM and projector (small machines)")

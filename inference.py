@@ -23,6 +23,7 @@ from llama import Tokenizer
 from llava import LLaVA
 
 QUANTIZE = ("int8",)  # load_model's quantize choices (quantize.py)
+DTYPES = ("float32", "bfloat16", "float16")  # load_model's dtype choices
 
 
 def default_batch_size(device) -> int:
@@ -31,10 +32,12 @@ def default_batch_size(device) -> int:
 
 def load_model(path, device=None, dtype=None, quantize=None):
     """(model, tokenizer) from a checkpoint folder; bf16 on CUDA, fp32 elsewhere unless dtype names one.
-    quantize="int8": the LLM's decoder linears and the projector get int8 weights (quantize.py), ~1/4 of their
-    fp32 memory; the vision tower, embeddings and lm_head stay as loaded."""
+    quantize="int8": the LLM's linear layers (decoder blocks and lm_head) and the projector get int8 weights,
+    ~1/4 of their fp32 memory; the vision tower stays as loaded (what else stays float: see quantize.py)."""
     if quantize not in (None, *QUANTIZE):
         raise ValueError(f"quantize={quantize!r} is not supported; known: {', '.join(QUANTIZE)}")
+    if dtype not in (None, *DTYPES):
+        raise ValueError(f"dtype={dtype!r} is not supported; known: {', '.join(DTYPES)}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     model = LLaVA.from_pretrained(path, device=device, dtype=dtype).eval()

@@ -258,10 +258,26 @@ def test_a_key_that_cannot_be_a_header_is_refused_before_loading_the_model(tmp_p
     assert key[:8] not in str(e.value)
 
 
+def test_an_unknown_dtype_is_an_argparse_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["demo", "--model", str(tmp_path), "--dtype", "fp16"])
+    assert e.value.code == 2 and "argument --dtype: invalid choice: 'fp16'" in capsys.readouterr().err
+
+
 def test_unreadable_inputs_exit_with_the_file_named(tmp_path, capsys):
     (tmp_path / "sqa.jsonl").write_text("{not json\n")
     with pytest.raises(SystemExit, match=r"error: .*sqa.jsonl, line 1"):
         evaluate.main(["mc", "--model", str(tmp_path), "--questions", str(tmp_path / "sqa.jsonl")])
+
+
+@pytest.mark.parametrize("image", ["../secret.png", "/etc/passwd"])
+def test_demo_image_paths_stay_inside_the_data_folder(tmp_path, image):
+    (tmp_path / "eval.json").write_text(json.dumps([
+        {"id": 0, "image": "eval_00000.png", "question": "Q?", "answer": "red"},
+        {"id": 1, "image": image, "question": "Q?", "answer": "red"}]))
+    with pytest.raises(ValueError, match=r"eval.json, item 1: path .* leaves the folder"):
+        demo.demo_items(str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -128,6 +128,11 @@ def test_int8_weights_load_and_answer(tiny):
         inference.load_model(path, "cpu", "float32", quantize="int4")
 
 
+def test_an_unknown_dtype_is_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match="dtype='fp16' is not supported; known: float32, bfloat16, float16"):
+        inference.load_model(str(tmp_path), "cpu", "fp16")
+
+
 def test_default_batch_size():
     assert inference.default_batch_size("cpu") == 8 and inference.default_batch_size("cuda:1") == 32
 
