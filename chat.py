@@ -46,7 +46,7 @@ class ChatSession:
                  max_context=None, stats=False, cache_chunk=CACHE_CHUNK):
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.temperature, self.top_p, self.stats = temperature, top_p, stats
-        weight = model.llm.embed_tokens.weight
+        weight = model.llm.norm.weight  # the compute dtype and device (never quantized)
         self.device, self.dtype = weight.device, weight.dtype
         self.max_context = max_context or model.config.llm.max_position_embeddings
         if (max_new_tokens or 0) > self.max_context // 2:  # leave room for the prompt in a short context

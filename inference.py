@@ -32,18 +32,15 @@ def default_batch_size(device) -> int:
 
 def load_model(path, device=None, dtype=None, quantize=None):
     """(model, tokenizer) from a checkpoint folder; bf16 on CUDA, fp32 elsewhere unless dtype names one.
-    quantize="int8": the LLM's linear layers (decoder blocks and lm_head) and the projector get int8 weights,
-    ~1/4 of their fp32 memory; the vision tower stays as loaded (what else stays float: see quantize.py)."""
+    quantize="int8": the LLM (embeddings, decoder blocks, lm_head) and the projector get int8 weights, ~1/4 of
+    their fp32 memory; the vision tower and the norms stay as loaded (quantize.py)."""
     if quantize not in (None, *QUANTIZE):
         raise ValueError(f"quantize={quantize!r} is not supported; known: {', '.join(QUANTIZE)}")
     if dtype not in (None, *DTYPES):
         raise ValueError(f"dtype={dtype!r} is not supported; known: {', '.join(DTYPES)}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    model = LLaVA.from_pretrained(path, device=device, dtype=dtype).eval()
-    if quantize == "int8":
-        from quantize import quantize_int8  # only where it is asked for
-        quantize_int8(model)
+    model = LLaVA.from_pretrained(path, device=device, dtype=dtype, quantize=quantize).eval()
     return model, Tokenizer(path)
 
 
@@ -73,7 +70,7 @@ def answer(model, tokenizer, question, image_path=None, max_new_tokens=128):
     """Greedy single-turn answer (batch 1)."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids(model, tokenizer, question, image_path)], dtype=torch.long, device=device)  # (1, T)
-    model.llm.setup_cache(1, ids.shape[1] + max_new_tokens, device=device, dtype=model.llm.embed_tokens.weight.dtype)
+    model.llm.setup_cache(1, ids.shape[1] + max_new_tokens, device=device, dtype=model.llm.norm.weight.dtype)
     out = list(model.generate(ids, pixel_values(model, image_path), max_new_tokens=max_new_tokens,
                               eos_id=tokenizer.eos_id))
     model.llm.reset_cache()  # a 7B cache is ~0.5 MB per position: do not keep it between questions
@@ -116,7 +113,7 @@ def answer_batches(model, tokenizer, items, max_new_tokens=128, batch_size=None)
     ranks' answers, the other ranks empty lists (every rank runs the same number of rounds)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     batch_size = batch_size or default_batch_size(next(model.parameters()).device)
-    device = model.llm.embed_tokens.weight.device
+    device = model.llm.norm.weight.device
     prompts = [prompt_ids(model, tokenizer, item["text"], item.get("image_path")) for item in items]
     order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))  # stable: ties keep the items' order
     mine = order[rank::world]

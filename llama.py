@@ -259,8 +259,8 @@ class Llama(nn.Module):
     def setup_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None) -> None:
         """Preallocate the KV cache: forward(..., input_pos) then writes and reads positions < max_seq_len."""
         self.check_cache_len(max_seq_len)
-        device = device or self.embed_tokens.weight.device
-        dtype = dtype or self.embed_tokens.weight.dtype
+        device = device or self.norm.weight.device  # norm weights: never quantized (quantize.py)
+        dtype = dtype or self.norm.weight.dtype
         c = self.config
         shape = (batch_size, c.num_key_value_heads, max_seq_len, c.head_dim)
         with torch.inference_mode(False):  # usable later outside inference mode too
@@ -559,7 +559,7 @@ def generate_batch(model: Llama, prompts, *, max_new_tokens: int, temperature=0.
     lengths = [len(p) for p in prompts]
     if min(lengths) == 0:
         raise ValueError(f"prompt {lengths.index(0)} is empty: generation needs at least one token")
-    device = model.embed_tokens.weight.device
+    device = model.norm.weight.device
     B, T = len(prompts), max(lengths)
     rows = sorted(range(B), key=lambda b: -lengths[b])  # rows[j]: the prompt batch row j decodes, None once done
     embeds = torch.is_tensor(prompts[0]) and prompts[0].is_floating_point()

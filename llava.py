@@ -15,6 +15,7 @@ from clip import CLIPVisionConfig, CLIPVisionTower
 from fileio import read_json, save_tensors, write_json
 from llama import Llama, LlamaConfig, generate, generate_batch, load_checkpoint, load_strict, typed_fields
 from projector import PROJECTORS, build_projector
+from quantize import quantize_int8
 
 IMAGE_TOKEN_INDEX = -200  # the original release's placeholder id: never a real vocabulary id
 
@@ -105,8 +106,11 @@ class LLaVA(nn.Module):
         return generate_batch(self.llm, embeds, **kwargs)  # llama's
 
     @classmethod
-    def from_pretrained(cls, path, vision_tower=None, device="cpu", dtype=torch.float32) -> "LLaVA":
-        """Our own folders; the original release (its CLIP tower from `vision_tower`) and llava-hf via formats.py."""
+    def from_pretrained(cls, path, vision_tower=None, device="cpu", dtype=torch.float32, quantize=None) -> "LLaVA":
+        """Our own folders; the original release (its CLIP tower from `vision_tower`) and llava-hf via formats.py.
+        quantize="int8": the LLM's and projector's weights become int8 as they load (quantize.py)."""
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize={quantize!r}: the one choice is 'int8' (or None)")
         if formats.detect_format(path) == formats.OWN:
             config, (tensors, files), keys = read_json(f"{path}/config.json"), load_checkpoint(path, device), ()
         else:
@@ -115,7 +119,7 @@ class LLaVA(nn.Module):
             model = cls(LLaVAConfig.from_dict(config, f"{path}/config.json"))
         model = load_strict(model, tensors, files, *keys, device=device, dtype=dtype).eval()
         model.source_path = path  # export_hf copies the tokenizer from here
-        return model
+        return quantize_int8(model) if quantize else model
 
     @classmethod
     def from_parts(cls, llm_path, vision_path, projector_type="mlp2x_gelu", device="cpu", dtype=torch.float32,

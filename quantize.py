@@ -9,7 +9,10 @@ scale[o] / 2 = max|W[o, :]| / 254.
 
 Memory: one byte per weight plus one scale per row, (1 + bytes(dtype) / in_features) bytes per weight instead of 4
 (fp32) or 2 (bf16): ~0.25x of fp32, ~0.5x of bf16 for the quantized layers. `quantize_int8` quantizes the loaded
-float weights (no new file format) and drops them. Embeddings, norms and the vision tower stay as loaded.
+float weights (no new file format) and drops them. The token embedding table gets the same per-row int8 form
+(Int8Embedding: a lookup dequantizes only the rows it reads); a table tied to lm_head is quantized once and the two
+share it, which is what brings a small model to ~0.25x (its table is a fifth of the weights). Norms and the vision
+tower stay as loaded.
 
 Kernels, chosen per call in Int8Linear.forward:
   CPU, up to KERNEL_MAX_ROWS rows (decode)   torch.ops.aten._weight_int8pack_mm: streams the int8 weights and widens
@@ -17,21 +20,26 @@ Kernels, chosen per call in Int8Linear.forward:
                                              vectorizes bf16 only (its fp32 path is a scalar loop, ~10x slower than
                                              an fp32 F.linear), so x is rounded to bf16 for it (relative error 2^-9,
                                              below the int8 weight error) and the result is returned in x's dtype.
+                                             Batch-1 decode against fp32: 1.87x with AVX-512, 1.2-1.3x with AVX2
+                                             only, where widening is the bottleneck, not the reads (BENCHMARKS.md).
   everything else (CUDA, prompts)            dequantize then matmul: F.linear(x, q.to(x.dtype)) * scale, in x's
                                              dtype. Correct everywhere; it saves memory, not time.
 Not used: the op's CUDA kernel (one thread per output, fp32 copies of x) and `torch._int_mm`, which needs int8
 activations (W8A8, a lossier scheme). On CUDA, torch.compile of the decode step (a script's choice) fuses the
 dequantization into the matmul.
 
-    model = LLaVA.from_pretrained(path, dtype=torch.bfloat16)
-    quantize_int8(model)  # the LLM's linears (blocks and lm_head) and the projector become Int8Linear
+    model = LLaVA.from_pretrained(path, dtype=torch.bfloat16, quantize="int8")  # or quantize_int8(model) after loading
+    # the LLM's linears (blocks and lm_head) and the projector become Int8Linear, its embed_tokens an Int8Embedding
 """
+from collections import Counter
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# kept in float: the tower runs once per image. Add "lm_head" to keep the head too: on SmolLM2-135M that is 0.2-2.5
-# points more top-1 agreement with fp32, ~10% slower decoding, and no int8 copy of a tied embedding table (+0.05x)
+# kept in float: the tower runs once per image. skip=("vision_tower", "lm_head", "embed_tokens") keeps the head and
+# the table float: on SmolLM2-135M top-1 agreement with fp32 goes from 93.7 to 95.6 % (bf16 alone: 97.1 %), weights
+# from 0.25x to 0.41x of fp32 (BENCHMARKS.md, bench.py quality)
 SKIP = ("vision_tower",)
 KERNEL_MAX_ROWS = 32  # the kernel is a GEMV-style loop: from ~32-64 rows on (a prompt) dequantize + GEMM is faster
 ROW_BLOCK = 4096  # rows quantized at a time: no float temporary the size of a whole large matrix
@@ -89,19 +97,45 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class Int8Embedding(nn.Module):
+    """nn.Embedding with int8 rows and one scale per row: embedding(ids) = weight_int8[ids] * scale[ids]. The rows of
+    an (out, in) Int8Linear are exactly this form, so a tied lm_head and its table share one weight_int8 and scale."""
+
+    def __init__(self, weight_int8, scale):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight_int8.shape
+        self.register_buffer("weight_int8", weight_int8)  # (vocab, dim) int8
+        self.register_buffer("scale", scale)  # (vocab,) in the compute dtype
+
+    def forward(self, ids):  # (...) -> (..., dim)
+        return self.weight_int8[ids].to(self.scale.dtype) * self.scale[ids].unsqueeze(-1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
 def quantize_int8(model: nn.Module, skip=SKIP) -> nn.Module:
-    """Replace every nn.Linear in `model` by an Int8Linear, except inside modules named in `skip` (a name matches at
-    any depth: "lm_head" is lm_head in a Llama and llm.lm_head in a LLaVA). Default: all of a LLaVA but the vision
-    tower (the LLM's blocks and lm_head, the projector), all of a Llama. One layer at a time, so the float weights
-    are freed as it goes; a weight referenced elsewhere stays (a tied lm_head's table, kept by the embedding for
-    lookups, next to the head's int8 copy). Returns the model, changed in place."""
+    """Replace every nn.Linear in `model` by an Int8Linear and every nn.Embedding by an Int8Embedding, except inside
+    modules named in `skip` (a name matches at any depth: "lm_head" is lm_head in a Llama and llm.lm_head in a
+    LLaVA). Default: all of a LLaVA but the vision tower (the LLM's embed_tokens, blocks and lm_head, the projector),
+    all of a Llama. One layer at a time, so the float weights are freed as it goes; a weight shared by a Linear and
+    an Embedding (a tied head) is quantized once and shared again; a float weight still used by a skipped module
+    stays. Returns the model, changed in place."""
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
     if type(model) is nn.Linear:  # nothing to replace it in: its quantized copy
         return Int8Linear.from_linear(model)
-    parents = [module for name, module in model.named_modules()  # no reference to a Linear kept: each is freed
-               if type(module) is not nn.Linear and not any(part in skip for part in name.split("."))]
-    for parent in parents:
+    parents = [module for name, module in model.named_modules()  # no reference to a layer kept: each is freed
+               if type(module) not in (nn.Linear, nn.Embedding) and not any(part in skip for part in name.split("."))]
+    counts = Counter(id(m.weight) for m in model.modules() if type(m) in (nn.Linear, nn.Embedding))
+    done = {}  # id -> (weight, int8, scale) of a weight two layers share (a tied head): quantized once; kept, so the id
+    for parent in parents:  # cannot be reused by another tensor while it is looked up
         for child_name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child_name not in skip:
-                setattr(parent, child_name, Int8Linear.from_linear(child))
+            if type(child) in (nn.Linear, nn.Embedding) and child_name not in skip:
+                key = id(child.weight)
+                weight, q, scale = done.get(key) or (child.weight, *quantize_weight(child.weight.detach()))
+                if counts[key] > 1:
+                    done[key] = (weight, q, scale)
+                bias = getattr(child, "bias", None)
+                setattr(parent, child_name, Int8Embedding(q, scale) if type(child) is nn.Embedding else
+                        Int8Linear(q, scale, None if bias is None else bias.detach()))
     return model

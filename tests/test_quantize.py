@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from clip import CLIPVisionConfig
 from llama import Llama, LlamaConfig, generate
 from llava import LLaVA, LLaVAConfig
-from quantize import KERNEL_MAX_ROWS, Int8Linear, quantize_int8, quantize_weight
+from quantize import KERNEL_MAX_ROWS, Int8Embedding, Int8Linear, quantize_int8, quantize_weight
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -22,6 +22,11 @@ def reference(layer, x):
     """(x @ q.T) * scale + bias in float64: the dequantized-weight matmul, exact."""
     y = (x.double() @ layer.weight_int8.double().T) * layer.scale.double()
     return y + layer.bias.double()
+
+
+def distinct_bytes(model):
+    """Bytes of the model's tensors, a shared one counted once."""
+    return sum({t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}.values())
 
 
 def weight_bytes(modules):
@@ -88,14 +93,61 @@ def test_quantize_int8_replaces_llm_and_projector_linears_only():
     assert {name for name, m in model.named_modules() if isinstance(m, Int8Linear)} == expected
     assert {name for name, m in model.named_modules() if type(m) is nn.Linear} == linears - expected
     assert "llm.lm_head" in expected and all(name.startswith("vision_tower.") for name in linears - expected)
-    assert type(model.llm.embed_tokens) is nn.Embedding and model.llm.embed_tokens.weight.dtype == torch.float32
     assert not any(n.endswith(".weight") and n.startswith(tuple(expected)) for n in model.state_dict())
+
+
+def test_quantize_int8_replaces_the_llm_embedding_but_not_the_towers():
+    torch.manual_seed(0)
+    model = LLaVA(LLaVAConfig(llm=LlamaConfig.from_name("tiny"), vision=CLIPVisionConfig.from_name("tiny")))
+    quantize_int8(model)
+    assert {name for name, m in model.named_modules() if isinstance(m, Int8Embedding)} == {"llm.embed_tokens"}
+    assert all(name.startswith("vision_tower.") for name, m in model.named_modules() if type(m) is nn.Embedding)
+
+
+def test_embedding_lookup_is_the_dequantized_row():
+    torch.manual_seed(0)
+    table = nn.Embedding(50, 32)
+    layer = quantize_int8(nn.Sequential(table))[0]
+    ids = torch.tensor([[3, 0, 49], [7, 7, 1]])
+    q, scale = quantize_weight(table.weight.detach())
+    assert isinstance(layer, Int8Embedding)
+    torch.testing.assert_close(layer(ids), q[ids].float() * scale[ids][..., None], rtol=0, atol=0)
+    assert (layer(ids) - table(ids)).abs().max() <= table.weight.abs().max() / 254 + 1e-7
+
+
+def test_a_tied_head_and_its_table_share_one_int8_tensor():
+    model, _ = load("llama_tied")
+    quantize_int8(model)
+    assert model.embed_tokens.weight_int8 is model.lm_head.weight_int8 and model.embed_tokens.scale is model.lm_head.scale
+
+
+def test_a_tied_model_quantized_whole_takes_under_0_3x_of_fp32():
+    model, _ = load("llama_tied")
+    before = distinct_bytes(model)
+    assert distinct_bytes(quantize_int8(model)) <= 0.3 * before
+
+
+def test_skipping_embed_tokens_keeps_the_float_table_for_lookups():
+    model, ref = load("llama_tied")
+    quantize_int8(model, skip=("embed_tokens",))
+    assert type(model.embed_tokens) is nn.Embedding and isinstance(model.lm_head, Int8Linear)
+    assert torch.equal(model.embed_tokens.weight, load("llama_tied")[0].embed_tokens.weight)
+
+
+def test_from_pretrained_quantizes_on_request_and_refuses_other_kinds(tmp_path):
+    torch.manual_seed(0)
+    LLaVA(LLaVAConfig(llm=LlamaConfig.from_name("tiny"), vision=CLIPVisionConfig.from_name("tiny"))).save_pretrained(
+        tmp_path)
+    model = LLaVA.from_pretrained(tmp_path, quantize="int8")
+    assert isinstance(model.llm.lm_head, Int8Linear) and isinstance(model.projector[0], Int8Linear)
+    with pytest.raises(ValueError, match="int4"):
+        LLaVA.from_pretrained(tmp_path, quantize="int4")
 
 
 def test_skip_names_match_at_any_depth():
     model, _ = load("llama_tied")
     quantize_int8(model, skip=("mlp", "lm_head"))  # every block's mlp and the head stay float
-    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.embed_tokens.weight
+    assert type(model.lm_head) is nn.Linear and isinstance(model.embed_tokens, Int8Embedding)
     assert all(type(block.mlp.up_proj) is nn.Linear and isinstance(block.self_attn.q_proj, Int8Linear)
                for block in model.layers)
 
