@@ -7,6 +7,7 @@
     python bench.py lora --preset smollm-135m           # LoRA vs full stage 2: trained params, optimizer, memory, time
     python bench.py generate --threads 1                # batched generation tokens/s by batch size; int8 vs fp32
     python bench.py answer --threads 1                  # evaluate.py's answering: demo questions/s by batch size
+    python bench.py quality --model DIR --text FILE     # int8 (and bf16) next-token agreement with fp32 on real text
 
 Figures go to BENCHMARKS.md with the machine, the command and the date.
 """
@@ -15,6 +16,7 @@ import argparse
 # ---- llama ----
 import inspect
 import json
+import math
 import statistics
 import time
 
@@ -202,6 +204,7 @@ TRAIN_PRESETS = {  # name: (LlamaConfig preset, CLIPVisionConfig preset)
     "tinyllama-336": ("tinyllama-1.1b", "vit-l-14-336"),  # a 1B-class LLaVA-1.5
     "smollm-135m": ("smollm-135m", "tiny"),  # LLM shapes with the tiny tower: short sequences fit a CPU (bench lora)
     "tinyllama-1.1b": ("tinyllama-1.1b", "tiny"),
+    "smollm-576": ("smollm-135m", "tiny-336"),  # a LLaVA-1.5 sample's sequence (576 image tokens), cheap tower
     "vicuna-7b-336": ("vicuna-7b", "vit-l-14-336"),  # LLaVA-1.5-7B
 }
 
@@ -678,7 +681,76 @@ def run_generate(args):
     b0, b1 = _weight_bytes(llm), _weight_bytes(quantized)
     print(f"  batch-1 decode {n0} {args.new_tokens / t0:.1f} tok/s, int8 {args.new_tokens / t1:.1f} tok/s: "
           f"{t0 / t1:.2f}x; weights {b0 / 2**20:.0f} MiB -> {b1 / 2**20:.0f} MiB: {b1 / b0:.2f}x "
-          f"(the LLM; quantize_int8 keeps the embedding table in float)")
+          f"(the LLM's distinct tensors: embeddings, blocks, head)")
+
+
+def quality_args(p):
+    p.add_argument("--model", required=True, help="a pretrained LLaMA-architecture folder (HF layout)")
+    p.add_argument("--text", nargs="+", required=True, help="plain-text files: ordinary text to predict")
+    p.add_argument("--positions", type=int, default=2048, help="positions per file, in windows of --window")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--decode", action="store_true", help="also one token at a time (the CPU int8 kernel's path)")
+    p.add_argument("--threads", type=int)
+
+
+@torch.inference_mode()
+def run_quality(args):
+    """Next-token predictions of bf16 and int8 copies against the fp32 model on the same text: top-1 agreement (all
+    positions, and those where fp32's best token leads its second by > 0.5), the largest logit difference, the
+    perplexity. Tokenized with tokenizer.model (sentencepiece) or, for BPE-only folders, transformers if installed."""
+    import copy
+    import os
+
+    import torch.nn.functional as F
+
+    from llama import Llama, Tokenizer
+    from quantize import quantize_int8
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if os.path.exists(os.path.join(args.model, "tokenizer.model")):
+        encode = Tokenizer(args.model).encode
+    else:
+        from transformers import AutoTokenizer
+        encode = AutoTokenizer.from_pretrained(args.model).encode
+    windows = []
+    for file in args.text:
+        ids = encode(" ".join(open(file, encoding="utf-8").read().split()))[:args.positions]
+        windows += [torch.tensor([ids[i:i + args.window]]) for i in range(0, len(ids), args.window)]
+    fp32 = Llama.from_pretrained(args.model).eval()
+    variants = {"bf16": lambda: copy.deepcopy(fp32).to(torch.bfloat16),
+                "int8 (default: embeddings, blocks, head)": lambda: quantize_int8(copy.deepcopy(fp32)),
+                "int8, head and table float": lambda: quantize_int8(copy.deepcopy(fp32), skip=("lm_head", "embed_tokens"))}
+    refs = [fp32(w)[0].float() for w in windows]  # (T, V) each
+
+    def decode(model, ids):  # one position at a time through the KV cache: the path chat and generate take
+        model.setup_cache(1, ids.shape[1])
+        out = [model(ids[:, i:i + 1], input_pos=torch.tensor([i]))[0, -1].float() for i in range(ids.shape[1])]
+        model.reset_cache()
+        return torch.stack(out)  # (T, V)
+
+    n = sum(r.shape[0] for r in refs)
+    nll = sum(F.cross_entropy(r[:-1], w[0, 1:], reduction="sum") for r, w in zip(refs, windows))
+    print(f"quality {args.model}: {n} positions of {', '.join(args.text)}; fp32 perplexity "
+          f"{(nll / (n - len(windows))).exp():.2f}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name, make in variants.items():
+        model = make()
+        for path, run in [("full forward", lambda w: model(w)[0].float()), ("decode", lambda w: decode(model, w))]:
+            if path == "decode" and not args.decode:
+                continue
+            agree = clear = agree_clear = 0
+            diff, nll = 0.0, 0.0
+            for w, r in zip(windows, refs):
+                logits = run(w)
+                same = logits.argmax(-1) == r.argmax(-1)
+                top2 = r.topk(2, -1).values
+                margin = top2[:, 0] - top2[:, 1] > 0.5
+                agree, clear, agree_clear = agree + int(same.sum()), clear + int(margin.sum()), \
+                    agree_clear + int(same[margin].sum())
+                diff = max(diff, float((logits - r).abs().max()))
+                nll += float(F.cross_entropy(logits[:-1], w[0, 1:], reduction="sum"))
+            print(f"  {name:42s} {path:12s} top-1 agreement {100 * agree / n:5.1f}% (margin > 0.5: "
+                  f"{100 * agree_clear / max(clear, 1):5.1f}% of {clear})  max |logit diff| {diff:5.2f}  "
+                  f"perplexity {math.exp(nll / (n - len(windows))):6.2f}")
 
 
 def answer_args(p):
@@ -726,6 +798,7 @@ BENCHES = [
     ("lora", lora_args, lora_bench),
     ("generate", generate_args, run_generate),
     ("answer", answer_args, run_answer),
+    ("quality", quality_args, run_quality),
 ]
 
 

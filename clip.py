@@ -74,6 +74,8 @@ class CLIPVisionConfig:  # field names as in HF CLIPVisionConfig
 PRESETS = {
     "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                  image_size=64, patch_size=16),  # 16 image tokens: tests, bench.py (the demo has its own)
+    "tiny-336": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                     image_size=336, patch_size=14),  # 576 image tokens as LLaVA-1.5's, a narrow tower: bench.py
     "vit-l-14": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                      image_size=224, patch_size=14),  # openai/clip-vit-large-patch14, LLaVA v1: 256 tokens
     "vit-l-14-336": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
