@@ -218,6 +218,7 @@ def train_args(parser):
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per sample, image tokens included")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
     parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each decoder block (train.py's compile)")
     parser.add_argument("--peak-tflops", type=float, help="accelerator peak: prints MFU (default: known cards)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--lora-r", type=int, help="LoRA rank (default: the recipe's lora_r; 0: full tuning)")
@@ -251,7 +252,7 @@ def train_bench(args):
         model = train.set_stage(LLaVA(LLaVAConfig(llm=llm, vision=vision)), args.stage, config.lora_r,
                                 config.lora_alpha, config.lora_dropout)
     flops = train.flops_per_step(model, args.stage)
-    model = train.parallelize(model, device, args.grad_checkpointing)
+    model = train.parallelize(model, device, args.grad_checkpointing, compile_blocks=args.compile)
     optimizer = train.make_optimizer(model, config)
     trained = [p for p in model.parameters() if p.requires_grad]
     P, T, B = model.config.num_image_tokens, args.seq_len, args.batch
@@ -297,6 +298,7 @@ def train_bench(args):
     print(f"train {args.preset} stage {args.stage} ({args.recipe} optimizer) on {name}: batch {B} x {T} tokens "
           f"({P} image tokens) in micro-batches of {micro}, "
           f"grad checkpointing {'on' if args.grad_checkpointing else 'off'}, "
+          f"compile {'on' if args.compile else 'off'}, "
           f"{sum(p.numel() for p in trained) / 1e6:.1f}M of {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
           f"parameters trained")
     print(f"  {dt * 1e3:.1f} ms/step (median of {args.steps}), {B * T / dt:,.0f} tokens/s, "
@@ -719,7 +721,8 @@ def run_quality(args):
     fp32 = Llama.from_pretrained(args.model).eval()
     variants = {"bf16": lambda: copy.deepcopy(fp32).to(torch.bfloat16),
                 "int8 (default: embeddings, blocks, head)": lambda: quantize_int8(copy.deepcopy(fp32)),
-                "int8, head and table float": lambda: quantize_int8(copy.deepcopy(fp32), skip=("lm_head", "embed_tokens"))}
+                "int8, head and table float": lambda: quantize_int8(copy.deepcopy(fp32),
+                                                                    skip=("lm_head", "embed_tokens"))}
     refs = [fp32(w)[0].float() for w in windows]  # (T, V) each
 
     def decode(model, ids):  # one position at a time through the KV cache: the path chat and generate take

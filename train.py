@@ -90,6 +90,7 @@ class TrainConfig:
     max_length: int = 2048  # tokens per sample, image tokens included (model_max_length)
     group_by_length: bool = False  # batches of similar length and one modality: less padding (LLaVA-1.5 stage 2)
     grad_checkpointing: bool = True  # recompute each decoder block in backward: less memory, ~1/3 more compute
+    compile: bool = False  # torch.compile each decoder block: element-wise ops fused (the first step compiles)
     lora_r: int = 0  # stage 2: LoRA rank on the 7 linears of every LLM block, base frozen (lora.py); 0: full tuning
     lora_alpha: float = 0.0  # LoRA update scale alpha / r; 0: 2 * lora_r (LLaVA-1.5's 256 for r=128)
     lora_dropout: float = 0.05  # dropout on the adapters' input (LLaVA's default lora_dropout)
@@ -384,11 +385,14 @@ def resolve_precision(precision, device):
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
-def parallelize(model, device, grad_checkpointing, bf16=None):
+def parallelize(model, device, grad_checkpointing, bf16=None, compile_blocks=False):
     """Returns the model on `device`; under torchrun each decoder block, then the root, sharded with FSDP2. A model
     on the meta device stays there (load_sharded fills each rank's shards afterwards)."""
     bf16 = device.type == "cuda" if bf16 is None else bf16
     model.llm.gradient_checkpointing = grad_checkpointing  # the layer loop runs each block inside checkpoint()
+    if compile_blocks:  # in place (parameter names unchanged), before sharding; all blocks share one compiled graph
+        for block in model.llm.layers:
+            block.compile()
     if not dist.is_initialized():
         return model.to(device)
     # fp32 master weights and optimizer; each block's weights gathered in bf16, gradients reduced in fp32
@@ -870,7 +874,7 @@ def run_stage(config, rank, world, device):
         fail(f"{config.data}: {len(dataset)} usable samples, fewer than one batch of {config.batch_size}")
     flops = flops_per_step(model, config.stage)
     bf16 = resolve_precision(config.precision, device)
-    model = parallelize(model, device, config.grad_checkpointing, bf16)
+    model = parallelize(model, device, config.grad_checkpointing, bf16, config.compile)
     if sources:
         load_sharded(model, sources, device)
     optimizer = make_optimizer(model, config)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import train
 from train import FileSystemReader, FileSystemWriter
@@ -153,6 +153,18 @@ def test_stage2_output_is_a_complete_checkpoint(stage2_run):
     loaded = LLaVA.from_pretrained(str(out))
     assert loaded.config.template == "vicuna_v1" and (out / "tokenizer.model").is_file()
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="compile on a CPU needs a C++ compiler")
+def test_compiled_blocks_train_to_the_same_losses_and_weights(demo, stage2_run, tmp_path):
+    # compile=true: each decoder block through torch.compile (fused element-wise ops), the same math as eager
+    model, out = stage2_run
+    compiled = train.main(flags(demo, tmp_path / "compiled", 2, "lr=1e-3", "compile=true"))
+    assert compiled.llm.layers[0]._compiled_call_impl is not None
+    eager, fused = losses(out), losses(tmp_path / "compiled")
+    assert len(fused) == 4 and all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(eager, fused)), (eager, fused)
+    weights = compiled.state_dict()
+    assert all((v - weights[k]).abs().max() <= 1e-5 for k, v in model.state_dict().items())
 
 
 def test_a_run_ends_with_a_training_state_then_the_output(stage2_run):
