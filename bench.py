@@ -604,7 +604,8 @@ def run_generate(args):
         model = LLaVA(LLaVAConfig(llm=config, vision=CLIPVisionConfig(**demo.DEMO_CLIP))).to(device, dtype).eval()
         n_image = model.config.num_image_tokens
     else:
-        model = Llama(config).to(device, dtype).eval()
+        with torch.device(device):  # a 7B shape: random init where it runs, not 27 GB on the host first
+            model = Llama(config).to(dtype).eval()
     sizes = [int(b) for b in args.batches.split(",")]
     generator = torch.Generator().manual_seed(0)
 
