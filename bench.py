@@ -531,6 +531,7 @@ def generate_args(p):
     p.add_argument("--preset", default="smollm-135m", help="a LlamaConfig.from_name preset")
     p.add_argument("--llava", action="store_true", help="a LLaVA (the LLM --preset, the demo's vision tower), "
                    "half the prompts with an image; no transformers reference")
+    p.add_argument("--tower", help="with --llava: a clip.py preset (vit-l-14-336: LLaVA-1.5's); default the demo's")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--batches", default="1,8,32", help="batch sizes; 1 runs llama.generate prompt by prompt")
@@ -601,7 +602,9 @@ def run_generate(args):
         import demo
         from clip import CLIPVisionConfig
         from llava import IMAGE_TOKEN_INDEX, LLaVA, LLaVAConfig
-        model = LLaVA(LLaVAConfig(llm=config, vision=CLIPVisionConfig(**demo.DEMO_CLIP))).to(device, dtype).eval()
+        vision = CLIPVisionConfig.from_name(args.tower) if args.tower else CLIPVisionConfig(**demo.DEMO_CLIP)
+        with torch.device(device):
+            model = LLaVA(LLaVAConfig(llm=config, vision=vision)).to(dtype).eval()
         n_image = model.config.num_image_tokens
     else:
         with torch.device(device):  # a 7B shape: random init where it runs, not 27 GB on the host first
@@ -644,7 +647,8 @@ def run_generate(args):
         for name, (b, run) in list(runs.items())[::1 if repeat % 2 == 0 else -1]:  # interleaved, order alternating
             times[name].append(run(sets[b], args.new_tokens))
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"generate {args.preset}{' LLaVA (demo tower)' if args.llava else ''}: {n_params / 1e6:.1f}M params, "
+    tower = f" LLaVA ({args.tower or 'demo'} tower)" if args.llava else ""
+    print(f"generate {args.preset}{tower}: {n_params / 1e6:.1f}M params, "
           f"{device} {args.dtype}, {torch.get_num_threads()} threads, prompts {args.min_prompt}-{args.max_prompt} "
           f"tokens, {args.new_tokens} new tokens per row, median of {args.repeats}, torch {torch.__version__}")
     rates, per_round = {}, {}  # per_round: the rate in each round (runs of one round are adjacent in time)
@@ -657,6 +661,17 @@ def run_generate(args):
         print(f"  {name:30s} {rates[name]:8.1f} new tokens/s   {rates[name] / rates[first]:5.2f}x batch 1 "
               f"({paired:.2f}x median of rounds)   (median {statistics.median(t):.2f} s for {n} x "
               f"{args.new_tokens}; runs {' '.join(f'{s:.2f}' for s in t)})")
+    if args.llava:  # batch 1, one image: the tower, the projector and the prefill before the first token
+        ids, pixels = next(prompt for prompt in sets[sizes[0]] if prompt[1] is not None)
+        ttft = []
+        for _ in range(args.repeats + 1):  # the first: warm-up
+            model.llm.setup_cache(1, len(ids) + 1, device=device, dtype=dtype)
+            _sync(device); start = time.perf_counter()
+            next(model.generate(ids[None], pixels, max_new_tokens=1))
+            _sync(device); ttft.append(time.perf_counter() - start)
+        model.llm.reset_cache()
+        print(f"  time to first token, batch 1, one {model.config.vision.image_size} px image ({n_image} tokens) + "
+              f"{len(ids) - n_image} text tokens: {statistics.median(ttft[1:]) * 1e3:.1f} ms (median)")
     if hf is not None:
         for b in [b for b in sizes if b > 1]:
             ours = generate_batch(model, [p for p, _ in sets[b]], max_new_tokens=args.new_tokens)
