@@ -21,7 +21,7 @@ from data import IMAGE_TOKEN, TEMPLATES, render
 from fileio import inside, read_json, write_json
 from llama import Tokenizer
 from llava import IMAGE_TOKEN_INDEX, LLaVA
-from quantize import quantize_int8
+from quantize import QUANTIZE
 
 CACHE_CHUNK = 256  # KV-cache positions added at a time: a re-allocation (a copy of the cache) every few turns
 DEMO_MODEL, DEMO_DATA = os.path.join("runs", "demo", "stage2"), os.path.join("runs", "demo", "data")
@@ -205,7 +205,7 @@ def parse_args(argv):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, help="default 512, at most half the context")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quantize", choices=["int8"], help="int8 weights for the LLM and projector (quantize.py)")
+    p.add_argument("--quantize", choices=QUANTIZE, help="int8 weights for the LLM and projector (quantize.py)")
     p.add_argument("--prompt", help="answer this one message and exit")
     p.add_argument("--stats", action="store_true", help="print time to first token and tokens/s after each answer")
     return p.parse_args(argv)
@@ -233,9 +233,7 @@ def load(args):
         tokenizer = Tokenizer(model_dir)  # first: a missing or broken tokenizer is found before a long model load
         note(f"loading {model_dir} on {device} ({dtype}{', int8 weights' if args.quantize else ''})")
         model = LLaVA.from_pretrained(model_dir, vision_tower=args.vision_tower, device=device,
-                                      dtype=getattr(torch, dtype)).eval()
-        if args.quantize == "int8":
-            quantize_int8(model)
+                                      dtype=getattr(torch, dtype), quantize=args.quantize).eval()
     except (OSError, ValueError, KeyError) as e:
         sys.exit(f"error: cannot load {model_dir}: {e}")
     return model, tokenizer, args.template or model.config.template, image

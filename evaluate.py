@@ -16,7 +16,8 @@ from collections import defaultdict
 from api import APIError, ChatClient, read_api_key
 from demo import demo_items, score_demo
 from fileio import append_jsonl, inside, read_jsonl, read_records, repair_jsonl, require, write_json
-from inference import DTYPES, QUANTIZE, answer_batches, answer_file, distributed, load_model, tally
+from inference import DTYPES, answer_batches, answer_file, distributed, load_model, tally
+from quantize import QUANTIZE
 
 # -----------------------------------------------------------------------------------------------------------------
 # answering with the model

@@ -22,7 +22,6 @@ from fileio import append_jsonl, repair_jsonl, write_text
 from llama import Tokenizer
 from llava import LLaVA
 
-QUANTIZE = ("int8",)  # load_model's quantize choices (quantize.py)
 DTYPES = ("float32", "bfloat16", "float16")  # load_model's dtype choices
 
 
@@ -34,8 +33,6 @@ def load_model(path, device=None, dtype=None, quantize=None):
     """(model, tokenizer) from a checkpoint folder; bf16 on CUDA, fp32 elsewhere unless dtype names one.
     quantize="int8": the LLM (embeddings, decoder blocks, lm_head) and the projector get int8 weights, ~1/4 of
     their fp32 memory; the vision tower and the norms stay as loaded (quantize.py)."""
-    if quantize not in (None, *QUANTIZE):
-        raise ValueError(f"quantize={quantize!r} is not supported; known: {', '.join(QUANTIZE)}")
     if dtype not in (None, *DTYPES):
         raise ValueError(f"dtype={dtype!r} is not supported; known: {', '.join(DTYPES)}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

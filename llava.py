@@ -15,7 +15,7 @@ from clip import CLIPVisionConfig, CLIPVisionTower
 from fileio import read_json, save_tensors, write_json
 from llama import Llama, LlamaConfig, generate, generate_batch, load_checkpoint, load_strict, typed_fields
 from projector import PROJECTORS, build_projector
-from quantize import quantize_int8
+from quantize import QUANTIZE, quantize_int8
 
 IMAGE_TOKEN_INDEX = -200  # the original release's placeholder id: never a real vocabulary id
 
@@ -109,8 +109,8 @@ class LLaVA(nn.Module):
     def from_pretrained(cls, path, vision_tower=None, device="cpu", dtype=torch.float32, quantize=None) -> "LLaVA":
         """Our own folders; the original release (its CLIP tower from `vision_tower`) and llava-hf via formats.py.
         quantize="int8": the LLM's and projector's weights become int8 as they load (quantize.py)."""
-        if quantize not in (None, "int8"):
-            raise ValueError(f"quantize={quantize!r}: the one choice is 'int8' (or None)")
+        if quantize not in (None, *QUANTIZE):
+            raise ValueError(f"quantize={quantize!r} is not supported; known: {', '.join(QUANTIZE)}")
         if formats.detect_format(path) == formats.OWN:
             config, (tensors, files), keys = read_json(f"{path}/config.json"), load_checkpoint(path, device), ()
         else:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 # the table float: on SmolLM2-135M top-1 agreement with fp32 goes from 93.7 to 95.6 % (bf16 alone: 97.1 %), weights
 # from 0.25x to 0.41x of fp32 (BENCHMARKS.md, bench.py quality)
 SKIP = ("vision_tower",)
+QUANTIZE = ("int8",)  # the choices of LLaVA.from_pretrained(..., quantize=) and the --quantize flags
 KERNEL_MAX_ROWS = 32  # the kernel is a GEMV-style loop: from ~32-64 rows on (a prompt) dequantize + GEMM is faster
 ROW_BLOCK = 4096  # rows quantized at a time: no float temporary the size of a whole large matrix
 
@@ -127,8 +128,10 @@ def quantize_int8(model: nn.Module, skip=SKIP) -> nn.Module:
     parents = [module for name, module in model.named_modules()  # no reference to a layer kept: each is freed
                if type(module) not in (nn.Linear, nn.Embedding) and not any(part in skip for part in name.split("."))]
     counts = Counter(id(m.weight) for m in model.modules() if type(m) in (nn.Linear, nn.Embedding))
-    done = {}  # id -> (weight, int8, scale) of a weight two layers share (a tied head): quantized once; kept, so the id
-    for parent in parents:  # cannot be reused by another tensor while it is looked up
+    # id -> (weight, int8, scale) of a weight two layers share (a tied head), quantized once; the weight is held so
+    # that its id cannot pass to another tensor meanwhile. Weights used once are not held: each is freed in turn
+    done = {}
+    for parent in parents:
         for child_name, child in list(parent.named_children()):
             if type(child) in (nn.Linear, nn.Embedding) and child_name not in skip:
                 key = id(child.weight)
