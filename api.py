@@ -1,5 +1,5 @@
 """The one chat-completions client (OpenAI's wire format over raw HTTP): generate_data.py, evaluate.py and
-scienceqa.py talk to GPT-4 through it.
+scienceqa.py talk to GPT-4 through it, and ask many questions through ask_all, which a rerun continues.
 
 Retries with exponential backoff and jitter on timeouts, dropped connections, 429, 5xx and malformed replies
 (honouring Retry-After up to max_wait), a requests-per-minute limit shared by worker threads, a total deadline per
@@ -13,9 +13,13 @@ import os
 import random
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import requests
 import urllib3
+from tqdm import tqdm
+
+from fileio import append_jsonl, repair_jsonl
 
 MAX_BODY = 32 * 2**20  # a chat completion is kilobytes; a server sending more than this is broken
 
@@ -212,3 +216,47 @@ class ChatClient:
                 message += " -- the API key was refused; check the key and its permissions"
             raise FatalAPIError(message, status)
         raise APIError(f"gave up after {self.max_retries + 1} attempts; last error: {reason}")
+
+
+def client_from_env(base_url, key_env, model, **settings):
+    """A ChatClient whose key is in the environment variable key_env; a ValueError names the variable, never the
+    key. settings: ChatClient's (temperature, max_tokens, max_wait, ...)."""
+    return ChatClient(base_url, read_api_key(key_env), model, **settings)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# many requests: worker threads, and an answer file that a rerun continues
+
+
+def run_pool(fn, items, workers, desc, cancel=None):
+    """[fn(item)] in order, `workers` at a time; on an error or Ctrl-C the items not started are dropped, and
+    cancel() (a ChatClient's) ends the waits of those in flight, so Ctrl-C exits at once."""
+    pool = ThreadPoolExecutor(max(1, workers))
+    try:
+        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, disable=not items))
+    except KeyboardInterrupt:
+        if cancel:
+            cancel()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def ask_all(items, ask, out_path, record, workers=1, cancel=None):
+    """Ask every item whose question_id is not yet in the JSONL file out_path (a torn last line is cut first) and
+    append record(item, text) as each reply comes, so that an interrupted run asks nothing twice. ask(item) -> text,
+    or None for a failed request: nothing is recorded and the next run asks again. workers and cancel: run_pool's.
+    Returns (answers that were there, new answers, failed requests)."""
+    there = {r.get("question_id") for r in repair_jsonl(out_path)}
+    todo = [item for item in items if item["question_id"] not in there]
+    lock = threading.Lock()  # one writer at a time: two threads' lines never interleave
+
+    def one(item):
+        text = ask(item)
+        if text is not None:
+            with lock:
+                append_jsonl(out_path, record(item, text))
+        return text is not None
+
+    new = sum(run_pool(one, todo, workers, os.path.basename(out_path), cancel))
+    return len(there), new, len(todo) - new

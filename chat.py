@@ -16,11 +16,13 @@ import time
 
 import torch
 
-from clip import load_image, preprocess
-from data import IMAGE_TOKEN, TEMPLATES, render
+from clip import preprocess
+from data import IMAGE_TOKEN, TEMPLATES, render, with_image
+from distributed import default_dtype
 from fileio import inside, read_json, write_json
-from llama import Tokenizer
-from llava import IMAGE_TOKEN_INDEX, LLaVA
+from images import load_image
+from inference import DTYPES, generate_llava, load_model
+from llava import IMAGE_TOKEN_INDEX
 from quantize import QUANTIZE
 
 CACHE_CHUNK = 256  # KV-cache positions added at a time: a re-allocation (a copy of the cache) every few turns
@@ -78,7 +80,7 @@ class ChatSession:
         """The turns in LLaVA's format; the image tag goes in front of the first human message, as in training."""
         turns = (self.turns if turns is None else turns) + ([{"from": "human", "value": message}] if message else [])
         if self.image_path and turns:
-            turns = [{"from": "human", "value": IMAGE_TOKEN + "\n" + turns[0]["value"]}] + turns[1:]
+            turns = [{"from": "human", "value": with_image(turns[0]["value"])}] + turns[1:]
         return turns
 
     def prompt_ids(self, message):
@@ -122,10 +124,9 @@ class ChatSession:
         eos, stream, generated = self.tokenizer.eos_id, self.tokenizer.stream(), []
         start, first, interrupted = time.perf_counter(), None, False
         try:
-            for token in self.model.generate(torch.tensor([new_ids], device=self.device), pixel_values,
-                                              max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                              top_p=self.top_p, eos_id=eos, start_pos=reuse,
-                                              generator=self.generator):
+            for token in generate_llava(self.model, torch.tensor([new_ids], device=self.device), pixel_values,
+                                        max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                        top_p=self.top_p, eos_id=eos, start_pos=reuse, generator=self.generator):
                 first = first or time.perf_counter()
                 if token != eos:
                     out.write(stream.push(token))
@@ -199,8 +200,7 @@ def parse_args(argv):
     p.add_argument("--vision-tower", help="CLIP directory, for original LLaVA releases that do not include it")
     p.add_argument("--template", choices=sorted(TEMPLATES), help="conversation template (default: the checkpoint's)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda when available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="default: bfloat16 on cuda, float16 on mps, float32 on cpu")
+    p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on cuda, float16 on mps, float32 on cpu")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, help="default 512, at most half the context")
@@ -228,12 +228,10 @@ def load(args):
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available.get(device.split(":")[0]):
         sys.exit(f"--device {device} is not available on this machine (cpu, cuda, cuda:N, mps)")
-    dtype = args.dtype or {"cuda": "bfloat16", "mps": "float16"}.get(device.split(":")[0], "float32")
+    dtype = args.dtype or str(default_dtype(device)).removeprefix("torch.")
     try:  # the loaders' errors name the file and key: show them without a traceback
-        tokenizer = Tokenizer(model_dir)  # first: a missing or broken tokenizer is found before a long model load
         note(f"loading {model_dir} on {device} ({dtype}{', int8 weights' if args.quantize else ''})")
-        model = LLaVA.from_pretrained(model_dir, vision_tower=args.vision_tower, device=device,
-                                      dtype=getattr(torch, dtype), quantize=args.quantize).eval()
+        model, tokenizer = load_model(model_dir, device, dtype, args.quantize, args.vision_tower)
     except (OSError, ValueError, KeyError) as e:
         sys.exit(f"error: cannot load {model_dir}: {e}")
     return model, tokenizer, args.template or model.config.template, image

@@ -1,10 +1,9 @@
-"""CLIP ViT vision tower (the eyes of LLaVA) and CLIP image preprocessing, with pillow + numpy.
+"""CLIP ViT vision tower (the eyes of LLaVA) and CLIP's image preprocessing, with pillow + numpy.
 
-The tower mirrors Hugging Face's CLIPVisionModel module names, so loading a CLIPVisionModel folder is a prefix strip
-(full CLIPModel checkpoints such as `openai/clip-vit-large-patch14(-336)` and `.bin` files: formats.load_clip).
-LLaVA reads the hidden states of the penultimate layer (`select_layer=-2`) and drops the CLS token; the layers
-after the selected one are never computed and `post_layernorm` is unused (it is kept so that checkpoints load
-strictly and save back unchanged).
+Module names are Hugging Face's CLIPVisionModel names, so a CLIPVisionModel folder loads by a prefix strip (a full
+CLIPModel, such as openai/clip-vit-large-patch14-336, and `.bin` files: formats.load_clip). LLaVA reads the hidden
+states of the penultimate layer (`select_layer=-2`) and drops the CLS token: the layers after the selected one are
+never computed and `post_layernorm` is unused (kept so that checkpoints load strictly and save back unchanged).
 """
 import os
 from dataclasses import dataclass
@@ -13,18 +12,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from checkpoint import load_checkpoint, load_strict, typed_fields
 from fileio import read_json, save_tensors, write_json
-from llama import load_checkpoint, load_strict, typed_fields
+from images import bounded, check_aspect_ratio, to_8bit
 
 # OpenAI CLIP's training statistics; the pad colour is LLaVA's `tuple(int(x * 255) for x in image_mean)`.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PAD_COLOR = tuple(int(x * 255) for x in CLIP_MEAN)  # (122, 116, 104)
-
-# the position_ids buffer older checkpoints stored: positions are always 0..N, so it is never read
-SKIPPED_KEYS = {"vision_model.embeddings.position_ids", "embeddings.position_ids"}
 
 
 @dataclass
@@ -41,8 +38,7 @@ class CLIPVisionConfig:  # field names as in HF CLIPVisionConfig
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
-                             f"num_attention_heads {self.num_attention_heads}")
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by heads {self.num_attention_heads}")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; supported: {sorted(ACTIVATIONS)}")
 
@@ -52,9 +48,11 @@ class CLIPVisionConfig:  # field names as in HF CLIPVisionConfig
 
     @classmethod
     def from_hf(cls, d: dict, source="config.json") -> "CLIPVisionConfig":
-        """An HF CLIPVisionConfig dict (a full CLIPModel's nests it: see formats.py); errors name `source`."""
         if not isinstance(d, dict):
             raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        if "vision_config" in d:
+            raise ValueError(f"{source}: a full CLIPModel (vision_config + text_config), not a CLIPVisionModel: "
+                             "formats.load_clip reads its vision tower")
         # missing fields take the defaults of transformers' CLIPVisionConfig, as transformers itself does
         defaults = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                         image_size=224, patch_size=32, layer_norm_eps=1e-5, hidden_act="quick_gelu", num_channels=3)
@@ -82,38 +80,29 @@ PRESETS = {
                          image_size=336, patch_size=14),  # openai/clip-vit-large-patch14-336, LLaVA-1.5: 576 tokens
 }
 
-ACTIVATIONS = {
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-    "gelu": F.gelu,
-}
+ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}
 
 
 class Embeddings(nn.Module):
     def __init__(self, config: CLIPVisionConfig):
         super().__init__()
-        self.image_size = config.image_size
         self.class_embedding = nn.Parameter(torch.randn(config.hidden_size) * config.hidden_size**-0.5)
         self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size,
                                          stride=config.patch_size, bias=False)
         self.position_embedding = nn.Embedding(config.num_patches + 1, config.hidden_size)
         nn.init.normal_(self.position_embedding.weight, std=0.02)
 
-    def forward(self, pixel_values):
-        B, _, H, W = pixel_values.shape
-        if H != self.image_size or W != self.image_size:
-            raise ValueError(f"pixel_values are {H}x{W}, the tower expects {self.image_size}x{self.image_size}")
+    def forward(self, pixel_values):  # (B, 3, S, S), S = image_size: preprocess() makes them so
         patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, C, g, g)
         patches = patches.flatten(2).transpose(1, 2)  # (B, N, C), row-major patch order
-        cls = self.class_embedding.expand(B, 1, -1)  # (B, 1, C)
-        # positions are 0..N in order, so the lookup is the whole table
-        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight  # (B, N+1, C)
+        cls = self.class_embedding.expand(len(patches), 1, -1)  # (B, 1, C)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight  # (B, N+1, C): positions 0..N
 
 
 class Attention(nn.Module):
     def __init__(self, config: CLIPVisionConfig):
         super().__init__()
-        C = config.hidden_size
-        self.num_heads = config.num_attention_heads
+        C, self.num_heads = config.hidden_size, config.num_attention_heads
         self.q_proj, self.k_proj = nn.Linear(C, C), nn.Linear(C, C)
         self.v_proj, self.out_proj = nn.Linear(C, C), nn.Linear(C, C)
 
@@ -156,36 +145,27 @@ class CLIPVisionTower(nn.Module):
         self.config = config
         self.embeddings = Embeddings(config)
         self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)  # sic: the HF/OpenAI name
-        self.encoder = nn.ModuleDict({"layers": nn.ModuleList(EncoderLayer(config)
-                                                              for _ in range(config.num_hidden_layers))})
+        layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.encoder = nn.ModuleDict({"layers": layers})
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)  # unused, see top
 
     def forward(self, pixel_values, select_layer=-2, select_feature="patch"):
-        n = len(self.encoder.layers)
-        depth = select_layer if select_layer >= 0 else n + 1 + select_layer  # index into hidden_states()
-        if not 0 <= depth <= n:
-            raise ValueError(f"select_layer {select_layer} is out of range for {n} layers")
-        if select_feature not in ("patch", "cls_patch"):
-            raise ValueError(f"select_feature must be 'patch' or 'cls_patch', got {select_feature!r}")
+        """The hidden state after layer `select_layer` (HF's hidden_states[select_layer]: 0 is the embeddings, -1
+        the last layer); "patch" drops CLS, "cls_patch" keeps it."""
+        depth = select_layer % (len(self.encoder.layers) + 1)
         x = self.pre_layrnorm(self.embeddings(pixel_values))  # (B, N+1, C)
         for layer in self.encoder.layers[:depth]:
             x = layer(x)  # (B, N+1, C)
         return x[:, 1:] if select_feature == "patch" else x  # (B, N, C) or (B, N+1, C)
 
-    def hidden_states(self, pixel_values) -> list:
-        states = [self.pre_layrnorm(self.embeddings(pixel_values))]  # [0]: embeddings, as HF's hidden_states[0]
-        for layer in self.encoder.layers:
-            states.append(layer(states[-1]))  # (B, N+1, C)
-        return states
-
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32) -> "CLIPVisionTower":
-        """A CLIPVisionModel folder: config.json + model.safetensors (or a sharded index), published names."""
+        """A CLIPVisionModel folder (config.json + safetensors), without old ones' position_ids buffer (0..N)."""
         config_file = os.path.join(path, "config.json")
         config = CLIPVisionConfig.from_hf(read_json(config_file), config_file)
         with torch.device("meta"):  # no memory until the checkpoint tensors are assigned
             model = cls(config)
-        tensors, files = load_checkpoint(path, device, skip=lambda key: key in SKIPPED_KEYS)
+        tensors, files = load_checkpoint(path, device, skip=lambda key: key.endswith("embeddings.position_ids"))
         return load_strict(model, tensors, files, clip_to_tower_keys, tower_to_clip_keys, device, dtype).eval()
 
     def save_pretrained(self, path):
@@ -195,8 +175,7 @@ class CLIPVisionTower(nn.Module):
         write_json(os.path.join(path, "config.json"), self.config.to_hf())
 
 
-def clip_to_tower_keys(sd: dict) -> dict:
-    """Published names ("vision_model.x") -> tower names ("x"); other keys unchanged."""
+def clip_to_tower_keys(sd: dict) -> dict:  # published names ("vision_model.x") -> tower names ("x")
     return {k.removeprefix("vision_model."): v for k, v in sd.items()}
 
 
@@ -206,57 +185,8 @@ def tower_to_clip_keys(sd: dict) -> dict:
 
 # ---- preprocessing: transformers' slow (PIL) CLIPImageProcessor, which LLaVA used, step for step ----
 
-# Padding or cropping to a square costs memory quadratic in the long side (a 157-byte 1x20000 PNG asked for 1.6 GB),
-# and nothing in LLaVA's data is more than a few times wider than high: beyond this ratio an image is refused.
-MAX_ASPECT_RATIO = 20
-# Preprocessing is the processor's, bit for bit, up to this many times the output size (and, when cropping, this
-# aspect ratio). Beyond, memory would grow with the input: a larger image is first box-reduced by an integer factor
-# to 2-3x the output, and a longer strip to be cropped loses what the crop would drop before it is resized.
-EXACT_UP_TO = 4
-_READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
-def check_aspect_ratio(size, where) -> None:
-    w, h = size
-    if min(w, h) < 1 or max(w, h) > MAX_ASPECT_RATIO * min(w, h):
-        raise ValueError(f"{where}: an image of {w}x{h} pixels is refused: more than {MAX_ASPECT_RATIO} times wider "
-                         "than high or higher than wide (clip.MAX_ASPECT_RATIO)")
-
-
-def load_image(path) -> Image.Image:
-    """The image file as RGB, like LLaVA's `Image.open(path).convert("RGB")` (alpha is dropped, not composited);
-    16-bit grayscale is scaled to 8 bits first (to_8bit)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image file not found: {path}")
-    try:
-        image = Image.open(path)  # the header only
-    except _READ_ERRORS as e:
-        raise ValueError(f"cannot read image file {path}: {e}") from e
-    with image:
-        check_aspect_ratio(image.size, f"image file {path}")  # before a single pixel is decoded
-        try:
-            image = to_8bit(image).convert("RGB")  # convert() decodes the whole file, so truncation shows up here
-        except _READ_ERRORS as e:
-            raise ValueError(f"cannot read image file {path}: {e}") from e
-    # a transparent colour (palette or tRNS) stays in info; LLaVA's processor (transformers 4.31) ignored it
-    image.info.pop("transparency", None)
-    return image
-
-
-def to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit grayscale (modes I;16*, and I holding values past 255) as 8-bit L, 65535 -> 255: convert() clips at
-    255, which turned a 16-bit PNG white. Other modes are returned as they are."""
-    if not (image.mode == "I" or image.mode.startswith("I;16")):
-        return image
-    values = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)  # (H, W)
-    if image.mode.startswith("I;16") or values.max(initial=0) > 255:
-        values = (values * 255 + 32767) // 65535  # rounded
-    return Image.fromarray(values.astype(np.uint8))
-
-
 def to_rgb(image: Image.Image) -> Image.Image:
-    # as CLIPImageProcessor: transparency is composited onto white, other modes (L, P, CMYK, ...) plainly converted
-    # (16-bit grayscale scaled to 8 bits first, see to_8bit); an RGB image is used as it is, not copied
+    # as CLIPImageProcessor: transparency composited onto white, other modes (L, P, CMYK, 16-bit) plainly converted
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, to_8bit(image).convert("RGBA")).convert("RGB")
@@ -275,22 +205,15 @@ def expand_to_square(image: Image.Image, color=PAD_COLOR) -> Image.Image:
 
 def preprocess(images, image_size: int, pad_to_square=False) -> torch.Tensor:
     """One PIL image or a list -> (B, 3, S, S) float32: RGB, [pad], bicubic short edge -> S, centre crop, normalise.
-    Bit-exact with CLIPImageProcessor within EXACT_UP_TO (beyond, pixels differ by about a level, and memory stays
-    a few times the output's); images beyond MAX_ASPECT_RATIO raise ValueError."""
+    Bit-exact with CLIPImageProcessor up to images.EXACT_UP_TO times S (larger ones are reduced first:
+    images.bounded); images beyond images.MAX_ASPECT_RATIO raise ValueError."""
     images = [images] if isinstance(images, Image.Image) else list(images)
     S = image_size
     mean, std = np.array(CLIP_MEAN, np.float32), np.array(CLIP_STD, np.float32)
     out = np.empty((len(images), S, S, 3), np.float32)
     for i, image in enumerate(images):
         check_aspect_ratio(image.size, getattr(image, "filename", "") or f"image {i}")
-        image = to_rgb(image)
-        w, h = image.size
-        if not pad_to_square and max(w, h) > EXACT_UP_TO * min(w, h):  # a long strip: only its centre is kept
-            left, top = (w - min(w, h)) // 2, (h - min(w, h)) // 2
-            image = image.crop((left, top, left + min(w, h), top + min(w, h)))
-        side = max(image.size) if pad_to_square else min(image.size)  # the side that becomes S
-        if side > EXACT_UP_TO * S:  # bound the work by the output size, not the input's (a pad canvas is side^2)
-            image = image.reduce(side // (2 * S))
+        image = bounded(to_rgb(image), S, pad_to_square)
         if pad_to_square:
             image = expand_to_square(image)
         w, h = image.size

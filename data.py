@@ -1,24 +1,26 @@
-"""Conversation data for LLaVA: templates, one renderer for training and chat, LLaVA-JSON datasets, batching with
-length grouping. (The built-in "shapes" demo dataset is made in demo.py.)
-
-A conversation is LLaVA's JSON list of turns, [{"from": "human" | "gpt", "value": str}, ...]. render() turns it
-into (input_ids, labels) exactly as the original LLaVA training code tokenized its prompt string (see render), but
-builds the labels piece by piece: the assistant replies and their end token get labels, everything else -100.
+"""Conversation data for LLaVA: templates, one renderer for training and chat, LLaVA-JSON datasets, collate, length
+grouping. A conversation is LLaVA's JSON list of turns, [{"from": "human" | "gpt", "value": str}, ...]; render()
+turns it into (input_ids, labels) exactly as the original LLaVA training code tokenized its prompt string, but builds
+the labels piece by piece: the assistant replies and their end token get labels, everything else IGNORE_INDEX.
 """
-import os
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 
-from clip import check_aspect_ratio, load_image, preprocess
+from clip import preprocess
 from fileio import inside, read_json
-from llama import Tokenizer
+from images import header_problem, load_image
+from llava import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from tokenizer import Tokenizer
 
 IMAGE_TOKEN = "<image>"  # the placeholder text in LLaVA's JSON (the original's DEFAULT_IMAGE_TOKEN)
-IMAGE_TOKEN_INDEX = -200  # same constant as llava.py: ids whose embedding rows receive image features
-IGNORE_INDEX = -100  # label of tokens without loss (cross_entropy's default ignore_index)
+
+
+def with_image(text: str) -> str:
+    """A human turn about an image as LLaVA's data writes it: the placeholder first, on a line of its own."""
+    return f"{IMAGE_TOKEN}\n{text}"
+
 
 # ----------------------------------------------------------------------------------------------------- templates
 
@@ -59,7 +61,7 @@ def get_template(name) -> Template:
 
 def move_image_to_front(value: str) -> str:
     # the original's preprocess_multimodal: a turn that mentions <image> becomes "<image>\n" + the rest, stripped
-    return (IMAGE_TOKEN + "\n" + value.replace(IMAGE_TOKEN, "").strip()).strip() if IMAGE_TOKEN in value else value
+    return with_image(value.replace(IMAGE_TOKEN, "").strip()).strip() if IMAGE_TOKEN in value else value
 
 
 def check_turns(conversation, for_generation=False):
@@ -160,15 +162,11 @@ class BadRow(ValueError):
 
 
 class LLaVADataset(torch.utils.data.Dataset):
-    """LLaVA's JSON format: a list of {"id", "image"? (a file in image_folder), "conversations": [...]}.
-
-    Every row is checked and rendered once here, so that bad rows fail (or, skip_bad, are counted) before training
-    and a sample with no labels left after truncation is never returned: `skipped` counts both by reason. Images
-    must lie inside image_folder (fileio.inside) and have a readable header and a sane aspect ratio; pixels are
-    decoded in __getitem__, which for a file corrupt past its header raises an error naming the row, or with
-    skip_bad returns None (counted in `skipped` of the process that read it; collate drops it and counts it in
-    the batch). `lengths` holds the token length of each kept sample, negative for text-only samples (the
-    original's "modality lengths")."""
+    """LLaVA's JSON format: a list of {"id", "image"? (a file in image_folder), "conversations": [...]}. Every row
+    is checked and rendered once, here: a bad row is an error naming it, or with skip_bad is counted in `skipped` by
+    reason, as is a sample left without labels by truncation. Images must lie inside image_folder and have a sane
+    header (images.header_problem); pixels are decoded in __getitem__. `lengths`: each kept sample's token count,
+    negative for text-only samples (the original's "modality lengths")."""
 
     def __init__(self, json_path, image_folder, tokenizer, template, n_image_tokens, image_size,
                  pad_to_square=True, max_length=2048, skip_bad=False):
@@ -212,18 +210,9 @@ class LLaVADataset(torch.utils.data.Dataset):
             return
         if not isinstance(row["image"], str):
             raise BadRow("bad image", f"'image' must be one file name, got {row['image']!r}")
-        path = self._image_path(row)
-        if not os.path.isfile(path):
-            raise BadRow("image not found", f"no image file {path}")
-        try:
-            with Image.open(path) as image:  # reads the header only: cheap enough for every row
-                size = image.size
-        except Exception as e:
-            raise BadRow("image unreadable", f"cannot read image file {path}: {e}") from None
-        try:
-            check_aspect_ratio(size, f"image file {path}")
-        except ValueError as e:
-            raise BadRow("image aspect ratio", str(e)) from None
+        problem = header_problem(self._image_path(row))  # the header only: cheap enough for every row
+        if problem:
+            raise BadRow(*problem)
 
     def _render(self, row):
         conversation = row["conversations"]
@@ -232,7 +221,7 @@ class LLaVADataset(torch.utils.data.Dataset):
         if "image" in row:
             if mentions == 0 and isinstance(first, dict) and isinstance(first.get("value"), str):  # an image row
                 # without the placeholder: the image goes first, as everywhere in LLaVA's data
-                conversation = [dict(first, value=IMAGE_TOKEN + "\n" + first["value"]), *conversation[1:]]
+                conversation = [dict(first, value=with_image(first["value"])), *conversation[1:]]
             elif mentions > 1:
                 raise BadRow("bad turns", f"{mentions} turns mention {IMAGE_TOKEN} but the row has one image")
         elif mentions:
@@ -248,32 +237,29 @@ class LLaVADataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i):
-        """The sample's tensors; None when skip_bad and its image cannot be decoded (a file corrupt past its header,
-        or changed since start-up): counted in self.skipped["image unreadable"], dropped by collate."""
+        """The sample's tensors. With skip_bad, an image that cannot be decoded (corrupt past its header, or changed
+        since start-up) gives the sample a blank image and no labels: it trains nothing, yet the micro-batch keeps
+        its shape and every rank runs the same steps. "skipped": 1 counts it in the batch (collate), which carries
+        the count from loader worker processes to the training loop."""
         n, row = self.rows[i]
         input_ids, labels, has_image = self._render(row)
-        pixel_values = None
+        pixel_values, skipped = None, 0
         if has_image:
             try:
                 image = load_image(self._image_path(row))
                 pixel_values = preprocess(image, self.image_size, self.pad_to_square)  # (1, 3, S, S)
             except (OSError, ValueError) as e:  # BadRow is a ValueError too
-                if self.skip_bad:
-                    self.skipped["image unreadable"] += 1
-                    return None
-                raise ValueError(f"{self.json_path}: {self._where(n, row)}: {e}") from None
-        return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels), "pixel_values": pixel_values}
+                if not self.skip_bad:
+                    raise ValueError(f"{self.json_path}: {self._where(n, row)}: {e}") from None
+                pixel_values, skipped = torch.zeros(1, 3, self.image_size, self.image_size), 1
+                labels = [IGNORE_INDEX] * len(labels)
+        return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels), "pixel_values": pixel_values,
+                "skipped": skipped}
 
 
 def collate(batch, pad_id):
-    """Right-pad to the longest sample (labels with -100); images of all samples concatenated in batch order.
-    Samples that are None (skipped by LLaVADataset with skip_bad) are dropped and counted in batch["skipped"], a
-    0-d tensor, so that the count reaches the training loop from DataLoader workers; when every sample of the
-    micro-batch was dropped the result is None (the caller counts its size as skipped)."""
-    kept = [s for s in batch if s is not None]
-    if not kept:
-        return None
-    batch, skipped = kept, len(batch) - len(kept)
+    """Right-pad to the longest sample (labels with IGNORE_INDEX); images of all samples concatenated in batch
+    order; "skipped": how many samples had an unreadable image (LLaVADataset with skip_bad)."""
     T = max(len(s["input_ids"]) for s in batch)
     input_ids = torch.full((len(batch), T), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
@@ -282,14 +268,10 @@ def collate(batch, pad_id):
         labels[b, :len(s["labels"])] = s["labels"]
     images = [s["pixel_values"] for s in batch if s["pixel_values"] is not None]
     return {"input_ids": input_ids, "labels": labels, "pixel_values": torch.cat(images) if images else None,
-            "skipped": torch.tensor(skipped)}
+            "skipped": sum(s["skipped"] for s in batch)}
 
 
 # -------------------------------------------------------------------------------------------- length grouping
-# The original's group_by_modality_length (LLaVA's LengthGroupedSampler): image and text-only samples are batched
-# apart, and each "megabatch" of world_size * batch_size samples is sorted by length and split so that the ranks
-# get similar token totals. The original sorts only within one megabatch; group_batches > 1 sorts within groups of
-# that many megabatches (as transformers' own LengthGroupedSampler, 50), so batches also pad less on one GPU.
 
 
 def _split_even(indices, lengths, n_chunks):
@@ -303,42 +285,17 @@ def _split_even(indices, lengths, n_chunks):
     return [i for chunk in chunks for i in chunk]
 
 
-def modality_length_grouped_indices(lengths, batch_size, world_size, generator, group_batches=1):
-    """A permutation of range(len(lengths)); lengths are negative for text-only samples."""
+def modality_length_grouped_indices(lengths, batch_size, world_size, generator):
+    """The original's group_by_modality_length order: a permutation of range(len(lengths)) (negative for text-only
+    samples) whose consecutive megabatches of batch_size * world_size samples hold one modality, each sorted by
+    length and split into world_size chunks of similar token totals, one per rank."""
     megabatch, megabatches, leftover, sizes = batch_size * world_size, [], [], [abs(x) for x in lengths]
     for sign in (1, -1):
         idx = [i for i, x in enumerate(lengths) if x * sign > 0]
         order = [idx[j] for j in torch.randperm(len(idx), generator=generator).tolist()]
-        mine = []
-        for g in range(0, len(order), megabatch * group_batches):
-            group = sorted(order[g:g + megabatch * group_batches], key=lambda i: sizes[i], reverse=True)
-            mine += [_split_even(group[m:m + megabatch], sizes, world_size)
-                     for m in range(0, len(group), megabatch)]
+        mine = [_split_even(sorted(order[m:m + megabatch], key=lambda i: sizes[i], reverse=True), sizes, world_size)
+                for m in range(0, len(order), megabatch)]
         leftover += mine.pop() if mine else []  # each modality's last megabatch goes to the end, together
         megabatches += mine
     megabatches = [megabatches[i] for i in torch.randperm(len(megabatches), generator=generator).tolist()]
     return [i for mb in megabatches + [sorted(leftover)] for i in mb]
-
-
-class LengthGroupedSampler(torch.utils.data.Sampler):
-    """Indices for one rank; deterministic given (seed, epoch). Each rank yields the same number of indices (the
-    order is padded by repeating its start), so every rank runs the same number of batches of batch_size."""
-
-    def __init__(self, lengths, batch_size, rank=0, world_size=1, seed=0, group_batches=50):
-        self.lengths, self.batch_size, self.rank, self.world_size = list(lengths), batch_size, rank, world_size
-        self.seed, self.epoch, self.group_batches = seed, 0, group_batches
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return -(-len(self.lengths) // (self.batch_size * self.world_size)) * self.batch_size  # whole megabatches
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = modality_length_grouped_indices(self.lengths, self.batch_size, self.world_size, generator,
-                                                self.group_batches)
-        megabatch, total = self.batch_size * self.world_size, len(self) * self.world_size
-        order = (order * (total // max(len(order), 1) + 1))[:total]
-        for s in range(self.rank * self.batch_size, total, megabatch):
-            yield from order[s:s + self.batch_size]

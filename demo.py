@@ -4,13 +4,16 @@ make_demo_data     a synthetic "shapes" dataset in LLaVA's JSON format (stage-1 
                    paper's three kinds, held-out questions) and a sentencepiece tokenizer trained on its text
 build_demo_inputs  that data plus tiny random-init CLIP and LLaMA checkpoints written in HF layout, so the real
                    loading path runs
-demo_accuracy      held-out exact-match accuracy of a trained checkpoint (train.py prints it at the end)
+run_paths          train.py's input paths for a demo stage
+demo_accuracy      held-out exact-match accuracy of a trained checkpoint (print_accuracy: train.py's last line)
+make_scienceqa_demo  a ScienceQA-shaped release (problems.json, pid_splits.json, images/) from the same shapes
 """
 import io
 import json
 import os
 import random
 import shutil
+import tempfile
 
 import sentencepiece as spm
 import torch
@@ -18,10 +21,11 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw
 
 from clip import CLIPVisionConfig, CLIPVisionTower
-from data import IMAGE_TOKEN, TEMPLATES
+from data import IMAGE_TOKEN, TEMPLATES, with_image
 from fileio import inside, read_records, require, write_bytes
-from inference import answer_fn, tally
-from llama import Llama, LlamaConfig, Tokenizer
+from inference import answer_fn, load_model, tally
+from llama import Llama, LlamaConfig
+from tokenizer import Tokenizer
 
 # The demo: tiny random-init models, trained from scratch in minutes on 2 CPU cores. The frozen random tower keeps
 # colour and position (one layer: LayerNorm'd random patch projections); a fast projector learns to read it.
@@ -106,7 +110,7 @@ def _demo_questions(rng, shapes):
 
 
 def _with_image(rng, text):
-    return f"{IMAGE_TOKEN}\n{text}" if rng.random() < 0.7 else f"{text}\n{IMAGE_TOKEN}"
+    return with_image(text) if rng.random() < 0.7 else f"{text}\n{IMAGE_TOKEN}"
 
 
 def _reasoning(rng, shapes):
@@ -174,7 +178,7 @@ def make_demo_data(out_dir, seed=0, n_train=2000, n_eval=50, image_size=64, max_
                 qa += [f"{q}\n{SHORT_ANSWER}" if short_form else q, short if short_form else sentence]
             first = _with_image(rng, qa[0])
             # tiny models learn image questions much faster from single-turn samples with the image first
-            convs = [[f"{IMAGE_TOKEN}\n{qa[j]}", qa[j + 1]] for j in range(0, len(qa), 2)] if single_turn else \
+            convs = [[with_image(qa[j]), qa[j + 1]] for j in range(0, len(qa), 2)] if single_turn else \
                 [[first] + qa[1:]]
             stage2 += [{"id": f"{split}_{i:05d}_conversation" + (str(j) if single_turn else ""), "image": name,
                         "conversations": _turns(values)} for j, values in enumerate(convs)]
@@ -215,6 +219,15 @@ def demo_answer_correct(prediction: str, answer: str) -> bool:
         words = "".join(ch if ch.isalnum() or ch.isspace() else " " for ch in text.lower()).split()
         return " ".join(_NUMBERS.get(w, w) for w in words if w not in ("a", "an", "the"))
     return norm(prediction) == norm(answer) != ""
+
+
+def run_paths(demo_dir, stage) -> dict:
+    """train.py's input paths for a stage of the demo: build_demo_inputs's data and base checkpoints, and in stage 2
+    the stage-1 output."""
+    root = os.path.join(demo_dir, "data")
+    paths = dict(model=os.path.join(demo_dir, "base", "llm"), vision_tower=os.path.join(demo_dir, "base", "clip"),
+                 data=os.path.join(root, f"stage{stage}.json"), image_folder=os.path.join(root, "images"))
+    return {**paths, "projector": os.path.join(demo_dir, "stage1")} if stage == 2 else paths
 
 
 def build_demo_inputs(root, rank):
@@ -262,3 +275,55 @@ def demo_accuracy(model, tokenizer, data_dir, limit=None, max_new_tokens=16):
     return (stats["all"]["correct"], stats["all"]["total"]) if stats else (0, 0)
 
 
+def print_accuracy(model_dir, data_dir, limit=None):
+    """The demo's last line: the held-out accuracy of a trained checkpoint, answered in fp32 on the CPU."""
+    correct, total = demo_accuracy(*load_model(model_dir, "cpu", "float32"), data_dir, limit)
+    print(f"demo accuracy: {100 * correct / max(total, 1):.1f}% ({correct}/{total})")
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# a ScienceQA-shaped set from the same shape images, so that scienceqa.py runs offline
+
+
+def make_scienceqa_demo(root, n_images=12, seed=0):
+    """problems.json, pid_splits.json (train/val/test/minival/minitest) and images/<split>/<pid>/image.png under
+    root: a problem for each of the demo's held-out questions (colour, shape, count, position; every other one with
+    a hint) and a text-only one for every fourth image, so that every Table 7 column has problems."""
+    rng = random.Random(seed)
+    # category: (choices, subject (arbitrary, so that NAT, SOC and LAN all have problems), lecture)
+    kinds = {"color": (sorted(DEMO_COLORS), "natural science", "Objects have colors, such as red or blue."),
+             "shape": (list(DEMO_SHAPES), "natural science", "A square has four sides.\nA triangle has three."),
+             "count": (["1", "2", "3"], "social science", ""),
+             "position": (list(DEMO_PLACES), "language science", "Left, middle and right say where a thing is."),
+             "sides": (["3", "4", "5"], "natural science", "A square has four sides.\nA triangle has three.")}
+    problems, images = {}, {}
+    with tempfile.TemporaryDirectory() as scratch:
+        paths = make_demo_data(scratch, seed=seed, n_train=0, n_eval=n_images, image_size=64, max_shapes=3)
+        questions = [(item["category"], item["question"].split("\n")[0], item["answer"],
+                      os.path.join(paths["images"], item["image"])) for item in read_records(paths["eval"])]
+        for _ in range(0, len(questions), 16):  # a text-only question for every fourth image
+            shape = rng.choice(["triangle", "square"])
+            questions.append(("sides", f"How many sides does a {shape} have?", "4" if shape == "square" else "3", None))
+        for n, (category, question, answer, image) in enumerate(questions):
+            choices, subject, lecture = kinds[category]
+            choices = rng.sample([c for c in choices if c != answer], min(3, len(choices) - 1)) + [answer]
+            rng.shuffle(choices)
+            problems[str(n + 1)] = dict(question=question, choices=choices, answer=choices.index(answer),
+                                        hint="The background is white." if image and n % 2 else "",
+                                        image="image.png" if image else None, lecture=lecture,
+                                        solution=f"It is {answer}.", subject=subject, grade=f"grade{n % 12 + 1}")
+            images[str(n + 1)] = image
+        pids = list(problems)
+        rng.shuffle(pids)
+        cut1, cut2 = len(pids) * 3 // 5, len(pids) * 4 // 5
+        splits = {"train": pids[:cut1], "val": pids[cut1:cut2], "test": pids[cut2:]}
+        for split in ("train", "val", "test"):
+            for pid in splits[split]:
+                problems[pid]["split"] = split
+                if images[pid]:
+                    os.makedirs(os.path.join(root, "images", split, pid), exist_ok=True)
+                    shutil.copy(images[pid], os.path.join(root, "images", split, pid, "image.png"))
+    pid_splits = {**splits, "minival": splits["val"][:10], "minitest": splits["test"][:10]}
+    for name, content in (("problems.json", problems), ("pid_splits.json", pid_splits)):
+        write_bytes(os.path.join(root, name), (json.dumps(content, indent=2, ensure_ascii=False) + "\n").encode())
+    return problems

@@ -25,6 +25,12 @@ def default_dtype(device) -> torch.dtype:
     return {"cuda": torch.bfloat16, "mps": torch.float16}.get(torch.device(device).type, torch.float32)
 
 
+def uses_bf16(precision, device) -> bool:
+    """A training run's precision: "auto" is the device's own (bf16 on CUDA); "bf16" on a CPU runs the GPU's code
+    path (FSDP2 mixed precision, flash attention), which is what the tests do."""
+    return precision == "bf16" or precision == "auto" and default_dtype(device) == torch.bfloat16
+
+
 def setup(device=None, timeout_s=None):
     """(rank, world size, device): under torchrun this process joins the group, on a CUDA device its own GPU."""
     device = torch.device(device or default_device())
@@ -48,6 +54,19 @@ def process_group(device=None, timeout_s=None):
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+@contextmanager
+def stall_explained(timeout_s, next_step):
+    """A collective that timed out (gloo raises it; NCCL's watchdog aborts the process itself) as a TimeoutError that
+    says a rank stalled, and what to do: next_step()."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not (dist.is_initialized() and "timed out" in str(e).lower()):
+            raise
+        raise TimeoutError(f"rank {dist.get_rank()}: no answer from another rank within dist_timeout={timeout_s:g} s "
+                           f"(a rank stalled or died): {str(e).splitlines()[0]}\n{next_step()}") from None
 
 
 def all_sum(values, device) -> list:

@@ -13,14 +13,21 @@ import re
 import sys
 from collections import defaultdict
 
-from api import APIError, ChatClient, read_api_key
+from api import APIError, ask_all, client_from_env
 from demo import demo_items, score_demo
+from distributed import process_group
 from fileio import append_jsonl, inside, read_jsonl, read_records, repair_jsonl, require, write_json
-from inference import DTYPES, answer_batches, answer_file, distributed, load_model, tally
+from inference import DTYPES, answer_batches, answer_file, load_model, tally
 from quantize import QUANTIZE
 
 # -----------------------------------------------------------------------------------------------------------------
 # answering with the model
+
+
+def answer_record(model_id):
+    """record(item, text) for answers.jsonl and references.jsonl: {question_id, prompt, text, model_id}."""
+    return lambda item, text: {"question_id": item["question_id"], "prompt": item["text"], "text": text,
+                               "model_id": model_id}
 
 
 def model_answers(args, items, model, tokenizer):
@@ -30,22 +37,9 @@ def model_answers(args, items, model, tokenizer):
         return {id(item): reply for batch in answer_batches(model, tokenizer, items, args.max_new_tokens,
                                                              args.batch_size) for item, reply in batch}
     path = os.path.join(args.out, "answers.jsonl")
-    record = lambda item, text: {"question_id": item["question_id"], "prompt": item["text"], "text": text,  # noqa
-                                 "model_id": "llava"}
-    there, new = answer_file(model, tokenizer, items, path, record, args.max_new_tokens, args.batch_size)
+    there, new = answer_file(model, tokenizer, items, path, answer_record("llava"), args.max_new_tokens,
+                             args.batch_size)
     return {r["question_id"]: r["text"] for r in read_jsonl(path)} if there + new else {}
-
-
-def answer_all(items, ask, out_path, model_id="llava"):
-    """{question_id: ask(item)} for all items, appended to out_path as they come; ids already there are
-    skipped, so an interrupted run continues where it stopped."""
-    done = {r["question_id"]: r["text"] for r in repair_jsonl(out_path)}  # repair: cut a torn last line
-    for item in (item for item in items if item["question_id"] not in done):
-        done[item["question_id"]] = text = ask(item)
-        append_jsonl(out_path, {"question_id": item["question_id"], "prompt": item["text"], "text": text,
-                                "model_id": model_id})
-    return {item["question_id"]: done[item["question_id"]] for item in items}
-
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -178,7 +172,9 @@ def reference_answers(items, path, client=None, out_path=None):
         messages = [{"role": "system", "content": REFERENCE_SYSTEM},
                     {"role": "user", "content": f"{item['context']}\n\n{item['text']}"}]
         return client.complete(messages)["content"].strip()
-    return answer_all(items, ask, out_path, model_id=client.model)
+    ask_all(items, ask, out_path, answer_record(client.model), cancel=client.cancel)
+    refs = {r["question_id"]: r["text"] for r in read_jsonl(out_path)}
+    return {item["question_id"]: refs[item["question_id"]] for item in items}
 
 
 def review_all(items, references, predictions, client, out_path, retries=2):
@@ -226,16 +222,6 @@ def summarize_reviews(reviews):
 # command line
 
 
-def make_client(args, model):
-    try:
-        api_key = read_api_key(args.api_key_env)
-    except ValueError as e:  # names the variable, never the key
-        sys.exit(f"error: {e}; set it to your API key")
-    # temperature 0.2: LLaVA's review script; low for the references too, so reruns vary little
-    return ChatClient(args.base_url, api_key, model, temperature=0.2, max_tokens=args.judge_max_tokens,
-                      max_wait=args.max_wait)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", action="store_true", help="same as the demo subcommand")
@@ -271,6 +257,7 @@ def main(argv=None):
     if not os.path.isdir(args.model):
         sys.exit(f"error: no checkpoint folder {args.model} (the demo's: train it first, run `python train.py`)")
     # read the inputs (and the judge's key) before spending minutes on loading the model
+    judge_client = ref_client = None
     try:
         if args.mode == "demo":
             items = demo_items(args.data, args.limit)
@@ -278,24 +265,27 @@ def main(argv=None):
             items = mc_items(args.questions, args.images)
         else:
             items = judge_items(args.questions, args.context, args.images)
-    except (OSError, ValueError) as e:  # the errors name the file and row
+            # temperature 0.2: LLaVA's review script; low for the references too, so reruns vary little
+            settings = dict(temperature=0.2, max_tokens=args.judge_max_tokens, max_wait=args.max_wait)
+            judge_client = client_from_env(args.base_url, args.api_key_env, args.judge_model, **settings)
+            if not args.references:
+                ref_client = client_from_env(args.base_url, args.api_key_env,
+                                             args.reference_model or args.judge_model, **settings)
+    except (OSError, ValueError) as e:  # the errors name the file and row, or the key's variable (never the key)
         sys.exit(f"error: {e}")
-    judge_client = ref_client = None
-    if args.mode == "judge":
-        judge_client = make_client(args, args.judge_model)
-        ref_client = None if args.references else make_client(args, args.reference_model or args.judge_model)
     os.makedirs(args.out, exist_ok=True)
-    with distributed(args.device) as (rank, _, device):  # torchrun: one process group, each rank on its device
-        model, tokenizer = load_model(args.model, device, args.dtype, args.quantize)
-        try:
+    try:
+        # torchrun: one group, each rank on its device, left once answered (the others would wait out the judging)
+        with process_group(args.device) as (rank, _, device):
+            model, tokenizer = load_model(args.model, device, args.dtype, args.quantize)
             predictions = model_answers(args, items, model, tokenizer)
-            if rank != 0:  # the others only answered: rank 0 judges, scores and writes
-                return
-            summary = run(args, items, predictions, judge_client, ref_client)
-        except KeyboardInterrupt:  # every answer and review so far is on disk (appended as it came)
-            print(f"\ninterrupted: what was answered so far is in {args.out}; re-run the same command to continue",
-                  file=sys.stderr)
-            sys.exit(130)
+        if rank != 0:  # the others only answered: rank 0 judges, scores and writes
+            return
+        summary = run(args, items, predictions, judge_client, ref_client)
+    except KeyboardInterrupt:  # every answer and review so far is on disk (appended as it came)
+        print(f"\ninterrupted: what was answered so far is in {args.out}; re-run the same command to continue",
+              file=sys.stderr)
+        sys.exit(130)
     write_json(os.path.join(args.out, "summary.json"), summary, indent=1)  # never half-written
 
 

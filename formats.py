@@ -7,10 +7,9 @@
                   export_hf, which writes one that transformers' AutoProcessor and model load from the folder alone
   clip            full CLIPModel checkpoints (openai/clip-vit-large-patch14-336: the text tower is never read), the
                   transformers-5 CLIPVisionModel without "vision_model.", pickle pytorch_model.bin
-detect_format(path) names a checkpoint folder's layout, one of FORMATS. Pickle files go through
-torch.load(weights_only=True): tensors only, never code. The own layouts (HF LLaMA and CLIPVisionModel safetensors,
-LLaVA's "llava-minimal") are read by llama.py, clip.py and llava.py, which call in here for everything else; the one
-exception is read_projector, which reads our stage-1 projector.safetensors beside the original's mm_projector.bin.
+detect_format(path) names a checkpoint folder's layout, one of FORMATS; load_llava, load_clip and load_projector read
+a folder of any of them (the own layouts through LLaVA.from_pretrained and CLIPVisionTower.from_pretrained). Pickle
+files go through torch.load(weights_only=True): tensors only, never code.
 """
 import json
 import os
@@ -18,17 +17,18 @@ import pickle
 
 import torch
 
+from checkpoint import load_checkpoint, load_strict
 from clip import CLIP_MEAN, CLIP_STD, CLIPVisionConfig, CLIPVisionTower, tower_to_clip_keys
+from data import IMAGE_TOKEN, TEMPLATES
 from fileio import read_json, save_tensors, write_bytes, write_json
-from llama import Tokenizer, load_checkpoint, load_strict
+from llava import FORMAT as OWN, LLaVA, LLaVAConfig
+from tokenizer import Tokenizer
 
-OWN = "llava-minimal"  # llava.py's own checkpoint format (the "format" field of its config.json)
 FORMATS = (OWN, "llava-hf", "llava-original", "llama", "clip")
 # transformers fills fields missing from a sub-config with its class defaults; llava-1.5-7b-hf relies on that
 LLAMA_HF_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                          num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6)
 SELECT_STRATEGY = {"patch": "default", "cls_patch": "full"}  # ours -> llava-hf vision_feature_select_strategy
-IMAGE_TOKEN = "<image>"
 # read by nobody: the CLIP text tower and contrastive heads, and the position_ids buffer (positions are 0..N)
 CLIP_SKIPPED = ("text_model.", "visual_projection.", "text_projection.", "logit_scale",
                 "vision_model.embeddings.position_ids", "embeddings.position_ids")
@@ -57,9 +57,10 @@ def detect_format(path) -> str:
 # ------------------------------------------------------------------------------------------------ reading tensors
 
 def read_bin(file, device="cpu", skip=lambda key: False) -> dict:
-    """A pickle checkpoint: only a flat {name: tensor} dict is accepted, and torch.load never runs code from it."""
+    """A pickle checkpoint: only a flat {name: tensor} dict is accepted, and torch.load never runs code from it.
+    A pickle cannot be read in part: on the meta device it is read whole, to the CPU."""
     try:
-        sd = torch.load(file, map_location=device, weights_only=True)
+        sd = torch.load(file, map_location="cpu" if str(device) == "meta" else device, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
         reason = (str(e).split("WeightsUnpickler error:")[-1].strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{file}: not a pickle of tensors that loads with weights_only=True ({reason})") from None
@@ -195,50 +196,58 @@ def original_config(d: dict, vision: dict, source="config.json") -> dict:
             "image_aspect_ratio": d.get("image_aspect_ratio", "square")}
 
 
-def read_llava(path, vision_tower=None, device="cpu"):
-    """A llava-hf or original-release folder as (our config dict, tensors, {key: file}, (to_model, to_file))."""
+def load_llava(path, vision_tower=None, device="cpu", dtype=torch.float32) -> LLaVA:
+    """A LLaVA checkpoint folder in any layout: ours (LLaVA.from_pretrained), llava-hf, or the original release, whose
+    CLIP tower comes from `vision_tower` (a CLIP folder; default: the folder its config names, if it is local)."""
     config_file, kind = os.path.join(path, "config.json"), detect_format(path)
+    if kind == OWN:
+        return LLaVA.from_pretrained(path, device, dtype)
     d = read_json(config_file)
     if kind == "llava-hf":
         processor = os.path.join(path, "preprocessor_config.json")
         do_pad = read_json(processor).get("do_pad", True) if os.path.exists(processor) else True
+        config, keys = llava_hf_config(d, config_file, do_pad), (hf_to_llava_keys, llava_to_hf_keys)
         tensors, files = read_tensors(path, device)
-        return llava_hf_config(d, config_file, do_pad), tensors, files, (hf_to_llava_keys, llava_to_hf_keys)
-    if kind != "llava-original":
+    elif kind == "llava-original":
+        vision_tower = vision_tower or d.get("mm_vision_tower")  # a hub id in released configs, or a folder
+        if not vision_tower or not os.path.isfile(os.path.join(vision_tower, "config.json")):
+            raise FileNotFoundError(f"{path}: the original LLaVA release has no vision tower weights; pass "
+                                    f"vision_tower=<local folder of {d.get('mm_vision_tower')}> (a CLIP checkpoint)")
+        tensors, files = read_tensors(path, device, skip=lambda key: "rotary_emb.inv_freq" in key)  # transformers 4.31
+        if not any(k.startswith("model.vision_tower.") for k in tensors):  # the release ships no tower weights
+            tower, tower_files = read_tensors(vision_tower, device, skip=is_clip_skipped)
+            in_file = clip_model_to_tower_keys({k: k for k in tower})  # tower name -> key in the CLIP file
+            names = llava_to_original_keys({"vision_tower." + k: v for k, v in in_file.items()})
+            tensors.update({name: tower[k] for name, k in names.items()})
+            files.update({name: tower_files[k] for name, k in names.items()})
+        vision = clip_vision_config(read_json(os.path.join(vision_tower, "config.json")))
+        config, keys = original_config(d, vision, config_file), (original_to_llava_keys, llava_to_original_keys)
+    else:
         raise ValueError(f"{config_file}: a {kind} checkpoint, not LLaVA (base checkpoints: LLaVA.from_parts)")
-    vision_tower = vision_tower or d.get("mm_vision_tower")  # a hub id in released configs, or a folder
-    if not vision_tower or not os.path.isfile(os.path.join(vision_tower, "config.json")):
-        raise FileNotFoundError(f"{path}: the original LLaVA release has no vision tower weights; pass "
-                                f"vision_tower=<local folder of {d.get('mm_vision_tower')}> (a CLIP checkpoint)")
-    tensors, files = read_tensors(path, device, skip=lambda key: "rotary_emb.inv_freq" in key)  # transformers 4.31
-    if not any(k.startswith("model.vision_tower.") for k in tensors):  # the release ships no tower weights
-        tower, tower_files = read_tensors(vision_tower, device, skip=is_clip_skipped)
-        in_file = clip_model_to_tower_keys({k: k for k in tower})  # tower name -> key in the CLIP file
-        names = llava_to_original_keys({"vision_tower." + k: v for k, v in in_file.items()})
-        tensors.update({name: tower[k] for name, k in names.items()})
-        files.update({name: tower_files[k] for name, k in names.items()})
-    vision = clip_vision_config(read_json(os.path.join(vision_tower, "config.json")))
-    return original_config(d, vision, config_file), tensors, files, (original_to_llava_keys, llava_to_original_keys)
+    with torch.device("meta"):  # no memory until the checkpoint tensors are assigned
+        model = LLaVA(LLaVAConfig.from_dict(config, config_file))
+    model.source_path = path  # export_hf copies the tokenizer from here
+    return load_strict(model, tensors, files, *keys, device=device, dtype=dtype).eval()
 
 
-def read_projector(path, projector_type: str, device="cpu"):
-    """A stage-1 output folder as (tensors, {key: file}, (to_model, to_file)) for LLaVA.projector's own names: ours
-    (projector.safetensors + config.json, keys "projector.*") or the original release's mm_projector.bin."""
-    file = os.path.join(path, "projector.safetensors")
-    if os.path.isfile(file):
+def load_projector(model, path) -> None:
+    """A stage-1 output folder into model.projector, strictly: ours (LLaVA.save_projector: projector.safetensors and
+    config.json) or the original release's mm_projector.bin."""
+    own, original = os.path.join(path, "projector.safetensors"), os.path.join(path, "mm_projector.bin")
+    w = next(model.projector.parameters())  # the projector's device and dtype
+    if os.path.isfile(own):
         config_file = os.path.join(path, "config.json")
-        saved = read_json(config_file).get("projector_type")
-        if saved != projector_type:
-            raise ValueError(f"{config_file}: projector_type {saved!r}, the model has {projector_type!r}")
-        tensors, files = load_checkpoint(file, device)
-        to_ours, to_file = (lambda sd: sd), (lambda sd: sd)
-    elif os.path.isfile(file := os.path.join(path, "mm_projector.bin")):
-        tensors, files = load_checkpoint(file, device, read=read_bin)
+        if (saved := read_json(config_file).get("projector_type")) != model.config.projector_type:
+            raise ValueError(f"{config_file}: projector_type {saved!r}, the model has {model.config.projector_type!r}")
+        (tensors, files), to_ours, to_file = load_checkpoint(own, w.device), (lambda sd: sd), (lambda sd: sd)
+    elif os.path.isfile(original):
+        tensors, files = load_checkpoint(original, w.device, read=read_bin)
         to_ours, to_file = original_to_llava_keys, llava_to_original_keys
     else:
         raise FileNotFoundError(f"{path}: no projector.safetensors or mm_projector.bin")
-    return tensors, files, (lambda sd: {k.removeprefix("projector."): v for k, v in to_ours(sd).items()},
-                            lambda sd: to_file({"projector." + k: v for k, v in sd.items()}))
+    to_projector = lambda sd: {k.removeprefix("projector."): v for k, v in to_ours(sd).items()}  # noqa: E731
+    load_strict(model.projector, tensors, files, to_projector,
+                lambda sd: to_file({"projector." + k: v for k, v in sd.items()}), device=w.device, dtype=w.dtype)
 
 
 # ------------------------------------------------------------------------------------------- export to llava-hf
@@ -289,7 +298,6 @@ CHAT_TEMPLATES = {  # by data.Template.style
 
 def chat_template(name: str) -> str:
     """The jinja chat template for data.py's conversation template `name`, or a ValueError naming it."""
-    from data import TEMPLATES  # the system prompts live beside the renderer; only an export needs them
     if name not in TEMPLATES:
         raise ValueError(f"conversation template {name!r} is unknown (known: {', '.join(TEMPLATES)}); cannot write "
                          "its chat template")

@@ -24,7 +24,7 @@ import threading
 
 from tqdm import tqdm
 
-from api import APIError, Cancelled, ChatClient, FatalAPIError, read_api_key
+from api import APIError, Cancelled, FatalAPIError, client_from_env
 from fileio import append_jsonl, read_json, read_jsonl, repair_jsonl, write_text
 
 PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
@@ -348,7 +348,9 @@ def main(argv=None):
                 print(f"--- {m['role']} ---\n{m['content']}")
         return 0
     try:
-        api_key = read_api_key(args.api_key_env)
+        client = client_from_env(args.base_url, args.api_key_env, args.model, temperature=args.temperature,
+                                 max_tokens=args.max_tokens, timeout=args.timeout, max_retries=args.max_retries,
+                                 rpm=args.rpm, backoff=args.backoff, max_wait=args.max_wait)
     except ValueError as e:  # the message names the variable, never the key
         raise SystemExit(f"error: {e}; set it to your API key") from None
     # resume: cut a torn last line (a crash mid-write), then skip every pair already finished or failed
@@ -371,8 +373,6 @@ def main(argv=None):
     pairs = [(i, t) for i in selected for t in tasks if (i, t) not in skip]
     print(f"{len(wanted)} pairs requested: {len(wanted & done)} already done, {len(wanted & skip) - len(wanted & done)}"
           f" failed before, {len(pairs)} to generate with {args.model} at {args.base_url}")
-    client = ChatClient(args.base_url, api_key, args.model, args.temperature, args.max_tokens, args.timeout,
-                        args.max_retries, args.rpm, args.backoff, max_wait=args.max_wait)
     try:
         counts, tokens, stop = run_pairs(args, client, prompts, images, pairs, failed_path)
     except OSError as e:  # the output could not be written

@@ -1,9 +1,8 @@
-"""Answering questions with a LLaVA checkpoint: load (optionally with int8 weights), render the prompt exactly as
-training did, generate greedily through the KV cache, decode.
-
-The demo's held-out scoring, evaluate.py and scienceqa.py answer through here, so every mode asks the model the
-same way: one question at a time (`answer`), or many at once (`answer_batches`: batches of similar prompt lengths,
-spread over the processes of a torchrun launch) with `answer_file` keeping a resumable JSONL answer file.
+"""The inference engine: load a checkpoint, render prompts exactly as training did, generate through the KV cache,
+decode. One prompt at a time (`generate_llava`, streamed; chat keeps its cache between turns), or many at once
+(`generate_batch`: left padding, per-row positions, grouped prefill), and many questions spread over the processes of
+a torchrun launch with a resumable answer file (`answer_file`). The demo's scoring, evaluate.py and scienceqa.py ask
+through here, so every mode asks the model the same way.
 
     torchrun --nproc_per_node 4 evaluate.py mc --questions q.jsonl --out runs/eval/mc   # 4 GPUs, rank 0 writes
 """
@@ -16,37 +15,41 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from clip import load_image, preprocess
-from data import render
+import formats
+from clip import preprocess
+from data import render, with_image
+from distributed import default_device, default_dtype
 from fileio import append_jsonl, repair_jsonl, write_text
-from llama import Tokenizer
-from llava import LLaVA
+from images import load_image
+from llama import generate, sample
+from quantize import QUANTIZE, quantize_int8
+from tokenizer import Tokenizer
 
 DTYPES = ("float32", "bfloat16", "float16")  # load_model's dtype choices
 
 
+def load_model(path, device=None, dtype=None, quantize=None, vision_tower=None):
+    """(model, tokenizer) from a checkpoint folder in any layout (formats.load_llava), in `dtype` (default: the
+    device's, distributed.default_dtype). quantize="int8": the LLM (embeddings, decoder blocks, lm_head) and the
+    projector get int8 weights, ~1/4 of their fp32 memory; the tower and the norms stay as loaded (quantize.py)."""
+    for name, value, known in (("dtype", dtype, DTYPES), ("quantize", quantize, QUANTIZE)):
+        if value not in (None, *known):
+            raise ValueError(f"{name}={value!r} is not supported; known: {', '.join(known)}")
+    device = torch.device(device or default_device())
+    tokenizer = Tokenizer(path)  # first: a missing or broken tokenizer is found before a long model load
+    model = formats.load_llava(path, vision_tower, device, getattr(torch, dtype) if dtype else default_dtype(device))
+    return (quantize_int8(model) if quantize else model).eval(), tokenizer
+
+
 def default_batch_size(device) -> int:
-    return 32 if str(device).startswith("cuda") else 8  # a CPU's matmuls stop gaining from more rows sooner
-
-
-def load_model(path, device=None, dtype=None, quantize=None):
-    """(model, tokenizer) from a checkpoint folder; bf16 on CUDA, fp32 elsewhere unless dtype names one.
-    quantize="int8": the LLM (embeddings, decoder blocks, lm_head) and the projector get int8 weights, ~1/4 of
-    their fp32 memory; the vision tower and the norms stay as loaded (quantize.py)."""
-    if dtype not in (None, *DTYPES):
-        raise ValueError(f"dtype={dtype!r} is not supported; known: {', '.join(DTYPES)}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    model = LLaVA.from_pretrained(path, device=device, dtype=dtype, quantize=quantize).eval()
-    return model, Tokenizer(path)
+    return 32 if torch.device(device).type == "cuda" else 8  # a CPU's matmuls stop gaining from more rows sooner
 
 
 def prompt_ids(model, tokenizer, question, image_path=None) -> list:
     """The single-turn prompt, token-for-token what training rendered for the same human turn."""
     cfg = model.config
-    text = "<image>\n" + question if image_path is not None else question
-    return render([{"from": "human", "value": text}], cfg.template, tokenizer, cfg.num_image_tokens,
-                  for_generation=True)[0]
+    turn = {"from": "human", "value": with_image(question) if image_path is not None else question}
+    return render([turn], cfg.template, tokenizer, cfg.num_image_tokens, for_generation=True)[0]
 
 
 def pixel_values(model, image_path):
@@ -54,21 +57,29 @@ def pixel_values(model, image_path):
     if image_path is None:
         return None
     cfg, weight = model.config, next(model.vision_tower.parameters())
-    return preprocess(load_image(image_path), cfg.image_size, pad_to_square=cfg.image_aspect_ratio == "pad").to(
-        weight.device, weight.dtype)
+    return preprocess(load_image(image_path), cfg.image_size, cfg.image_aspect_ratio == "pad").to(weight.device,
+                                                                                                  weight.dtype)
 
 
 def reply_text(tokenizer, tokens) -> str:
     return tokenizer.decode(tokens[:-1] if tokens and tokens[-1] == tokenizer.eos_id else tokens).strip()
 
 
+def generate_llava(model, input_ids, pixel_values=None, **kwargs):
+    """llama.generate for a LLaVA prompt (1, T): the image is encoded once, written into the embeddings, prefilled.
+    The caller runs model.llm.setup_cache first."""
+    with torch.inference_mode():
+        embeds = model.embed(input_ids, pixel_values)  # (1, T, D)
+    return generate(model.llm, inputs_embeds=embeds, **kwargs)
+
+
 @torch.no_grad()
 def answer(model, tokenizer, question, image_path=None, max_new_tokens=128):
     """Greedy single-turn answer (batch 1)."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids(model, tokenizer, question, image_path)], dtype=torch.long, device=device)  # (1, T)
-    model.llm.setup_cache(1, ids.shape[1] + max_new_tokens, device=device, dtype=model.llm.norm.weight.dtype)
-    out = list(model.generate(ids, pixel_values(model, image_path), max_new_tokens=max_new_tokens,
+    device = model.llm.norm.weight.device
+    ids = torch.tensor([prompt_ids(model, tokenizer, question, image_path)], device=device)  # (1, T)
+    model.llm.setup_cache(1, ids.shape[1] + max_new_tokens)
+    out = list(generate_llava(model, ids, pixel_values(model, image_path), max_new_tokens=max_new_tokens,
                               eos_id=tokenizer.eos_id))
     model.llm.reset_cache()  # a 7B cache is ~0.5 MB per position: do not keep it between questions
     return reply_text(tokenizer, out)
@@ -79,38 +90,109 @@ def answer_fn(model, tokenizer, max_new_tokens):
     return lambda item: answer(model, tokenizer, item["text"], item.get("image_path"), max_new_tokens)
 
 
-# -------------------------------------------------------------------------------------- many questions, many ranks
+# ------------------------------------------------------------------------------------------ batched generation
 
 @contextmanager
-def distributed(device=None):
-    """(rank, world size, device) for the block. Under torchrun (RANK set) this process joins the process group,
-    nccl on CUDA (each rank on GPU LOCAL_RANK) and gloo on CPU, and leaves it at the end; else a single process."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if "RANK" not in os.environ:
-        yield 0, 1, device
-        return
-    cuda = str(device).startswith("cuda")
-    if cuda:
-        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
+def cache_rows(llm, start, end):
+    """The model's KV cache narrowed to rows start:end (views: what the block writes lands in the full cache)."""
+    full = [(layer.self_attn.k_cache, layer.self_attn.v_cache) for layer in llm.layers]
+    for layer, (k, v) in zip(llm.layers, full):
+        layer.self_attn.k_cache, layer.self_attn.v_cache = k[start:end], v[start:end]
     try:
-        yield dist.get_rank(), dist.get_world_size(), device
+        yield
     finally:
-        dist.destroy_process_group()
+        for layer, (k, v) in zip(llm.layers, full):
+            layer.self_attn.k_cache, layer.self_attn.v_cache = k, v
 
+
+def left_pad_mask(input_pos, left_pad):
+    """(mask (B, 1, T, L), RoPE positions (B, T)) for rows whose first real token is in slot left_pad[b]: token i sees
+    slots left_pad[b]..input_pos[i] and sits at position input_pos[i] - left_pad[b]. A padding token sees itself
+    only: a query without keys gives NaN, and a NaN key spoils every query (NaN x 0 weight = NaN)."""
+    slots = torch.arange(int(input_pos[-1]) + 1, device=input_pos.device)  # (L,)
+    mask = (slots <= input_pos[:, None]) & (slots >= left_pad[:, None, None]) | (slots == input_pos[:, None])
+    return mask[:, None], (input_pos - left_pad[:, None]).clamp(min=0)
+
+
+@torch.inference_mode()
+def generate_batch(llm, prompts, *, max_new_tokens: int, temperature=0.0, top_p=1.0, eos_id=None,
+                   generator=None) -> list:
+    """New token ids for each prompt, a list per prompt; an EOS ends its row and is included, as generate yields it.
+    prompts: token-id lists (or 1-D tensors) of any lengths, or embeddings (T_i, C) (LLaVA's: model.embed).
+
+    Left padding: the prompts are right-aligned (T = the longest), so every row's next token goes into the same
+    cache slot T + i and one forward decodes all rows. The padding slots are masked out and each row's RoPE
+    positions start at 0 at its first real token (left_pad_mask), so a row computes what it computes alone: greedy
+    output equals llama.generate's for the prompt alone (fp32; batched matmuls round differently in the last bits).
+    Padding would cost prefill compute (a third of it for lengths drawn from 16..64), so the rows are sorted longest
+    first and prefilled in groups whose lengths are within 3/4 of the group's first, each group from its own
+    longest prompt's first slot. Finished rows are dropped from the batch, their cache rows compacted, once they are
+    a quarter of it. The KV cache is set up here (B rows, T + max_new_tokens slots) unless the model's is large
+    enough, and kept for the next call (reset_cache frees it); slots before a group's first are only masked."""
+    if not prompts:
+        return []
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError(f"prompt {lengths.index(0)} is empty: generation needs at least one token")
+    device = llm.norm.weight.device
+    B, T = len(prompts), max(lengths)
+    rows = sorted(range(B), key=lambda b: -lengths[b])  # rows[j]: the prompt batch row j decodes, None once done
+    embeds = torch.is_tensor(prompts[0]) and prompts[0].is_floating_point()
+    x = (prompts[0].new_zeros(B, T, prompts[0].shape[-1]) if embeds  # (B, T, C): padding is never attended
+         else torch.full((B, T), llm.config.pad_token_id, dtype=torch.long, device=device))  # (B, T)
+    for j, b in enumerate(rows):
+        x[j, T - lengths[b]:] = torch.as_tensor(prompts[b], device=device)  # right-aligned
+    left_pad = torch.tensor([T - lengths[b] for b in rows], device=device)  # (B,)
+    cache = llm.layers[0].self_attn.k_cache
+    if cache is None or cache.shape[0] < B or llm.cache_len < T + max_new_tokens:
+        llm.setup_cache(B, T + max_new_tokens)
+    slots = torch.arange(T + max_new_tokens, device=device)
+    logits, start = [], 0
+    while start < B:  # prefill, a group of rows of similar lengths at a time
+        end, first = start + 1, T - lengths[rows[start]]  # first: the slot of the group's first real token
+        while end < B and 4 * lengths[rows[end]] >= 3 * lengths[rows[start]]:
+            end += 1
+        mask, positions = left_pad_mask(slots[first:T], left_pad[start:end])
+        with cache_rows(llm, start, end):
+            logits.append(llm(**{"inputs_embeds" if embeds else "input_ids": x[start:end, first:]},
+                              input_pos=slots[first:T], mask=mask, positions=positions, last_only=True)[:, -1])
+        start = end
+    logits, out = torch.cat(logits), [[] for _ in prompts]  # (B, V)
+    for i in range(max_new_tokens):
+        tokens = sample(logits.float(), temperature, top_p, generator)  # (B',)
+        for row, token in zip(rows, tokens.tolist()):
+            if row is not None:
+                out[row].append(token)
+        rows = [None if row is None or out[row][-1] == eos_id else row for row in rows]
+        live = [j for j, row in enumerate(rows) if row is not None]
+        if not live or i == max_new_tokens - 1:
+            break
+        if len(live) <= 3 * len(rows) // 4:  # a quarter has finished: move the live rows up, decode only those
+            index = torch.tensor(live, device=device)
+            for layer in llm.layers:
+                for cache in (layer.self_attn.k_cache, layer.self_attn.v_cache):  # (B, n_kv, L, hd)
+                    cache[:len(live), :, :T + i] = cache[index, :, :T + i]  # slots filled so far
+            rows, tokens, left_pad = [rows[j] for j in live], tokens[index], left_pad[index]
+        mask, positions = left_pad_mask(slots[T + i:T + i + 1], left_pad)
+        with cache_rows(llm, 0, len(rows)):
+            logits = llm(tokens[:, None], input_pos=slots[T + i:T + i + 1], mask=mask, positions=positions,
+                         last_only=True)[:, -1]
+    return out
+
+
+# -------------------------------------------------------------------------------------- many questions, many ranks
 
 @torch.no_grad()
 def answer_batches(model, tokenizer, items, max_new_tokens=128, batch_size=None):
     """Yields [(item, reply), ...] a batch at a time; replies equal answer()'s (greedy, the same prompts).
 
     Items are sorted by prompt length, longest first, so that a batch wastes little padding and the first batch
-    sets up the largest KV cache, which the others reuse (llama.generate_batch). Under torchrun each rank answers
-    every world-th item of that order and the answers are gathered to rank 0 after each batch: rank 0 yields all
-    ranks' answers, the other ranks empty lists (every rank runs the same number of rounds)."""
+    sets up the largest KV cache, which the others reuse (generate_batch). Under torchrun each rank answers every
+    world-th item of that order and the answers are gathered to rank 0 after each batch: rank 0 yields all ranks'
+    answers, the other ranks empty lists (every rank runs the same number of rounds)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    batch_size = batch_size or default_batch_size(next(model.parameters()).device)
     device = model.llm.norm.weight.device
+    batch_size = batch_size or default_batch_size(device)
     prompts = [prompt_ids(model, tokenizer, item["text"], item.get("image_path")) for item in items]
     order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))  # stable: ties keep the items' order
     mine = order[rank::world]
@@ -118,9 +200,9 @@ def answer_batches(model, tokenizer, items, max_new_tokens=128, batch_size=None)
     try:
         for start in range(0, rounds * batch_size, batch_size):
             batch = mine[start:start + batch_size]
-            out = model.generate_batch([(torch.tensor(prompts[i], device=device),
-                                         pixel_values(model, items[i].get("image_path"))) for i in batch],
-                                       max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id) if batch else []
+            embeds = [model.embed(torch.tensor([prompts[i]], device=device),
+                                  pixel_values(model, items[i].get("image_path")))[0] for i in batch]  # (T_i, D)
+            out = generate_batch(model.llm, embeds, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id)
             answered = [(i, reply_text(tokenizer, tokens)) for i, tokens in zip(batch, out)]
             if world > 1:
                 gathered = [None] * world if rank == 0 else None

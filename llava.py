@@ -1,8 +1,8 @@
 """LLaVA, Figure 1 of the paper: a frozen CLIP vision tower, a projector and a LLaMA decoder. An image becomes
 `num_image_tokens` patch features (CLIP layer `select_layer`, CLS dropped), the projector maps them to the LLM width,
-and they replace the embeddings of the placeholder ids (IMAGE_TOKEN_INDEX = -200) that the prompt renderer wrote, one
-per feature; then it is an ordinary causal LM. Own checkpoints: config.json {"format": "llava-minimal", "llm": ...,
-"vision": ...} + model.safetensors with LLaVA.state_dict()'s keys; formats.py maps the other layouts."""
+and they replace the embeddings of the placeholder ids (IMAGE_TOKEN_INDEX) that the prompt renderer wrote, one per
+feature; then it is an ordinary causal LM, trained on the answer tokens only. Own checkpoints: config.json
+{"format": "llava-minimal", "llm": ..., "vision": ...} + model.safetensors; formats.py reads every other layout."""
 import os
 from dataclasses import dataclass, fields
 
@@ -10,14 +10,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import formats
+from checkpoint import load_checkpoint, load_strict, typed_fields
 from clip import CLIPVisionConfig, CLIPVisionTower
 from fileio import read_json, save_tensors, write_json
-from llama import Llama, LlamaConfig, generate, generate_batch, load_checkpoint, load_strict, typed_fields
+from llama import Llama, LlamaConfig
 from projector import PROJECTORS, build_projector
-from quantize import QUANTIZE, quantize_int8
 
-IMAGE_TOKEN_INDEX = -200  # the original release's placeholder id: never a real vocabulary id
+IMAGE_TOKEN_INDEX = -200  # the original release's placeholder id for an image feature: never a vocabulary id
+IGNORE_INDEX = -100  # the label of a position without loss (cross_entropy's default ignore_index)
+FORMAT = "llava-minimal"  # the "format" field of our config.json
 
 
 @dataclass
@@ -36,19 +37,22 @@ class LLaVAConfig:
                               ("image_aspect_ratio", ("pad", "square"))]:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported; known: {', '.join(allowed)}")
+        if not -self.vision.num_hidden_layers - 1 <= self.select_layer <= self.vision.num_hidden_layers:
+            raise ValueError(f"select_layer {self.select_layer} is out of range for {self.vision.num_hidden_layers} "
+                             "CLIP layers")
 
     num_image_tokens = property(lambda self: self.vision.num_patches + (self.select_feature == "cls_patch"))
     image_size = property(lambda self: self.vision.image_size)
-    pad_to_square = property(lambda self: self.image_aspect_ratio == "pad")  # preprocess()'s name for "pad"
 
     def to_dict(self) -> dict:
         rest = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("llm", "vision")}
-        return {"format": formats.OWN, "llm": self.llm.to_hf(), "vision": self.vision.to_hf(), **rest}
+        return {"format": FORMAT, "llm": self.llm.to_hf(), "vision": self.vision.to_hf(), **rest}
 
     @classmethod
     def from_dict(cls, d: dict, source="config.json") -> "LLaVAConfig":
-        if d.get("format") != formats.OWN or not all(isinstance(d.get(k), dict) for k in ("llm", "vision")):
-            raise ValueError(f"{source}: not a {formats.OWN} config ('format', 'llm' and 'vision' expected)")
+        if d.get("format") != FORMAT or not all(isinstance(d.get(k), dict) for k in ("llm", "vision")):
+            raise ValueError(f"{source}: not a {FORMAT} config ('format', 'llm' and 'vision' expected); "
+                             "formats.load_llava reads the original release and llava-hf")
         values = {f.name: d[f.name] for f in fields(cls) if f.name in d}
         values.update(llm=LlamaConfig.from_hf(d["llm"], f"{source} 'llm'"),
                       vision=CLIPVisionConfig.from_hf(d["vision"], f"{source} 'vision'"))
@@ -63,13 +67,13 @@ class LLaVA(nn.Module):
         self.projector = build_projector(config.projector_type, config.vision.hidden_size, config.llm.hidden_size)
         self.llm = Llama(config.llm)
 
-    def encode_images(self, pixel_values):
+    def encode_images(self, pixel_values):  # (N, 3, S, S) -> (N, P, D)
         with torch.no_grad():  # the tower is frozen: no activations kept for backward
-            features = self.vision_tower(pixel_values, self.config.select_layer, self.config.select_feature)  # (N, P, Cv)
-        return self.projector(features.to(next(self.projector.parameters()).dtype))  # (N, P, D)
+            features = self.vision_tower(pixel_values, self.config.select_layer, self.config.select_feature)
+        return self.projector(features.to(next(self.projector.parameters()).dtype))
 
     def embed(self, input_ids, pixel_values=None):
-        """Token embeddings with image features written over the -200 placeholders, images in row-major order."""
+        """Token embeddings with image features written over the placeholders, images in row-major order."""
         is_image = input_ids == IMAGE_TOKEN_INDEX  # (B, T)
         n_images = 0 if pixel_values is None else pixel_values.shape[0]
         n_slots, n_features = int(is_image.sum()), n_images * self.config.num_image_tokens
@@ -89,53 +93,32 @@ class LLaVA(nn.Module):
             return hidden, None
         # token t predicts label t+1: shift the labels, not the logits, and run the head only where a label is
         # (image tokens and prompts have none: ~95 % of stage-1 positions), never on full (B, T, V) logits
-        targets, keep = labels[:, 1:], labels[:, 1:] != -100  # (B, T-1)
+        targets, keep = labels[:, 1:], labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
         logits = self.llm.lm_head(hidden[:, :-1][keep])  # (N, V)
         return logits, F.cross_entropy(logits.float(), targets[keep])
 
-    def generate(self, input_ids, pixel_values=None, **kwargs):
-        """Yields token ids (batch 1) after model.llm.setup_cache; the image is encoded once, then prefilled."""
-        with torch.inference_mode():
-            embeds = self.embed(input_ids, pixel_values)  # (1, T, D)
-        return generate(self.llm, inputs_embeds=embeds, **kwargs)  # llama's
-
-    @torch.inference_mode()
-    def generate_batch(self, prompts, **kwargs):
-        """Token-id lists for [(input_ids (T_i,), pixel_values (N_i, 3, S, S) or None)]; kwargs as llama's."""
-        embeds = [self.embed(ids[None], pixels)[0] for ids, pixels in prompts]  # (T_i, D) each, as batch 1 has it
-        return generate_batch(self.llm, embeds, **kwargs)  # llama's
-
     @classmethod
-    def from_pretrained(cls, path, vision_tower=None, device="cpu", dtype=torch.float32, quantize=None) -> "LLaVA":
-        """Our own folders; the original release (its CLIP tower from `vision_tower`) and llava-hf via formats.py.
-        quantize="int8": the LLM's and projector's weights become int8 as they load (quantize.py)."""
-        if quantize not in (None, *QUANTIZE):
-            raise ValueError(f"quantize={quantize!r} is not supported; known: {', '.join(QUANTIZE)}")
-        if formats.detect_format(path) == formats.OWN:
-            config, (tensors, files), keys = read_json(f"{path}/config.json"), load_checkpoint(path, device), ()
-        else:
-            config, tensors, files, keys = formats.read_llava(path, vision_tower, device)
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32) -> "LLaVA":
+        """Our own folder (any layout: formats.load_llava); device="meta" reads nothing yet (checkpoint.load_strict)."""
+        config_file = os.path.join(path, "config.json")
         with torch.device("meta"):  # no memory until the checkpoint tensors are assigned
-            model = cls(LLaVAConfig.from_dict(config, f"{path}/config.json"))
-        model = load_strict(model, tensors, files, *keys, device=device, dtype=dtype).eval()
-        model.source_path = path  # export_hf copies the tokenizer from here
-        return quantize_int8(model) if quantize else model
+            model = cls(LLaVAConfig.from_dict(read_json(config_file), config_file))
+        model.source_path = path  # formats.export_hf copies the tokenizer from here
+        return load_strict(model, *load_checkpoint(path, device), device=device, dtype=dtype).eval()
 
     @classmethod
-    def from_parts(cls, llm_path, vision_path, projector_type="mlp2x_gelu", device="cpu", dtype=torch.float32,
-                   **config_overrides) -> "LLaVA":
-        """Base checkpoints (HF LLaMA/Vicuna, any CLIP folder) and a fresh projector: the start of stage 1."""
-        llm, tower = Llama.from_pretrained(llm_path, device, dtype), formats.load_clip(vision_path, device, dtype)
-        config = LLaVAConfig(llm=llm.config, vision=tower.config, projector_type=projector_type, **config_overrides)
+    def from_parts(cls, llm: Llama, tower: CLIPVisionTower, projector_type="mlp2x_gelu", **settings) -> "LLaVA":
+        """Two pretrained halves and a fresh projector: the start of stage 1."""
         with torch.device("meta"):  # nothing is allocated: every part is replaced below
-            model = cls(config)
-        model.llm, model.vision_tower, model.source_path = llm, tower.requires_grad_(False), llm_path
+            model = cls(LLaVAConfig(llm=llm.config, vision=tower.config, projector_type=projector_type, **settings))
+        model.llm, model.vision_tower = llm, tower.requires_grad_(False)
         # PyTorch's default Linear init, as the original builds mm_projector after loading the LLM
-        model.projector = build_projector(projector_type, tower.config.hidden_size, llm.config.hidden_size)
-        return model.to(device=device, dtype=dtype).eval()
+        weight = llm.norm.weight
+        model.projector = build_projector(projector_type, tower.config.hidden_size, llm.config.hidden_size).to(
+            "cpu" if weight.is_meta else weight.device, weight.dtype)
+        return model.eval()
 
-    def save_pretrained(self, path, file="model.safetensors", prefix=""):
-        """Own layout: config.json + model.safetensors (the tokenizer is copied by the caller)."""
+    def save_pretrained(self, path, file="model.safetensors", prefix=""):  # the caller copies the tokenizer
         sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k.startswith(prefix)}
         if self.config.llm.tie_word_embeddings:
             sd.pop("llm.lm_head.weight", None)  # safetensors stores a shared tensor once
@@ -143,11 +126,5 @@ class LLaVA(nn.Module):
         save_tensors(os.path.join(path, file), sd)
         write_json(os.path.join(path, "config.json"), self.config.to_dict())
 
-    def save_projector(self, path):  # the stage-1 output: config.json + projector.safetensors ("projector.*")
+    def save_projector(self, path):  # stage 1's output, projector.safetensors: read by formats.load_projector
         self.save_pretrained(path, "projector.safetensors", "projector.")
-
-    def load_projector(self, path):
-        """Stage-1 output, strictly: our projector.safetensors or the original release's mm_projector.bin."""
-        tensors, files, keys = formats.read_projector(path, self.config.projector_type)
-        w = next(self.projector.parameters())
-        load_strict(self.projector, tensors, files, *keys, device=w.device, dtype=w.dtype)

@@ -23,7 +23,7 @@ train.py (stage 2 with lora_r > 0, e.g. --recipe llava-v1.5-lora) writes the mer
 adapter.safetensors (adapters + projector, fp32 adapters) with adapter_config.json (r, alpha, dropout, targets,
 base_model, vision_tower, projector_type, template, image_aspect_ratio). To rebuild the output from the base:
 
-    model = LLaVA.from_parts(base_llm_dir, clip_dir, projector_type="mlp2x_gelu")  # the run's --model, tower
+    model = LLaVA.from_parts(Llama.from_pretrained(base_llm_dir), formats.load_clip(clip_dir))  # --model, tower
     load_adapters(model, "runs/stage2")   # adapters and the trained projector; merge_lora(model) to fold them in
 """
 import math

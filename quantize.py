@@ -20,15 +20,14 @@ Kernels, chosen per call in Int8Linear.forward:
                                              vectorizes bf16 only (its fp32 path is a scalar loop, ~10x slower than
                                              an fp32 F.linear), so x is rounded to bf16 for it (relative error 2^-9,
                                              below the int8 weight error) and the result is returned in x's dtype.
-                                             Batch-1 decode against fp32: 1.87x with AVX-512, 1.2-1.3x with AVX2
-                                             only, where widening is the bottleneck, not the reads (BENCHMARKS.md).
+                                             With AVX2 only, widening is the bottleneck, not the reads.
   everything else (CUDA, prompts)            dequantize then matmul: F.linear(x, q.to(x.dtype)) * scale, in x's
                                              dtype. Correct everywhere; it saves memory, not time.
 Not used: the op's CUDA kernel (one thread per output, fp32 copies of x) and `torch._int_mm`, which needs int8
 activations (W8A8, a lossier scheme). On CUDA, torch.compile of the decode step (a script's choice) fuses the
 dequantization into the matmul.
 
-    model = LLaVA.from_pretrained(path, dtype=torch.bfloat16, quantize="int8")  # or quantize_int8(model) after loading
+    model, tokenizer = inference.load_model(path, quantize="int8")  # or quantize_int8(model) after loading
     # the LLM's linears (blocks and lm_head) and the projector become Int8Linear, its embed_tokens an Int8Embedding
 """
 from collections import Counter
@@ -37,11 +36,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# kept in float: the tower runs once per image. skip=("vision_tower", "lm_head", "embed_tokens") keeps the head and
-# the table float: on SmolLM2-135M top-1 agreement with fp32 goes from 93.7 to 95.6 % (bf16 alone: 97.1 %), weights
-# from 0.25x to 0.41x of fp32 (BENCHMARKS.md, bench.py quality)
+# kept in float: the tower runs once per image. skip=("vision_tower", "lm_head", "embed_tokens") also keeps the head
+# and the table float: closer to fp32's predictions for more memory (BENCHMARKS.md has both, from bench.py quality)
 SKIP = ("vision_tower",)
-QUANTIZE = ("int8",)  # the choices of LLaVA.from_pretrained(..., quantize=) and the --quantize flags
+QUANTIZE = ("int8",)  # the choices of inference.load_model(..., quantize=) and the --quantize flags
 KERNEL_MAX_ROWS = 32  # the kernel is a GEMV-style loop: from ~32-64 rows on (a prompt) dequantize + GEMM is faster
 ROW_BLOCK = 4096  # rows quantized at a time: no float temporary the size of a whole large matrix
 

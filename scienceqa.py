@@ -21,16 +21,11 @@ import json
 import os
 import random
 import re
-import shutil
 import sys
-import tempfile
 import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
-from tqdm import tqdm
-
-from api import APIError, Cancelled, ChatClient, FatalAPIError, read_api_key
+from api import APIError, Cancelled, FatalAPIError, ask_all, client_from_env, run_pool
 from fileio import append_jsonl, inside, read_json, read_jsonl, repair_jsonl, require, write_json
 
 OPTIONS = ["A", "B", "C", "D", "E"]  # the converter's and the eval script's option letters: at most five choices
@@ -165,38 +160,11 @@ def convert(problems, prompt_format=DEFAULT_FORMAT):
 # answer files (LLaVA's format), written resumably by the model and by GPT-4
 
 
-def run_pool(fn, items, workers, desc, cancel=None):
-    """[fn(item)] in order, `workers` at a time; on an error or Ctrl-C the items not started are dropped, and
-    cancel() (a ChatClient's) ends the waits of those in flight, so Ctrl-C exits at once."""
-    pool = ThreadPoolExecutor(max(1, workers))
-    try:
-        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, disable=not items))
-    except KeyboardInterrupt:
-        if cancel:
-            cancel()
-        raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def answer_all(items, ask, out_path, model_id, workers=1, cancel=None):
-    """Append {question_id, prompt, text, answer_id, model_id, metadata} for items not yet in out_path (a torn
-    last line is cut first); ask(item) -> text, or None for a failed request (left for the next run)."""
-    done = {r.get("question_id") for r in repair_jsonl(out_path)}
-    todo = [item for item in items if item["question_id"] not in done]
-    lock = threading.Lock()
-
-    def one(item):
-        text = ask(item)
-        if text is not None:
-            with lock:
-                append_jsonl(out_path, {"question_id": item["question_id"], "prompt": item["prompt"], "text": text,
-                                        "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}})
-        return text is not None
-
-    answered = sum(run_pool(one, todo, workers, model_id, cancel))
-    print(f"{out_path}: {len(done)} answers were there, {answered} new, {len(todo) - answered} failed")
-    return len(todo) - answered
+def vqa_answer_record(model_id):
+    """record(item, text) as model_vqa_science.py writes it: {question_id, prompt, text, answer_id, model_id,
+    metadata}."""
+    return lambda item, text: {"question_id": item["question_id"], "prompt": item["prompt"], "text": text,
+                               "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}}
 
 
 def model_items(root, split, problems, prompt_format):
@@ -302,10 +270,13 @@ def ask_client(client, messages, what):
 
 
 def gpt4_answers(problems, client, out_path, shots=(), workers=4):
+    """GPT-4's answers appended to the answer file out_path; returns how many failed (asked again on a rerun)."""
     items = [{"question_id": pid, "prompt": question_text(p), "messages": gpt4_messages(p, shots)}
              for pid, p in problems.items()]
-    return answer_all(items, lambda item: ask_client(client, item["messages"], item["question_id"]), out_path,
-                      client.model, workers, client.cancel)
+    there, new, failed = ask_all(items, lambda item: ask_client(client, item["messages"], item["question_id"]),
+                                 out_path, vqa_answer_record(client.model), workers, client.cancel)
+    print(f"{out_path}: {there} answers were there, {new} new, {failed} failed")
+    return failed
 
 
 def judge_all(problems, pids, ours, gpt4, client, log_path, workers=4):
@@ -345,65 +316,7 @@ def ensemble(problems, ours, gpt4, mode, client=None, log_path=None, workers=4):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# the demo: a ScienceQA-shaped set from the demo's shape images
-
-
-def make_demo_scienceqa(root, n_images=12, seed=0):
-    """problems.json, pid_splits.json (train/val/test/minival/minitest) and images/<split>/<pid>/image.png under
-    root: a problem for each of the demo's held-out questions (colour, shape, count, position; every other one with
-    a hint) and a text-only one for every fourth image, so that every Table 7 column has problems."""
-    from demo import DEMO_COLORS, DEMO_PLACES, DEMO_SHAPES, make_demo_data
-    rng = random.Random(seed)
-    # category: (choices, subject (arbitrary, so that NAT, SOC and LAN all have problems), lecture)
-    kinds = {"color": (sorted(DEMO_COLORS), "natural science", "Objects have colors, such as red or blue."),
-             "shape": (list(DEMO_SHAPES), "natural science", "A square has four sides.\nA triangle has three."),
-             "count": (["1", "2", "3"], "social science", ""),
-             "position": (list(DEMO_PLACES), "language science", "Left, middle and right say where a thing is."),
-             "sides": (["3", "4", "5"], "natural science", "A square has four sides.\nA triangle has three.")}
-    problems, images = {}, {}
-    with tempfile.TemporaryDirectory() as scratch:
-        paths = make_demo_data(scratch, seed=seed, n_train=0, n_eval=n_images, image_size=64, max_shapes=3)
-        questions = [(item["category"], item["question"].split("\n")[0], item["answer"],
-                      os.path.join(paths["images"], item["image"])) for item in read_json(paths["eval"])]
-        for _ in range(0, len(questions), 16):  # a text-only question for every fourth image
-            shape = rng.choice(["triangle", "square"])
-            questions.append(("sides", f"How many sides does a {shape} have?", "4" if shape == "square" else "3", None))
-        for n, (category, question, answer, image) in enumerate(questions):
-            choices, subject, lecture = kinds[category]
-            choices = rng.sample([c for c in choices if c != answer], min(3, len(choices) - 1)) + [answer]
-            rng.shuffle(choices)
-            problems[str(n + 1)] = dict(question=question, choices=choices, answer=choices.index(answer),
-                                        hint="The background is white." if image and n % 2 else "",
-                                        image="image.png" if image else None, lecture=lecture,
-                                        solution=f"It is {answer}.", subject=subject, grade=f"grade{n % 12 + 1}")
-            images[str(n + 1)] = image
-        pids = list(problems)
-        rng.shuffle(pids)
-        cut1, cut2 = len(pids) * 3 // 5, len(pids) * 4 // 5
-        splits = {"train": pids[:cut1], "val": pids[cut1:cut2], "test": pids[cut2:]}
-        for split in ("train", "val", "test"):
-            for pid in splits[split]:
-                problems[pid]["split"] = split
-                if images[pid]:
-                    os.makedirs(os.path.join(root, "images", split, pid), exist_ok=True)
-                    shutil.copy(images[pid], os.path.join(root, "images", split, pid, "image.png"))
-    write_json(os.path.join(root, "problems.json"), problems)
-    write_json(os.path.join(root, "pid_splits.json"), {**splits, "minival": splits["val"][:10],
-                                                       "minitest": splits["test"][:10]})
-    return problems
-
-
-# -----------------------------------------------------------------------------------------------------------------
 # command line
-
-
-def make_client(args):
-    try:
-        api_key = read_api_key(args.api_key_env)  # stripped and checked; errors never show it
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    # temperature 0: ScienceQA's GPT-3 baseline; as repeatable as the API allows
-    return ChatClient(args.base_url, api_key, args.gpt4_model, temperature=0.0, max_tokens=args.max_tokens)
 
 
 def main(argv=None):
@@ -448,9 +361,15 @@ def main(argv=None):
 
 def run(args):
     if args.command == "demo":
-        problems = make_demo_scienceqa(args.root, args.images)
+        from demo import make_scienceqa_demo  # demo.py brings torch: only this command loads it
+        problems = make_scienceqa_demo(args.root, args.images)
         return print(f"{args.root}: {len(problems)} ScienceQA-shaped problems")
     problems = load_scienceqa(args.root, args.split)
+    client = None
+    if args.command == "gpt4" or args.command == "ensemble" and args.mode == "judge":
+        # temperature 0: ScienceQA's GPT-3 baseline; as repeatable as the API allows
+        client = client_from_env(args.base_url, args.api_key_env, args.gpt4_model, temperature=0.0,
+                                 max_tokens=args.max_tokens)
     if args.out and os.path.dirname(args.out):
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
     if args.command == "convert":
@@ -458,14 +377,13 @@ def run(args):
         write_json(args.out, records)
         print(f"{args.out}: {len(records)} samples ({args.split}, {args.prompt_format})")
     elif args.command == "answer":
-        from inference import answer_file, distributed, load_model  # torch only where a model runs
+        from distributed import process_group  # torch only where a model runs
+        from inference import answer_file, load_model
         items = model_items(args.root, args.split, problems, args.prompt_format)[:args.limit]
         if not os.path.isdir(args.model):
             raise FileNotFoundError(f"{args.model}: no checkpoint folder")
-        model_id = os.path.basename(os.path.normpath(args.model))
-        record = lambda item, text: {"question_id": item["question_id"], "prompt": item["prompt"],  # noqa: E731
-                                     "text": text, "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}}
-        with distributed(args.device) as (rank, world, device):  # under torchrun: each rank a share, rank 0 writes
+        record = vqa_answer_record(os.path.basename(os.path.normpath(args.model)))
+        with process_group(args.device) as (rank, world, device):  # under torchrun: each rank a share, rank 0 writes
             model, tokenizer = load_model(args.model, device, args.dtype, args.quantize)
             there, new = answer_file(model, tokenizer, items, args.out, record, args.max_new_tokens, args.batch_size)
         if rank == 0:
@@ -483,10 +401,8 @@ def run(args):
         if args.shots:
             train = load_scienceqa(args.root, "train")
             shots = [train[pid] for pid in random.Random(0).sample(list(train), args.shots)]
-        client = make_client(args)
         gpt4_answers(dict(list(problems.items())[:args.limit]), client, args.out, shots, args.workers)
     else:
-        client = make_client(args) if args.mode == "judge" else None
         results, rows, asked = ensemble(problems, read_answers(args.answers), read_answers(args.gpt4), args.mode,
                                         client, args.log or args.out + ".log.jsonl", args.workers)
         write_json(args.out, {**summary(problems, results), "mode": args.mode, "rows": rows, "reasked": asked})

@@ -307,7 +307,7 @@ def check_llava_export(out_dir):
     from transformers import LlavaForConditionalGeneration
 
     ref = load_file(os.path.join(out_dir, "llava_ref", "reference.safetensors"))
-    ours = LLaVA.from_pretrained(os.path.join(out_dir, "llava_hf"))
+    ours = formats.load_llava(os.path.join(out_dir, "llava_hf"))
     ids = ref["input_ids_1"].masked_fill(ref["input_ids_1"] == LLAVA_IMAGE_TOKEN, IMAGE_TOKEN_INDEX)
     with tempfile.TemporaryDirectory() as tmp:
         formats.export_hf(ours, tmp)
@@ -345,9 +345,10 @@ def check_llava_processor_export(out_dir, config):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
     import formats
     from clip import preprocess
-    from data import TEMPLATES, render
-    from llama import Tokenizer
+    from data import TEMPLATES, render, with_image
+    from inference import generate_llava
     from llava import IMAGE_TOKEN_INDEX, LLaVA, LLaVAConfig
+    from tokenizer import Tokenizer
 
     tokenizer_file = os.path.join(out_dir, "tokenizer.model")
     tokenizer = Tokenizer(tokenizer_file)
@@ -372,7 +373,7 @@ def check_llava_processor_export(out_dir, config):
         with torch.no_grad():
             logits = theirs(**inputs).logits
             greedy = theirs.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1]:]
-    ids, _ = render([{"from": "human", "value": "<image>\n" + question}], "vicuna_v1", tokenizer,
+    ids, _ = render([{"from": "human", "value": with_image(question)}], "vicuna_v1", tokenizer,
                     cfg.num_image_tokens, for_generation=True)
     hf_ids = inputs["input_ids"].masked_fill(inputs["input_ids"] == processor.image_token_id, IMAGE_TOKEN_INDEX)
     assert hf_ids[0].tolist() == list(ids), "the processor's prompt ids differ from data.render's"
@@ -382,7 +383,7 @@ def check_llava_processor_export(out_dir, config):
         want, _ = model(hf_ids, pixel_values)
     assert torch.allclose(logits[..., :tokenizer.vocab_size], want, atol=1e-5), (logits[..., :512] - want).abs().max()
     model.llm.setup_cache(1, hf_ids.shape[1] + 12)
-    assert list(model.generate(hf_ids, pixel_values, max_new_tokens=12)) == greedy.tolist()
+    assert list(generate_llava(model, hf_ids, pixel_values, max_new_tokens=12)) == greedy.tolist()
 
 # llava's fixture uses the llama tokenizer, so order matters
 MAKERS = [

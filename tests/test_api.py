@@ -1,4 +1,6 @@
-"""api.ChatClient against a real HTTP server on 127.0.0.1 that injects faults (tests/fake_openai.py)."""
+"""api.ChatClient against a real HTTP server on 127.0.0.1 that injects faults (tests/fake_openai.py); api.ask_all
+and api.run_pool with plain functions."""
+import json
 import threading
 import time
 import traceback
@@ -7,6 +9,7 @@ import pytest
 import requests
 
 import api
+import fileio
 from tests.fake_openai import FakeOpenAI
 
 KEY = "sk-test-7d1f0e9c4b2a-SECRET"
@@ -191,3 +194,85 @@ def test_timeout_is_a_deadline_for_the_whole_reply():
         client = api.ChatClient(server.url, KEY, "gpt-test", timeout=1.0, max_retries=0)
         error, seconds = within(10, lambda: client.complete(MESSAGES))
         assert isinstance(error, api.APIError) and "timeout" in str(error) and seconds < 2.5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the client from the environment; many requests
+
+
+def test_client_from_env_names_the_variable_not_the_key(monkeypatch):
+    monkeypatch.setenv("MY_KEY", KEY + "\u2019")
+    with pytest.raises(ValueError, match="MY_KEY") as e:
+        api.client_from_env("http://127.0.0.1:9/v1", "MY_KEY", "gpt-test")
+    assert KEY not in str(e.value)
+
+
+def test_client_from_env_sends_its_settings(monkeypatch):
+    monkeypatch.setenv("MY_KEY", KEY + "\n")
+    with FakeOpenAI() as server:
+        api.client_from_env(server.url, "MY_KEY", "gpt-test", temperature=0.0, max_tokens=7).complete(MESSAGES)
+        request = server.requests[0]
+    assert request["headers"]["Authorization"] == f"Bearer {KEY}"
+    assert (request["body"]["model"], request["body"]["temperature"], request["body"]["max_tokens"]) == (
+        "gpt-test", 0.0, 7)
+
+
+def record(item, text):
+    return {"question_id": item["question_id"], "text": text}
+
+
+def asker(asked, fail=()):
+    """ask(item) that notes what it was asked and fails (None) on the ids in `fail`."""
+    def ask(item):
+        asked.append(item["question_id"])
+        return None if item["question_id"] in fail else "answer " + item["question_id"]
+    return ask
+
+
+def test_ask_all_skips_what_is_there_and_cuts_a_torn_line(tmp_path):
+    out = tmp_path / "answers.jsonl"
+    out.write_text('{"question_id": "q0", "text": "kept"}\n{"question_id": "q1", "te')  # a run killed mid-write
+    items = [{"question_id": f"q{i}"} for i in range(4)]
+    asked = []
+    assert api.ask_all(items, asker(asked), str(out), record) == (1, 3, 0)
+    assert asked == ["q1", "q2", "q3"]  # q0 was not asked again; the torn q1 was
+    assert out.read_text().splitlines() == ['{"question_id": "q0", "text": "kept"}'] + [
+        json.dumps({"question_id": f"q{i}", "text": f"answer q{i}"}) for i in (1, 2, 3)]
+    assert api.ask_all(items, asker(asked), str(out), record) == (4, 0, 0) and len(asked) == 3
+
+
+def test_ask_all_leaves_a_failed_request_for_the_next_run(tmp_path):
+    out = str(tmp_path / "answers.jsonl")
+    items = [{"question_id": f"q{i}"} for i in range(3)]
+    asked = []
+    assert api.ask_all(items, asker(asked, fail={"q1"}), out, record) == (0, 2, 1)
+    assert [r["question_id"] for r in fileio.read_jsonl(out)] == ["q0", "q2"]
+    assert api.ask_all(items, asker(asked), out, record) == (2, 1, 0) and asked[3:] == ["q1"]
+
+
+def test_ask_all_asks_workers_at_a_time_and_records_every_reply(tmp_path):
+    out = str(tmp_path / "answers.jsonl")
+    items = [{"question_id": f"q{i}"} for i in range(8)]
+    together = threading.Barrier(4, timeout=5)  # lets requests through only four at once
+
+    def ask(item):
+        together.wait()
+        return "answer " + item["question_id"]
+    assert api.ask_all(items, ask, out, record, workers=4) == (0, 8, 0)
+    records = fileio.read_jsonl(out)
+    assert sorted(r["question_id"] for r in records) == [item["question_id"] for item in items]
+    assert all(r["text"] == "answer " + r["question_id"] for r in records)
+
+
+def test_ctrl_c_in_the_pool_cancels_the_requests_in_flight():
+    cancelled = threading.Event()
+
+    def one(item):
+        if item == 0:
+            raise KeyboardInterrupt  # as if Ctrl-C reached the main thread while item 1 waits in a backoff
+        return cancelled.wait(5)  # a client's wait: ends only when cancel() is called
+
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        api.run_pool(one, [0, 1], workers=2, desc="test", cancel=cancelled.set)
+    assert cancelled.is_set() and time.monotonic() - start < 2

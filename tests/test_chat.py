@@ -16,10 +16,13 @@ import torch
 from PIL import Image
 
 import chat
-from clip import CLIPVisionConfig, load_image, preprocess
+import inference
+from clip import CLIPVisionConfig, preprocess
 from data import LLaVADataset, render
-from llama import LlamaConfig, Tokenizer
+from images import load_image
+from llama import LlamaConfig
 from llava import LLaVA, LLaVAConfig
+from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_NEW = 6
@@ -58,11 +61,11 @@ def prompt_ids(model, tokenizer, conversation):
 
 
 def reference(model, tokenizer, conversation, pixel_values, max_new=MAX_NEW, **kw):
-    """The answer text chat.py must print: llava.generate on the whole conversation rendered from scratch."""
+    """The answer text chat.py must print: generation on the whole conversation rendered from scratch."""
     ids = prompt_ids(model, tokenizer, conversation)
     model.llm.setup_cache(1, len(ids) + max_new)
-    out = list(model.generate(torch.tensor([ids]), pixel_values, max_new_tokens=max_new, eos_id=tokenizer.eos_id,
-                              **kw))
+    out = list(inference.generate_llava(model, torch.tensor([ids]), pixel_values, max_new_tokens=max_new,
+                                        eos_id=tokenizer.eos_id, **kw))
     return tokenizer.decode([t for t in out if t != tokenizer.eos_id])
 
 
@@ -285,6 +288,6 @@ def test_a_line_that_is_not_utf8_does_not_end_the_session(monkeypatch):
 
 def test_a_broken_tokenizer_is_found_before_the_model_loads(tmp_path, monkeypatch):
     (tmp_path / "tokenizer.model").write_bytes(b"not a sentencepiece model")
-    monkeypatch.setattr(chat.LLaVA, "from_pretrained", lambda *a, **kw: pytest.fail("the model was loaded first"))
+    monkeypatch.setattr(inference.formats, "load_llava", lambda *a, **kw: pytest.fail("the model was loaded first"))
     with pytest.raises(SystemExit, match="tokenizer.model: not a sentencepiece model"):
         chat.load(chat.parse_args(["--model", str(tmp_path), "--device", "cpu"]))

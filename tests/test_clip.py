@@ -9,9 +9,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import clip
-from clip import (CLIPVisionConfig, CLIPVisionTower, PAD_COLOR, clip_to_tower_keys, load_image, preprocess,
-                  tower_to_clip_keys)
+import images
+from clip import CLIPVisionConfig, CLIPVisionTower, PAD_COLOR, clip_to_tower_keys, preprocess, tower_to_clip_keys
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 # the published CLIPVisionModel layout; transformers-5 and full CLIPModel folders are formats.py's (test_formats.py)
@@ -28,8 +27,8 @@ def tower(layout="clip_tiny", **kw):
 def test_every_hidden_state_and_llava_features_match_reference():
     model = tower("clip_tiny")
     x = REFERENCE["pixel_values"]
-    with torch.no_grad():
-        states = model.hidden_states(x)
+    with torch.no_grad():  # select_layer i: HF's hidden_states[i] (0: the embeddings), CLS kept
+        states = [model(x, select_layer=i, select_feature="cls_patch") for i in range(len(model.encoder.layers) + 1)]
         features = model(x)  # LLaVA's default: layer -2, CLS dropped
     assert len(states) == 4
     for i, state in enumerate(states):
@@ -53,15 +52,9 @@ def test_feature_selection(select_layer, select_feature):
     assert calls == list(range(select_layer % 4))  # layers after the selected one are never run
 
 
-def test_bad_selection_and_input_size_raise():
-    model = tower()
-    x = REFERENCE["pixel_values"]
-    with pytest.raises(ValueError, match="select_layer"):
-        model(x, select_layer=-5)
-    with pytest.raises(ValueError, match="select_feature"):
-        model(x, select_feature="cls")
-    with pytest.raises(ValueError, match="30x30"):
-        model(torch.zeros(1, 3, 36, 36))
+def test_a_full_clip_model_folder_names_its_loader():
+    with pytest.raises(ValueError, match=r"clip_full.*config\.json: a full CLIPModel .* formats\.load_clip"):
+        CLIPVisionTower.from_pretrained(os.path.join(FIXTURES, "clip_full"))
 
 
 def test_dtype_and_device_are_applied():
@@ -217,73 +210,6 @@ def test_preprocess_batches_a_list():
     assert tuple(PAD_COLOR) == tuple(PREPROCESS_META["pad_color"])
 
 
-def test_load_image_is_rgb_with_alpha_dropped():
-    path = os.path.join(OUTPUTS, "images", "rgba.png")
-    image = load_image(path)
-    assert image.mode == "RGB" and image.size == (33, 45)
-    with Image.open(path) as rgba:  # like LLaVA's Image.open(f).convert("RGB"): colour channels kept, alpha dropped
-        assert np.array_equal(np.asarray(image), np.asarray(rgba)[..., :3])
-    # a transparent palette entry is not whitened either: LLaVA's pixels are those of convert("RGB")
-    path = os.path.join(OUTPUTS, "images", "palette_transparent.png")
-    with Image.open(path) as palette:
-        rgb = palette.convert("RGB")
-    for pad in (False, True):
-        expected = preprocess(Image.fromarray(np.asarray(rgb)), 24, pad_to_square=pad)  # no transparency info
-        assert torch.equal(preprocess(load_image(path), 24, pad_to_square=pad), expected)
-
-
-def test_missing_and_corrupt_images_raise_naming_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere.jpg"):
-        load_image(tmp_path / "nowhere.jpg")
-    garbage = tmp_path / "garbage.png"
-    garbage.write_bytes(b"this is not an image")
-    with pytest.raises(ValueError, match="garbage.png"):
-        load_image(garbage)
-    good = open(os.path.join(OUTPUTS, "images", "square.png"), "rb").read()
-    truncated = tmp_path / "truncated.png"
-    truncated.write_bytes(good[: len(good) // 2])
-    with pytest.raises(ValueError, match="truncated.png"):
-        load_image(truncated)
-
-
-def sixteen_bit(tmp_path):
-    """A 16-bit grayscale PNG with values across the whole 0-65535 range, and its 8-bit values (v / 257, rounded)."""
-    values = np.linspace(0, 65535, 40 * 30).round().astype(np.uint16).reshape(30, 40)
-    path = tmp_path / "gray16.png"
-    Image.fromarray(values).save(path)
-    return path, ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-
-
-def test_16_bit_grayscale_is_scaled_to_8_bits_by_load_image(tmp_path):
-    path, expected = sixteen_bit(tmp_path)
-    with Image.open(path) as image:
-        assert image.mode == "I;16"  # the mode this test is about
-    pixels = np.asarray(load_image(path))
-    assert np.array_equal(pixels, np.repeat(expected[..., None], 3, axis=2))  # not every value past 255 -> 255
-
-
-@pytest.mark.parametrize("mode", ["I;16", "I"])
-def test_16_bit_grayscale_is_scaled_to_8_bits_by_preprocess(tmp_path, mode):
-    path, expected = sixteen_bit(tmp_path)
-    with Image.open(path) as image:
-        image = image if mode == "I;16" else image.convert("I")  # older Pillow opened 16-bit PNGs as I
-        for pad in (False, True):
-            assert torch.equal(preprocess(image, 24, pad), preprocess(Image.fromarray(expected), 24, pad))
-
-
-def test_an_8_bit_image_in_mode_i_keeps_its_values():
-    values = np.arange(0, 256, dtype=np.int32).reshape(16, 16)
-    assert np.array_equal(np.asarray(clip.to_8bit(Image.fromarray(values))), values.astype(np.uint8))
-
-
-def test_an_extreme_aspect_ratio_is_refused_naming_the_file_before_decoding(tmp_path):
-    path = tmp_path / "strip.png"
-    Image.new("L", (1, 20000)).save(path, optimize=True)
-    assert path.stat().st_size < 200  # the report's 157-byte PNG
-    with pytest.raises(ValueError, match=r"strip.png: an image of 1x20000 pixels is refused"):
-        load_image(path)
-
-
 @pytest.mark.parametrize("size, refused", [((21, 1), True), ((1, 21), True), ((20, 1), False), ((40, 800), False)])
 def test_preprocess_refuses_aspect_ratios_beyond_the_limit(size, refused):
     image = Image.new("RGB", size, (200, 10, 10))
@@ -327,19 +253,19 @@ def test_large_images_are_reduced_first_and_stay_close_to_the_exact_result(monke
     image = Image.fromarray(smooth)  # 1200x900: past EXACT_UP_TO x 24
     for pad in (False, True):
         reduced = preprocess(image, 24, pad)
-        monkeypatch.setattr(clip, "EXACT_UP_TO", 10**6)
+        monkeypatch.setattr(images, "EXACT_UP_TO", 10**6)
         exact = preprocess(image, 24, pad)
         monkeypatch.undo()
         assert not torch.equal(reduced, exact)  # the reduction did happen...
         assert (reduced - exact).abs().max() < 0.05  # ...and moved pixels by about a level (1/255/std = 0.015)
     strip = image.crop((0, 0, 1200, 200))  # 1:6, cropped: only its centre is resized
     reduced = preprocess(strip, 24)
-    monkeypatch.setattr(clip, "EXACT_UP_TO", 10**6)
+    monkeypatch.setattr(images, "EXACT_UP_TO", 10**6)
     exact = preprocess(strip, 24)
     monkeypatch.undo()
     assert not torch.equal(reduced, exact) and (reduced - exact).abs().max() < 0.05
     small = image.resize((96, 72))  # at EXACT_UP_TO x 24 exactly: the processor's own path
-    monkeypatch.setattr(clip, "EXACT_UP_TO", 10**6)
+    monkeypatch.setattr(images, "EXACT_UP_TO", 10**6)
     exact = [preprocess(small, 24, pad) for pad in (False, True)]
     monkeypatch.undo()
     assert all(torch.equal(preprocess(small, 24, pad), e) for pad, e in zip((False, True), exact))

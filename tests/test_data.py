@@ -13,7 +13,7 @@ from PIL import Image
 import data
 from demo import DEMO_COLORS, DEMO_PLACES, demo_answer_correct, make_demo_data
 from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX, render
-from llama import Tokenizer
+from tokenizer import Tokenizer
 
 N_IMG = 5  # image placeholders per image in these tests
 
@@ -254,20 +254,20 @@ def cut_png(demo, tmp_path):
     return write_rows(tmp_path / "rows.json", rows)
 
 
-def test_skip_bad_skips_an_image_corrupt_past_its_header_in_getitem(tmp_path, demo, tok):
+def test_skip_bad_turns_an_image_corrupt_past_its_header_into_a_sample_that_trains_nothing(tmp_path, demo, tok):
     ds = data.LLaVADataset(cut_png(demo, tmp_path), str(tmp_path), tok, "vicuna_v1", N_IMG, 32, skip_bad=True)
     assert len(ds) == 2 and not ds.skipped  # the header is fine: nothing to see at start-up
-    assert ds[0] is None and ds[1]["pixel_values"].shape == (1, 3, 32, 32)
-    assert ds.skipped == {"image unreadable": 1}
+    bad, good = ds[0], ds[1]
+    assert bad["skipped"] == 1 and (bad["labels"] == IGNORE_INDEX).all()  # no labels: no loss, no gradient
+    assert torch.equal(bad["pixel_values"], torch.zeros(1, 3, 32, 32))  # the placeholders still get an image
+    assert good["skipped"] == 0 and (good["labels"] != IGNORE_INDEX).any()
 
 
-def test_collate_drops_skipped_samples_and_counts_them(tmp_path, demo, tok):
+def test_collate_counts_the_skipped_samples(tmp_path, demo, tok):
     ds = data.LLaVADataset(cut_png(demo, tmp_path), str(tmp_path), tok, "vicuna_v1", N_IMG, 32, skip_bad=True)
     batch = data.collate([ds[0], ds[1], ds[0]], pad_id=tok.pad_id)
-    assert batch["input_ids"].tolist() == [ds[1]["input_ids"].tolist()] and int(batch["skipped"]) == 2
-    assert torch.equal(batch["pixel_values"], ds[1]["pixel_values"])
-    assert int(data.collate([ds[1]], pad_id=tok.pad_id)["skipped"]) == 0
-    assert data.collate([ds[0], None], pad_id=tok.pad_id) is None  # the whole micro-batch is gone
+    assert batch["skipped"] == 2 and batch["pixel_values"].shape == (3, 3, 32, 32)
+    assert data.collate([ds[1]], pad_id=tok.pad_id)["skipped"] == 0
 
 
 @pytest.mark.slow
@@ -275,9 +275,7 @@ def test_skipped_samples_reach_the_loop_from_dataloader_workers(tmp_path, demo, 
     ds = data.LLaVADataset(cut_png(demo, tmp_path), str(tmp_path), tok, "vicuna_v1", N_IMG, 32, skip_bad=True)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=[[0, 1], [1], [0]], num_workers=1,
                                          collate_fn=functools.partial(data.collate, pad_id=tok.pad_id))
-    batches = list(loader)
-    assert [None if b is None else int(b["skipped"]) for b in batches] == [1, 0, None]
-    assert not ds.skipped  # the worker process counted, not this one: hence batch["skipped"]
+    assert [batch["skipped"] for batch in loader] == [1, 0, 1]
 
 
 @pytest.mark.parametrize("image", ["../../etc/passwd", "/etc/passwd", "sub/../../x.png"])
@@ -313,36 +311,22 @@ def test_an_extreme_aspect_ratio_is_refused_at_start_up_naming_the_row(tmp_path,
         data.LLaVADataset(path, str(tmp_path), tok, "vicuna_v1", N_IMG, 32)
 
 
-def batches_of(sampler, batch_size):
-    order = list(sampler)
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def test_length_grouped_sampler_splits_ranks_groups_modalities_and_is_deterministic():
+def test_modality_length_grouping_splits_ranks_groups_modalities_and_is_deterministic():
     g = torch.Generator().manual_seed(0)
     lengths = [int(x) * (1 if i % 3 else -1) for i, x in enumerate(torch.randint(10, 500, (203,), generator=g))]
     bs, ws = 4, 2
-    for group_batches in (1, 50):  # 1: the original's scheme
-        ranks = [data.LengthGroupedSampler(lengths, bs, r, ws, seed=1, group_batches=group_batches) for r in range(ws)]
-        orders = [list(s) for s in ranks]
-        assert len(orders[0]) == len(orders[1]) == len(ranks[0]) == 104  # 203 -> 26 megabatches of 8, padded
-        assert set(orders[0]) | set(orders[1]) == set(range(203))
-        assert orders == [list(s) for s in ranks]  # same seed and epoch -> same order
-        for s in ranks:
-            s.set_epoch(1)
-        assert orders != [list(s) for s in ranks]
-        full = [b for s in ranks for b in batches_of(s, bs)[:-2]]  # the last megabatches mix the leftovers
-        assert all(len({lengths[i] > 0 for i in b}) == 1 for b in full)  # one modality per batch
-        # the two ranks' batches of one step carry similar token totals (longest-first to the lighter rank)
-        steps = list(zip(*(batches_of(s, bs) for s in ranks)))[:-2]
-        gaps = [abs(sum(abs(lengths[i]) for i in a) - sum(abs(lengths[i]) for i in b)) for a, b in steps]
-        assert max(gaps) <= 500
-    # grouping by length: far less padding than batches of a random permutation
-    sampler = data.LengthGroupedSampler(lengths, bs, seed=3)
-    padded = sum(len(b) * max(abs(lengths[i]) for i in b) for b in batches_of(sampler, bs))
-    perm = torch.randperm(203, generator=g).tolist()
-    random_padded = sum(len(perm[i:i + bs]) * max(abs(lengths[j]) for j in perm[i:i + bs]) for i in range(0, 203, bs))
-    assert padded < 0.7 * random_padded
+    order = data.modality_length_grouped_indices(lengths, bs, ws, torch.Generator().manual_seed(1))
+    assert sorted(order) == list(range(203))
+    assert order == data.modality_length_grouped_indices(lengths, bs, ws, torch.Generator().manual_seed(1))
+    assert order != data.modality_length_grouped_indices(lengths, bs, ws, torch.Generator().manual_seed(2))
+    megabatches = [order[i:i + bs * ws] for i in range(0, len(order), bs * ws)][:-2]  # the last mix the leftovers
+    assert all(len({lengths[i] > 0 for i in mb}) == 1 for mb in megabatches)  # one modality per global batch
+    # the two ranks' halves of one global batch carry similar token totals (longest first to the lighter rank)
+    gaps = [abs(sum(abs(lengths[i]) for i in mb[:bs]) - sum(abs(lengths[i]) for i in mb[bs:])) for mb in megabatches]
+    assert max(gaps) <= 500
+    # each rank's chunk is its share of one sorted megabatch: longest first
+    assert all(sorted(chunk, key=lambda i: -abs(lengths[i])) == chunk for mb in megabatches
+               for chunk in (mb[:bs], mb[bs:]))
 
 
 def file_hashes(folder):

@@ -87,7 +87,7 @@ def test_context_and_prompt(tmp_path):
 def test_judge_scores_retries_and_relative_score(tmp_path):
     q, ctx, refs = bench_files(tmp_path)
     items = evaluate.judge_items(q, ctx, str(tmp_path))
-    predictions = evaluate.answer_all(items, lambda item: "model says " + item["text"][:2], str(tmp_path / "a.jsonl"))
+    predictions = {item["question_id"]: "model says " + item["text"][:2] for item in items}
     references = evaluate.reference_answers(items, refs)
     out = str(tmp_path / "reviews.jsonl")
     server, calls = judge_server()
@@ -140,33 +140,23 @@ def test_generated_references_resume(tmp_path):
         assert server.requests[2]["body"]["messages"][1]["content"].startswith("A man irons.\nA taxi.")
 
 
+def test_generated_references_are_llava_answer_records(tmp_path):
+    q, ctx, _ = bench_files(tmp_path)
+    items = evaluate.judge_items(q, ctx, str(tmp_path))
+    out = tmp_path / "references.jsonl"
+    with judge_server()[0] as server:
+        evaluate.reference_answers(items[:1], None, ChatClient(server.url, "sk-test", "gpt-text", max_retries=0),
+                                   str(out))
+    assert out.read_text() == json.dumps({"question_id": 1, "prompt": "Q1 what colour is the bus?",
+                                          "text": "ref:Q1 what colour is the bus?", "model_id": "gpt-text"}) + "\n"
+
+
 def test_missing_reference_is_named(tmp_path):
     q, ctx, refs = bench_files(tmp_path)
     items = evaluate.judge_items(q, ctx, str(tmp_path))
     write_jsonl(refs, [{"question_id": 1, "text": "x"}])
     with pytest.raises(ValueError, match="answers_gpt4.jsonl.*question_id 2"):
         evaluate.reference_answers(items, refs)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# answers: resumable
-
-
-def test_answer_all_resumes_and_tolerates_torn_line(tmp_path):
-    items = [{"question_id": f"q{i}", "text": f"question {i}", "image_path": None} for i in range(4)]
-    asked = []
-
-    def answer_fn(item):
-        asked.append(item["question_id"])
-        return "answer to " + item["text"]
-    out = str(tmp_path / "answers.jsonl")
-    evaluate.answer_all(items[:2], answer_fn, out)
-    with open(out, "a") as f:  # a run killed mid-write leaves a torn last line
-        f.write('{"question_id": "q2", "te')
-    got = evaluate.answer_all(items, answer_fn, out)
-    assert asked == ["q0", "q1", "q2", "q3"]  # q0, q1 were not asked again; the torn q2 was
-    assert got == {f"q{i}": f"answer to question {i}" for i in range(4)}
-    assert evaluate.answer_all(items, answer_fn, out) == got and len(asked) == 4
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -331,7 +321,8 @@ def test_demo_accuracy_counts(tmp_path, monkeypatch):
 
 def test_answer_matches_full_forward_greedy(tiny_checkpoint, tmp_path):
     """answer() (KV cache, eos stripped) == greedy decoding by re-running the full forward, with the same prompt."""
-    from clip import load_image, preprocess
+    from clip import preprocess
+    from images import load_image
     from data import render
     model, tokenizer = inference.load_model(tiny_checkpoint, "cpu", "float32")
     image = make_demo_dir(tmp_path, [("c", "x")]) + "/images/0.png"
@@ -420,7 +411,8 @@ def varied(tmp_path_factory):
     from dataclasses import replace
     from PIL import Image
     from clip import CLIPVisionConfig
-    from llama import LlamaConfig, Tokenizer
+    from llama import LlamaConfig
+    from tokenizer import Tokenizer
     from llava import LLaVA, LLaVAConfig
     root = tmp_path_factory.mktemp("varied")
     vocab = Tokenizer(os.path.join(FIXTURES, "tokenizer.model")).vocab_size

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import formats
 from clip import CLIPVisionConfig, tower_to_clip_keys
 from data import TEMPLATES, Template, render
-from llama import Tokenizer
+from tokenizer import Tokenizer
 from llava import IMAGE_TOKEN_INDEX, LLaVA, LLaVAConfig
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -32,7 +32,7 @@ def ours(ids):  # llava-hf prompts hold the image token id; ours hold -200 place
 
 @pytest.fixture(scope="module")
 def model():
-    return LLaVA.from_pretrained(HF_DIR)
+    return formats.load_llava(HF_DIR)
 
 
 def logits_of(model, ids, pixel_values):
@@ -156,7 +156,7 @@ def test_bin_shard_index_outside_the_folder_is_refused(tmp_path):
 def test_every_clip_layout_matches_the_reference(layout):
     tower = formats.load_clip(os.path.join(FIXTURES, layout))
     with torch.no_grad():
-        states = tower.hidden_states(CLIP_REF["pixel_values"])
+        states = [tower(CLIP_REF["pixel_values"], i, "cls_patch") for i in range(len(tower.encoder.layers) + 1)]
         features = tower(CLIP_REF["pixel_values"])
     for i, state in enumerate(states):
         torch.testing.assert_close(state, CLIP_REF[f"hidden_states.{i}"], atol=1e-4, rtol=0, msg=f"layer {i}")
@@ -261,7 +261,7 @@ def in_memory_name(key):  # transformers >= 4.52 module names
 
 @pytest.mark.parametrize("rename", [published_name, in_memory_name])
 def test_llava_hf_key_variants_load_identically(model, tmp_path, rename):
-    other = LLaVA.from_pretrained(write_hf_variant(tmp_path, rename))
+    other = formats.load_llava(write_hf_variant(tmp_path, rename))
     for key, value in model.state_dict().items():
         assert torch.equal(other.state_dict()[key], value), key
 
@@ -278,7 +278,7 @@ def test_unexpected_llava_hf_key_names_key_and_file(tmp_path):
     sd["multi_modal_projector.linear_3.weight"] = torch.zeros(2)
     save_file(sd, str(tmp_path / "model.safetensors"))
     with pytest.raises(KeyError, match=r"model\.safetensors: unexpected key 'multi_modal_projector\.linear_3"):
-        LLaVA.from_pretrained(str(tmp_path))
+        formats.load_llava(str(tmp_path))
 
 
 def test_missing_llava_hf_key_names_both_names(tmp_path):
@@ -287,7 +287,7 @@ def test_missing_llava_hf_key_names_both_names(tmp_path):
     del sd["language_model.model.norm.weight"]
     save_file(sd, str(tmp_path / "model.safetensors"))
     with pytest.raises(KeyError, match=r"missing key 'language_model\.model\.norm\.weight' \(llm\.norm\.weight\)"):
-        LLaVA.from_pretrained(str(tmp_path))
+        formats.load_llava(str(tmp_path))
 
 
 def test_two_names_of_one_llava_hf_tensor_are_refused(tmp_path):
@@ -296,7 +296,7 @@ def test_two_names_of_one_llava_hf_tensor_are_refused(tmp_path):
     sd["vision_tower.vision_model.post_layernorm.bias"] = sd["vision_tower.post_layernorm.bias"].clone()
     save_file(sd, str(tmp_path / "model.safetensors"))
     with pytest.raises(KeyError, match=r"model\.safetensors: several tensors map to one key"):
-        LLaVA.from_pretrained(str(tmp_path))
+        formats.load_llava(str(tmp_path))
 
 
 def test_integer_tensor_in_a_llava_hf_file_names_key_and_file(tmp_path):
@@ -305,7 +305,7 @@ def test_integer_tensor_in_a_llava_hf_file_names_key_and_file(tmp_path):
     sd["multi_modal_projector.linear_1.bias"] = sd["multi_modal_projector.linear_1.bias"].long()
     save_file(sd, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match=r"model\.safetensors: key 'multi_modal_projector\.linear_1\.bias' holds "):
-        LLaVA.from_pretrained(str(tmp_path))
+        formats.load_llava(str(tmp_path))
 
 
 def test_wrong_type_in_a_llava_hf_text_config_names_file_and_key(tmp_path):
@@ -314,7 +314,7 @@ def test_wrong_type_in_a_llava_hf_text_config_names_file_and_key(tmp_path):
     d["text_config"]["hidden_size"] = "64"
     (tmp_path / "config.json").write_text(json.dumps(d))
     with pytest.raises(ValueError, match=r"config\.json 'llm': hidden_size is '64', expected int"):
-        LLaVA.from_pretrained(str(tmp_path))
+        formats.load_llava(str(tmp_path))
 
 
 # ------------------------------------------------------------------------------------------ original release
@@ -329,7 +329,7 @@ def test_original_key_map_has_an_inverse(model):
 def test_original_release_layout_loads_to_identical_outputs(model, tmp_path, pickle_shards):
     out, clip_dir = str(tmp_path / "llava-v1.5"), str(tmp_path / "clip")
     write_original_release(model, out, clip_dir, pickle_shards)
-    loaded = LLaVA.from_pretrained(out, vision_tower=clip_dir)
+    loaded = formats.load_llava(out, vision_tower=clip_dir)
     assert loaded.config.image_aspect_ratio == "pad" and loaded.config.projector_type == "mlp2x_gelu"
     assert torch.equal(logits_of(loaded, REF["input_ids_2"], REF["pixel_values_2"]),
                        logits_of(model, REF["input_ids_2"], REF["pixel_values_2"]))
@@ -337,7 +337,7 @@ def test_original_release_layout_loads_to_identical_outputs(model, tmp_path, pic
 
 def test_original_release_tower_may_be_a_full_clip_model(model, tmp_path):
     write_original_release(model, tmp_path / "llava", tmp_path / "unused")
-    loaded = LLaVA.from_pretrained(tmp_path / "llava", vision_tower=os.path.join(FIXTURES, "clip_full"))
+    loaded = formats.load_llava(tmp_path / "llava", vision_tower=os.path.join(FIXTURES, "clip_full"))
     tower = formats.load_clip(os.path.join(FIXTURES, "clip_full"))
     for key, value in tower.state_dict().items():
         assert torch.equal(loaded.vision_tower.state_dict()[key], value), key
@@ -346,7 +346,7 @@ def test_original_release_tower_may_be_a_full_clip_model(model, tmp_path):
 def test_original_release_without_a_tower_folder_says_what_to_pass(model, tmp_path):
     write_original_release(model, tmp_path / "llava", tmp_path / "clip")
     with pytest.raises(FileNotFoundError, match="vision_tower="):
-        LLaVA.from_pretrained(tmp_path / "llava")
+        formats.load_llava(tmp_path / "llava")
 
 
 def test_original_release_with_image_start_end_tokens_is_refused():
@@ -358,7 +358,7 @@ def test_original_stage_1_projector_loads(model, tmp_path):
     torch.save(formats.llava_to_original_keys({"projector." + k: v for k, v in model.projector.state_dict().items()}),
                tmp_path / "mm_projector.bin")
     fresh = LLaVA(model.config)
-    fresh.load_projector(tmp_path)
+    formats.load_projector(fresh, tmp_path)
     for key, value in model.projector.state_dict().items():
         assert torch.equal(fresh.projector.state_dict()[key], value), key
 
@@ -367,12 +367,12 @@ def test_original_stage_1_projector_is_strict(model, tmp_path):
     sd = {"projector." + k: v for k, v in model.projector.state_dict().items() if k != "2.bias"}
     torch.save(formats.llava_to_original_keys(sd), tmp_path / "mm_projector.bin")
     with pytest.raises(KeyError, match=r"mm_projector\.bin: missing key 'model\.mm_projector\.2\.bias'"):
-        LLaVA(model.config).load_projector(tmp_path)
+        formats.load_projector(LLaVA(model.config), tmp_path)
 
 
 def test_no_projector_file_names_what_is_looked_for(model, tmp_path):
     with pytest.raises(FileNotFoundError, match="no projector.safetensors or mm_projector.bin"):
-        LLaVA(model.config).load_projector(tmp_path)
+        formats.load_projector(LLaVA(model.config), tmp_path)
 
 
 # ------------------------------------------------------------------------------------------ export to llava-hf
@@ -402,7 +402,7 @@ def test_export_hf_config_keeps_the_llava_hf_fields(model, tmp_path):
 
 def test_export_hf_reloads_to_the_reference_logits(model, tmp_path):
     formats.export_hf(model, tmp_path)
-    reloaded = LLaVA.from_pretrained(str(tmp_path))
+    reloaded = formats.load_llava(str(tmp_path))
     torch.testing.assert_close(logits_of(reloaded, REF["input_ids_1"], REF["pixel_values_1"]), REF["logits_1"],
                                atol=1e-4, rtol=0)
 
@@ -412,7 +412,7 @@ def test_export_hf_adds_image_token_and_pads_vocab(model, tmp_path):
     formats.export_hf(small, tmp_path)
     exported = json.load(open(tmp_path / "config.json"))
     assert exported["image_token_index"] == 100 and exported["text_config"]["vocab_size"] == 128
-    reloaded = LLaVA.from_pretrained(str(tmp_path))
+    reloaded = formats.load_llava(str(tmp_path))
     ids = ours(REF["input_ids_1"])
     want, got = logits_of(small, ids, REF["pixel_values_1"]), logits_of(reloaded, ids, REF["pixel_values_1"])
     torch.testing.assert_close(got[..., :100], want, atol=1e-5, rtol=0)
@@ -570,7 +570,7 @@ def test_export_takes_the_tokenizer_of_the_folder_the_model_came_from(model, tmp
     source = with_vocabulary(model, 512)
     source.save_pretrained(tmp_path / "ckpt")
     shutil.copy(TOKENIZER, tmp_path / "ckpt" / "tokenizer.model")
-    formats.export_hf(LLaVA.from_pretrained(tmp_path / "ckpt"), tmp_path / "out")
+    formats.export_hf(formats.load_llava(tmp_path / "ckpt"), tmp_path / "out")
     assert (tmp_path / "out" / "tokenizer.model").read_bytes() == open(TOKENIZER, "rb").read()
 
 
@@ -579,3 +579,30 @@ def test_exported_tower_keeps_the_clip_vision_model_names_and_weights(model, tmp
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         for key, value in tower_to_clip_keys(model.vision_tower.state_dict()).items():
             assert torch.equal(f.get_tensor("vision_tower." + key), value), key
+
+
+def test_load_projector_restores_the_saved_one(model, tmp_path):
+    model.save_projector(tmp_path)
+    torch.manual_seed(0)
+    fresh = LLaVA(model.config)
+    formats.load_projector(fresh, tmp_path)
+    for key, value in model.projector.state_dict().items():
+        assert torch.equal(fresh.projector.state_dict()[key], value), key
+    assert all(p.requires_grad for p in fresh.projector.parameters())  # it goes on training
+
+
+def test_load_projector_is_strict(model, tmp_path):
+    model.save_projector(tmp_path)
+    tensors = load_file(str(tmp_path / "projector.safetensors"))
+    del tensors["projector.2.bias"]
+    save_file(tensors, str(tmp_path / "projector.safetensors"))
+    with pytest.raises(KeyError, match="projector.2.bias") as err:
+        formats.load_projector(LLaVA(model.config), tmp_path)
+    assert "projector.safetensors" in str(err.value)
+
+
+def test_load_projector_refuses_another_projector_type(model, tmp_path):
+    model.save_projector(tmp_path)
+    linear = LLaVAConfig(**{**model.config.__dict__, "projector_type": "linear"})
+    with pytest.raises(ValueError, match="projector_type"):
+        formats.load_projector(LLaVA(linear), tmp_path)

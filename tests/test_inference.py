@@ -1,8 +1,9 @@
-"""inference.py and LLaVA's batched generation: a batch answers what each question alone answers (greedy, fp32),
-with and without images; the answer file is resumable and reads as a batch-1 run wrote it; int8 loading."""
+"""inference.py, the engine: a batch answers what each prompt alone answers (greedy, fp32; LLaMA prompts of mixed
+lengths, LLaVA prompts with and without images); the answer file is resumable and reads as a batch-1 run wrote it;
+int8 loading."""
 import os
-from collections import Counter
 import shutil
+from collections import Counter
 from dataclasses import replace
 
 import numpy as np
@@ -13,8 +14,10 @@ from PIL import Image
 import inference
 from clip import CLIPVisionConfig
 from fileio import read_jsonl
-from llama import LlamaConfig, Tokenizer
+from llama import LlamaConfig, generate
 from llava import LLaVA, LLaVAConfig
+from test_llama import MODELS, load
+from tokenizer import Tokenizer
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 QUESTIONS = ["What is it?", "What colour is the big shape in the middle of the picture?", "Count.",
@@ -57,13 +60,15 @@ def test_llava_batch_equals_each_prompt_alone_with_and_without_images(tiny):
     alone = []
     for ids, pixels in prompts:
         model.llm.setup_cache(1, len(ids) + 10)
-        alone.append(list(model.generate(ids[None], pixels, max_new_tokens=10)))
+        alone.append(list(inference.generate_llava(model, ids[None], pixels, max_new_tokens=10)))
     assert len({len(ids) for ids, _ in prompts}) >= 4, "prompts of one length: no padding tested"
-    assert model.generate_batch(prompts, max_new_tokens=10) == alone
+    with torch.no_grad():
+        embeds = [model.embed(ids[None], pixels)[0] for ids, pixels in prompts]  # (T_i, D): LLaVA's prompts
+    assert inference.generate_batch(model.llm, embeds, max_new_tokens=10) == alone
     rows_with = Counter(token for out in alone for token in set(out))
     eos = next(token for token in alone[0] if 1 < rows_with[token] < len(alone))  # some rows stop, others run on
     expected = [out[:out.index(eos) + 1] if eos in out else out for out in alone]
-    assert model.generate_batch(prompts, max_new_tokens=10, eos_id=eos) == expected
+    assert inference.generate_batch(model.llm, embeds, max_new_tokens=10, eos_id=eos) == expected
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +88,9 @@ def test_answer_batches_equal_answer(tiny, singles, batch_size):
 
 def test_batches_are_sorted_by_prompt_length(tiny, monkeypatch):
     _, model, tokenizer, items = tiny
-    lengths, real = [], model.generate_batch
-    monkeypatch.setattr(model, "generate_batch", lambda prompts, **kw: (
-        lengths.append([len(ids) for ids, _ in prompts]), real(prompts, **kw))[1])
+    lengths, real = [], inference.generate_batch
+    monkeypatch.setattr(inference, "generate_batch", lambda llm, prompts, **kw: (
+        lengths.append([len(embeds) for embeds in prompts]), real(llm, prompts, **kw))[1])
     for _ in inference.answer_batches(model, tokenizer, items, 2, batch_size=4):
         pass
     assert [len(b) for b in lengths] == [4, 2]
@@ -103,9 +108,9 @@ def test_answer_file_resumes_and_reads_as_a_batch_1_run(tiny, tmp_path, monkeypa
     assert inference.answer_file(model, tokenizer, items[:3], path, record, 6, batch_size=2) == (0, 3)
     with open(path, "a") as f:
         f.write('{"question_id": "q5", "te')  # a torn last line (a crash mid-write)
-    asked, real = [], model.generate_batch
-    monkeypatch.setattr(model, "generate_batch", lambda prompts, **kw: (asked.append(len(prompts)),
-                                                                          real(prompts, **kw))[1])
+    asked, real = [], inference.generate_batch
+    monkeypatch.setattr(inference, "generate_batch", lambda llm, prompts, **kw: (asked.append(len(prompts)),
+                                                                                   real(llm, prompts, **kw))[1])
     assert inference.answer_file(model, tokenizer, items, path, record, 6, batch_size=2) == (3, 3)
     assert sum(asked) == 3  # only the three not answered before
     expected = [record(item, text) for item, text in zip(items, one_by_one(model, tokenizer, items, 6))]
@@ -120,6 +125,7 @@ def test_int8_weights_load_and_answer(tiny):
     linears = [m for part in (quantized.llm.layers, quantized.projector) for m in part.modules()
                if isinstance(m, (torch.nn.Linear, Int8Linear))]
     assert len(linears) == 7 * len(quantized.llm.layers) + 2 and all(isinstance(m, Int8Linear) for m in linears)
+    assert isinstance(quantized.llm.lm_head, Int8Linear)
     replies = one_by_one(quantized, tokenizer, items[:3], 6)
     assert all(isinstance(r, str) for r in replies)
     batched = [reply for batch in inference.answer_batches(quantized, tokenizer, items[:3], 6) for _, reply in batch]
@@ -137,7 +143,74 @@ def test_default_batch_size():
     assert inference.default_batch_size("cpu") == 8 and inference.default_batch_size("cuda:1") == 32
 
 
-def test_without_torchrun_it_is_one_process(monkeypatch):
-    monkeypatch.delenv("RANK", raising=False)
-    with inference.distributed("cpu") as (rank, world, device):
-        assert (rank, world, device) == (0, 1, "cpu")
+# ------------------------------------------------------------------------------------------- batched generation
+
+
+def mixed_prompts(vocab_size, lengths=(5, 12, 1, 8, 3), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab_size, (n,), generator=generator).tolist() for n in lengths]
+
+
+def alone(model, prompt, max_new_tokens, eos_id=None):
+    model.setup_cache(1, len(prompt) + max_new_tokens)
+    return list(generate(model, torch.tensor([prompt]), max_new_tokens=max_new_tokens, eos_id=eos_id))
+
+
+def test_left_padded_rows_compute_what_they_compute_alone():
+    model, _ = load("llama_tied")  # linear RoPE scaling: the per-row positions go through the scaling too
+    model.double()
+    prompts = mixed_prompts(model.config.vocab_size, (3, 9, 6))
+    T = max(map(len, prompts))
+    ids = torch.stack([torch.tensor([0] * (T - len(p)) + p) for p in prompts])  # (3, 9) left-padded
+    left_pad = torch.tensor([T - len(p) for p in prompts])
+    with torch.no_grad():
+        model.setup_cache(3, T + 1)
+        mask, positions = inference.left_pad_mask(torch.arange(T), left_pad)
+        prefill = model(ids, input_pos=torch.arange(T), mask=mask, positions=positions)  # (3, T, V)
+        mask, positions = inference.left_pad_mask(torch.tensor([T]), left_pad)
+        step = model(torch.tensor([[7], [8], [9]]), input_pos=torch.tensor([T]), mask=mask, positions=positions)
+        for b, p in enumerate(prompts):
+            full = model(torch.tensor([p + [7 + b]]))  # (1, len + 1, V), no cache
+            assert (prefill[b, T - len(p):] - full[0, :-1]).abs().max() <= 1e-9
+            assert (step[b, 0] - full[0, -1]).abs().max() <= 1e-9
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_generate_batch_equals_each_prompt_alone(name):
+    model, _ = load(name)
+    prompts = mixed_prompts(model.config.vocab_size)
+    assert inference.generate_batch(model, prompts, max_new_tokens=10) == [alone(model, p, 10) for p in prompts]
+
+
+def test_generate_batch_rows_stop_at_their_own_eos():
+    model, _ = load("llama_gqa")
+    prompts = mixed_prompts(model.config.vocab_size, (5, 12, 1, 8, 3, 7, 2, 10))
+    free = [alone(model, p, 12) for p in prompts]
+    eos = free[0][2]
+    expected = [alone(model, p, 12, eos) for p in prompts]
+    stops = sorted(len(out) for out in expected if out[-1] == eos)
+    assert len(set(stops)) >= 2 and len(stops) >= 3 and min(map(len, expected)) < 12 == max(map(len, expected)), \
+        "rows must finish at different steps (the batch is compacted) while one runs to the end"
+    assert inference.generate_batch(model, prompts, max_new_tokens=12, eos_id=eos) == expected
+
+
+def test_generate_batch_from_embeddings_equals_token_ids():
+    model, _ = load("llama_gqa")
+    prompts = mixed_prompts(model.config.vocab_size)
+    with torch.no_grad():
+        embeds = [model.embed_tokens(torch.tensor(p)) for p in prompts]  # (T_i, C) each
+    assert inference.generate_batch(model, embeds, max_new_tokens=8) == inference.generate_batch(model, prompts, max_new_tokens=8)
+
+
+def test_generate_batch_reuses_a_large_enough_cache_and_refuses_an_empty_prompt():
+    model, _ = load("llama_gqa")
+    prompts = mixed_prompts(model.config.vocab_size)
+    model.setup_cache(8, 40)  # stale entries from an earlier use do not matter
+    model(torch.randint(0, 200, (8, 40)), input_pos=torch.arange(40))
+    assert inference.generate_batch(model, prompts, max_new_tokens=6) == [alone(model, p, 6) for p in prompts]
+    model.setup_cache(8, 40)
+    cache = model.layers[0].self_attn.k_cache
+    inference.generate_batch(model, prompts, max_new_tokens=6)
+    assert model.layers[0].self_attn.k_cache is cache
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        inference.generate_batch(model, [[5], []], max_new_tokens=2)

@@ -8,6 +8,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import formats
+import inference
+from llama import Llama
 from llava import IMAGE_TOKEN_INDEX, LLaVA, LLaVAConfig
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -22,7 +25,7 @@ def ours(ids):  # llava-hf prompts hold the image token id; ours hold -200 place
 
 @pytest.fixture(scope="module")
 def model():
-    return LLaVA.from_pretrained(HF_DIR)
+    return formats.load_llava(HF_DIR)
 
 
 def logits_of(model, ids, pixel_values):
@@ -50,7 +53,7 @@ def test_loss_matches_transformers(model):
 
 def test_greedy_generation_matches_transformers(model):
     model.llm.setup_cache(1, 64)
-    tokens = list(model.generate(ours(REF["input_ids_1"]), REF["pixel_values_1"], max_new_tokens=20))
+    tokens = list(inference.generate_llava(model, ours(REF["input_ids_1"]), REF["pixel_values_1"], max_new_tokens=20))
     model.llm.reset_cache()
     assert tokens == REF["greedy_1"][0].tolist()
 
@@ -184,38 +187,12 @@ def test_save_projector_writes_only_the_projector(model, tmp_path):
         assert set(f.keys()) == {"projector.0.weight", "projector.0.bias", "projector.2.weight", "projector.2.bias"}
 
 
-def test_load_projector_restores_the_saved_one(model, tmp_path):
-    model.save_projector(tmp_path)
-    torch.manual_seed(0)
-    fresh = LLaVA(model.config)
-    fresh.load_projector(tmp_path)
-    for key, value in model.projector.state_dict().items():
-        assert torch.equal(fresh.projector.state_dict()[key], value), key
-    assert all(p.requires_grad for p in fresh.projector.parameters())  # it goes on training
-
-
-def test_load_projector_is_strict(model, tmp_path):
-    model.save_projector(tmp_path)
-    tensors = load_file(str(tmp_path / "projector.safetensors"))
-    del tensors["projector.2.bias"]
-    save_file(tensors, str(tmp_path / "projector.safetensors"))
-    with pytest.raises(KeyError, match="projector.2.bias") as err:
-        LLaVA(model.config).load_projector(tmp_path)
-    assert "projector.safetensors" in str(err.value)
-
-
-def test_load_projector_refuses_another_projector_type(model, tmp_path):
-    model.save_projector(tmp_path)
-    linear = LLaVAConfig(**{**model.config.__dict__, "projector_type": "linear"})
-    with pytest.raises(ValueError, match="projector_type"):
-        LLaVA(linear).load_projector(tmp_path)
-
-
 def test_from_parts_loads_base_checkpoints_and_builds_a_fresh_projector(model, tmp_path):
     model.llm.save_pretrained(tmp_path / "llm")  # base checkpoints in HF layout, as a user has them
     model.vision_tower.save_pretrained(tmp_path / "clip")
     torch.manual_seed(0)
-    built = LLaVA.from_parts(str(tmp_path / "llm"), str(tmp_path / "clip"), projector_type="linear", template="plain")
+    llm, tower = Llama.from_pretrained(str(tmp_path / "llm")), formats.load_clip(str(tmp_path / "clip"))
+    built = LLaVA.from_parts(llm, tower, projector_type="linear", template="plain")
     assert built.config.template == "plain" and built.config.num_image_tokens == 25
     assert isinstance(built.projector, torch.nn.Linear) and built.projector.weight.shape == (64, 32)
     for key, value in model.state_dict().items():
@@ -227,8 +204,9 @@ def test_from_parts_loads_base_checkpoints_and_builds_a_fresh_projector(model, t
 
 def test_from_parts_reads_a_full_clip_model(model, tmp_path):  # openai/clip-vit-large-patch14-336 is one
     model.llm.save_pretrained(tmp_path / "llm")
-    built = LLaVA.from_parts(str(tmp_path / "llm"), os.path.join(FIXTURES, "clip_full"))
-    reference = LLaVA.from_parts(str(tmp_path / "llm"), os.path.join(FIXTURES, "clip_tiny"))
+    llm = Llama.from_pretrained(str(tmp_path / "llm"))
+    built = LLaVA.from_parts(llm, formats.load_clip(os.path.join(FIXTURES, "clip_full")))
+    reference = LLaVA.from_parts(llm, formats.load_clip(os.path.join(FIXTURES, "clip_tiny")))
     for key, value in reference.vision_tower.state_dict().items():
         assert torch.equal(built.vision_tower.state_dict()[key], value), key
 
@@ -240,14 +218,14 @@ def _full_logits_loss(model, ids, pixel_values, labels):  # the textbook form: e
 
 
 def test_loss_on_labelled_positions_equals_the_full_logits_loss():
-    model = LLaVA.from_pretrained(HF_DIR).requires_grad_(True)
+    model = formats.load_llava(HF_DIR).requires_grad_(True)
     ids, pixels, labels = ours(REF["input_ids_1"]), REF["pixel_values_1"], REF["labels_1"]
     _, loss = model(ids, pixels, labels=labels)
     torch.testing.assert_close(loss, _full_logits_loss(model, ids, pixels, labels), atol=1e-6, rtol=0)
 
 
 def test_loss_on_labelled_positions_gives_the_full_logits_gradients():
-    model = LLaVA.from_pretrained(HF_DIR).requires_grad_(True)
+    model = formats.load_llava(HF_DIR).requires_grad_(True)
     model.vision_tower.requires_grad_(False)
     ids, pixels, labels = ours(REF["input_ids_1"]), REF["pixel_values_1"], REF["labels_1"]
     model(ids, pixels, labels=labels)[1].backward()
@@ -262,5 +240,17 @@ def test_loss_on_labelled_positions_gives_the_full_logits_gradients():
 
 def test_training_forward_returns_logits_of_the_labelled_positions_only():
     labels = REF["labels_1"]
-    logits, _ = LLaVA.from_pretrained(HF_DIR)(ours(REF["input_ids_1"]), REF["pixel_values_1"], labels=labels)
+    logits, _ = formats.load_llava(HF_DIR)(ours(REF["input_ids_1"]), REF["pixel_values_1"], labels=labels)
     assert logits.shape == (int((labels[:, 1:] != -100).sum()), REF["logits_1"].shape[-1])
+
+
+@pytest.mark.parametrize("change, message", [({"select_layer": -5}, "select_layer -5 is out of range for 3 CLIP layers"),
+                                             ({"select_feature": "cls"}, "select_feature='cls' is not supported")])
+def test_a_feature_selection_the_tower_cannot_give_is_refused(model, change, message):
+    with pytest.raises(ValueError, match=message):
+        LLaVAConfig(**{**model.config.__dict__, **change})
+
+
+def test_another_layout_names_its_loader():
+    with pytest.raises(ValueError, match=r"llava_hf.*config\.json: not a llava-minimal config.*formats\.load_llava"):
+        LLaVA.from_pretrained(HF_DIR)

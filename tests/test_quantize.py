@@ -134,16 +134,6 @@ def test_skipping_embed_tokens_keeps_the_float_table_for_lookups():
     assert torch.equal(model.embed_tokens.weight, load("llama_tied")[0].embed_tokens.weight)
 
 
-def test_from_pretrained_quantizes_on_request_and_refuses_other_kinds(tmp_path):
-    torch.manual_seed(0)
-    LLaVA(LLaVAConfig(llm=LlamaConfig.from_name("tiny"), vision=CLIPVisionConfig.from_name("tiny"))).save_pretrained(
-        tmp_path)
-    model = LLaVA.from_pretrained(tmp_path, quantize="int8")
-    assert isinstance(model.llm.lm_head, Int8Linear) and isinstance(model.projector[0], Int8Linear)
-    with pytest.raises(ValueError, match="int4"):
-        LLaVA.from_pretrained(tmp_path, quantize="int4")
-
-
 def test_skip_names_match_at_any_depth():
     model, _ = load("llama_tied")
     quantize_int8(model, skip=("mlp", "lm_head"))  # every block's mlp and the head stay float

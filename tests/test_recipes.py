@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import train
+import train_cli
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = dict(warmup_ratio=0.03, weight_decay=0.0, max_length=2048, grad_checkpointing=True)  # every real script
@@ -74,7 +75,7 @@ def test_a_stage_2_only_recipe_names_the_stage_1_recipe_whose_projector_fits(rec
 
 
 def test_help_and_docstring_list_every_recipe():
-    recipe_help = next(a.help for a in train.make_parser()._actions if a.dest == "recipe")  # before wrapping
+    recipe_help = next(a.help for a in train_cli.make_parser(train.__doc__, train.RECIPES)._actions if a.dest == "recipe")  # before wrapping
     for name, stages in train.RECIPES.items():
         assert f"`{name}`" in train.__doc__, name
         assert f"{name} (stage {' and '.join(map(str, stages))})" in recipe_help, name
@@ -141,7 +142,7 @@ def test_a_real_recipe_needs_real_paths():
 
 
 def test_at_most_15_flags():
-    actions = train.make_parser()._actions  # --help included
+    actions = train_cli.make_parser(train.__doc__, train.RECIPES)._actions  # --help included
     assert len(actions) <= 15, [a.option_strings for a in actions]
 
 

@@ -15,8 +15,10 @@ import pytest
 from safetensors import safe_open
 
 import train
+from checkpoint import latest_state
+from formats import export_hf
 from llava import LLaVA
-from test_train import REPO, demo, flags, losses, records, torchrun  # noqa: F401 (demo: the shared fixture)
+from test_train import REPO, base_parts, demo, flags, losses, records, torchrun  # noqa: F401 (demo: the fixture)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -38,7 +40,7 @@ def test_a_state_of_2_ranks_resumes_in_1_and_in_2(demo, tmp_path):
     args = ("lr=1e-3", "micro_batch_size=2")
     one = train.main(flags(demo, tmp_path / "one", 2, *args)).state_dict()  # uninterrupted, one process
     run_torchrun(*flags(demo, tmp_path / "two", 2, *args, "stop_after=2"))
-    shards = sorted(p.name for p in train.latest_state(tmp_path / "two").glob("*.distcp"))
+    shards = sorted(p.name for p in latest_state(tmp_path / "two").glob("*.distcp"))
     assert len(shards) == 2  # each rank wrote its own
     shutil.copytree(tmp_path / "two", tmp_path / "two_then_one")
     resumed_in_1 = train.main(flags(demo, tmp_path / "two_then_one", 2, *args, "--resume")).state_dict()
@@ -51,14 +53,14 @@ def test_a_state_of_2_ranks_resumes_in_1_and_in_2(demo, tmp_path):
 
 SHARDED_LOAD = """
 import sys, torch, torch.distributed as dist
-import train
+import distributed, train
 from torch.distributed.tensor import DTensor
-rank, world, device = train.setup_distributed(60)
+rank, world, device = distributed.setup(timeout_s=60)
 config = train.make_config("demo", 2, ["num_workers=0", *sys.argv[4:]], model=sys.argv[1], vision_tower=sys.argv[2],
                            projector=sys.argv[3] or None, data="unused", image_folder="unused")
-model, sources = train.build_sharded(config)
+model = train.build_model(config, lazy=True)
 assert next(model.llm.parameters()).is_meta
-model = train.load_sharded(train.parallelize(model, device, False, False), sources, device)
+model = distributed.parallelize(model, device)
 full = {n: p.full_tensor() if isinstance(p, DTensor) else p.detach() for n, p in model.named_parameters()}
 if rank == 0:
     reference = dict(train.build_model(config).named_parameters())
@@ -73,16 +75,16 @@ dist.destroy_process_group()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("start", ["base", "llava", "lora"])
+@pytest.mark.parametrize("start", ["base", "llava", "llava-hf", "lora"])
 def test_rank_sharded_loading_gives_the_parameters_of_one_process(demo, tmp_path, start):
     script = tmp_path / "sharded_load.py"
     script.write_text(SHARDED_LOAD)
     sets = ["lora_r=4"] if start == "lora" else []  # adapters: A drawn after the projector, B zeros, on every rank
     if start in ("base", "lora"):  # a base LLM (HF names, mapped first) + CLIP + the stage-1 projector
         model, tower, projector = demo / "base" / "llm", demo / "base" / "clip", demo / "projector"
-    else:  # our own LLaVA checkpoint: every part from one file
+    else:  # a LLaVA checkpoint, ours or llava-hf's: every part from one file
         model, tower, projector = tmp_path / "llava", "", ""
-        LLaVA.from_parts(str(demo / "base" / "llm"), str(demo / "base" / "clip")).save_pretrained(str(model))
+        base_parts(demo).save_pretrained(str(model)) if start == "llava" else export_hf(base_parts(demo), model)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(script), str(model), str(tower), str(projector), *sets]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240,
@@ -148,6 +150,6 @@ class RunsCode:
 
 def test_a_state_whose_metadata_would_run_code_is_refused(demo, tmp_path):
     train.main(flags(demo, tmp_path, 1, "stop_after=2"))
-    (train.latest_state(tmp_path) / ".metadata").write_bytes(pickle.dumps(RunsCode()))
+    (latest_state(tmp_path) / ".metadata").write_bytes(pickle.dumps(RunsCode()))
     with pytest.raises(SystemExit, match=r"\.metadata is not a training state's index: .* may not build posix.system"):
         train.main(flags(demo, tmp_path, 1, "--resume"))

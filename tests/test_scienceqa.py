@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import demo
 import scienceqa
 from api import ChatClient, FatalAPIError
 from tests.fake_openai import FakeOpenAI
@@ -219,24 +220,6 @@ def test_model_items_ask_like_model_vqa_science(tmp_path):
     assert items[1]["image_path"] is None and items[1]["prompt"] == items[1]["text"]
 
 
-def test_answer_file_resumes_and_repairs_a_torn_line(tmp_path):
-    out = tmp_path / "answers.jsonl"
-    out.write_text(json.dumps({"question_id": "1", "prompt": "p", "text": "A"}) + '\n{"question_id": "2", "te')
-    items = [{"question_id": str(i), "prompt": f"q{i}", "text": f"q{i}"} for i in range(1, 5)]
-    asked = []
-
-    def ask(item):
-        asked.append(item["question_id"])
-        return None if item["question_id"] == "4" else "The answer is B."  # 4 fails: left for the next run
-    assert scienceqa.answer_all(items, ask, str(out), "m") == 1
-    assert asked == ["2", "3", "4"]
-    records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["question_id"] for r in records] == ["1", "2", "3"]
-    assert set(records[1]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
-    scienceqa.answer_all(items, ask, str(out), "m")
-    assert asked == ["2", "3", "4", "4"]
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # GPT-4 and the ensemble
 
@@ -246,6 +229,18 @@ def test_gpt4_messages_are_text_only_with_worked_shots():
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
     assert messages[2]["content"] == "Lec. Sol. The answer is A."
     assert messages[3]["content"].startswith("Which of these states") and "<image>" not in messages[3]["content"]
+
+
+def test_gpt4_answer_file_is_model_vqa_science_format(tmp_path):
+    out = tmp_path / "gpt4.jsonl"
+    with FakeOpenAI(reply=lambda m: "The answer is A.") as server:
+        client = ChatClient(server.url, "sk-test", "gpt-4", max_retries=0)
+        scienceqa.gpt4_answers({"1": MAP, "2": problem()}, client, str(out), workers=1)
+    first, second = (json.loads(line) for line in out.read_text().splitlines())
+    assert {k: v for k, v in first.items() if k != "answer_id"} == {
+        "question_id": "1", "prompt": scienceqa.question_text(MAP), "text": "The answer is A.", "model_id": "gpt-4",
+        "metadata": {}}
+    assert len(first["answer_id"]) == 32 and first["answer_id"] != second["answer_id"]
 
 
 def test_gpt4_answers_survive_500_and_rerun_asks_only_failures(tmp_path):
@@ -328,6 +323,7 @@ def test_gpt4_and_ensemble_cli(tmp_path, monkeypatch, capsys):
         scienceqa.main(["gpt4", *flags, "--out", gpt4_file, "--shots", "1", "--workers", "1"])
         first = server.requests[0]["body"]
         assert first["model"] == "gpt-4" and first["messages"][1]["content"].startswith("Worked example?")
+        assert (first["temperature"], first["max_tokens"]) == (0.0, 1024)
         scienceqa.main(["ensemble", *flags, "--answers", write_answers(tmp_path / "ours.jsonl", ours),
                         "--gpt4", gpt4_file, "--mode", "judge", "--out", out])
     result = json.loads(open(out).read())
@@ -358,7 +354,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def test_demo_set_is_scienceqa_shaped(tmp_path):
-    problems = scienceqa.make_demo_scienceqa(str(tmp_path), n_images=6)
+    problems = demo.make_scienceqa_demo(str(tmp_path), n_images=6)
     for split in ("train", "val", "test", "minival", "minitest"):
         for pid, p in scienceqa.load_scienceqa(str(tmp_path), split).items():
             assert not p["image"] or os.path.isfile(tmp_path / "images" / p["split"] / pid / "image.png")
@@ -397,7 +393,7 @@ def test_demo_trains_with_the_scienceqa_recipe(tiny_checkpoint, tmp_path):
     if '"scienceqa"' not in open(os.path.join(ROOT_DIR, "train.py")).read():
         pytest.skip("train.py has no scienceqa recipe")
     root, data, run_dir = str(tmp_path / "sqa"), str(tmp_path / "train.json"), str(tmp_path / "run")
-    scienceqa.make_demo_scienceqa(root, n_images=4)
+    demo.make_scienceqa_demo(root, n_images=4)
     scienceqa.main(["convert", "--root", root, "--split", "train", "--out", data])
     train = subprocess.run(
         [sys.executable, "train.py", "--recipe", "scienceqa", "--stage", "2", "--model", tiny_checkpoint, "--data",
@@ -409,19 +405,3 @@ def test_demo_trains_with_the_scienceqa_recipe(tiny_checkpoint, tmp_path):
     scienceqa.main(["answer", "--model", run_dir, "--root", root, "--out", answers, "--max-new-tokens", "3",
                     "--limit", "2"])
     assert len(scienceqa.read_answers(answers)) == 2
-
-
-def test_ctrl_c_in_the_pool_cancels_the_requests_in_flight():
-    import threading
-    import time
-    cancelled = threading.Event()
-
-    def one(item):
-        if item == 0:
-            raise KeyboardInterrupt  # as if Ctrl-C reached the main thread while item 1 waits in a backoff
-        return cancelled.wait(5)  # a client's wait: ends only when cancel() is called
-
-    start = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        scienceqa.run_pool(one, [0, 1], workers=2, desc="test", cancel=cancelled.set)
-    assert cancelled.is_set() and time.monotonic() - start < 2

@@ -20,9 +20,12 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
+import checkpoint
+import formats
 import train
-from train import FileSystemReader, FileSystemWriter
+from checkpoint import latest_state
 from clip import CLIPVisionTower
 from demo import build_demo_inputs
 from llama import Llama
@@ -52,6 +55,11 @@ def flags(demo, out, stage, *extra):
             "--vision-tower", str(demo / "base" / "clip"), "--data", str(demo / f"small{stage}.json"),
             "--image-folder", str(demo / "data" / "images"), "--out", str(out), *projector,
             "--set", "batch_size=8", "epochs=1", "lr=1e-2", "num_workers=0", *extra]
+
+
+def base_parts(demo):
+    """The demo's base LLM and tower with a fresh projector (seeded as the caller's RNG is)."""
+    return LLaVA.from_parts(Llama.from_pretrained(demo / "base" / "llm"), formats.load_clip(demo / "base" / "clip"))
 
 
 def records(out):
@@ -113,7 +121,7 @@ def test_no_stage_prints_the_demo_accuracy_last(whole_demo):
 def stage1_run(demo, tmp_path_factory):
     out = tmp_path_factory.mktemp("s1")
     torch.manual_seed(0)  # train.py draws the projector with seed 0 the same way
-    initial = LLaVA.from_parts(str(demo / "base" / "llm"), str(demo / "base" / "clip")).projector.state_dict()
+    initial = base_parts(demo).projector.state_dict()
     return initial, train.main(flags(demo, out, 1)), out
 
 
@@ -219,7 +227,7 @@ def test_resume_names_a_width_mismatch(demo, cut, tmp_path):
     weights = load_file(demo / "projector" / "projector.safetensors")
     weights["projector.2.weight"] = torch.zeros(64, 128)
     dcp.save({"model": weights}, checkpoint_id=state, no_dist=True)
-    shutil.copy(train.latest_state(cut) / "state.json", state)
+    shutil.copy(latest_state(cut) / "state.json", state)
     with pytest.raises(SystemExit, match=r"projector.2.weight is \[64, 128\], this model's is \[128, 128\]"):
         train.main(flags(demo, tmp_path / "out", 1, "--resume", str(state)))
 
@@ -270,7 +278,7 @@ def test_full_disk_at_a_training_state_keeps_the_previous_one(demo, tmp_path, mo
     class FullDisk(FileSystemWriter):
         def write_data(self, *args, **kwargs):
             full_disk()
-    monkeypatch.setattr(train, "FileSystemWriter", FullDisk)
+    monkeypatch.setattr(checkpoint, "FileSystemWriter", FullDisk)
     with pytest.raises(SystemExit, match=re.escape(f"could not write {tmp_path / 'checkpoints' / 'step_0000003'}")):
         train.main(flags(demo, tmp_path, 1, "save_every=1", "--resume"))
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000002"] and not leftovers(tmp_path)
@@ -301,18 +309,6 @@ def test_a_tower_of_another_size_than_the_recipes_stops_before_training(demo, tm
 
 
 # ---------------------------------------------------------------------------------------------- processes
-
-
-def test_init_process_group_gets_the_timeout(monkeypatch):
-    seen = {}
-    monkeypatch.setattr(train.dist, "init_process_group", lambda backend, **kw: seen.update(kw, backend=backend))
-    monkeypatch.setattr(train.dist, "get_rank", lambda: 0)
-    monkeypatch.setattr(train.dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    assert train.setup_distributed(42)[:2] == (0, 2)
-    assert seen == {"backend": "gloo", "timeout": timedelta(seconds=42)}
 
 
 def wait_for_steps(out, n, proc, seconds=120):
@@ -409,7 +405,7 @@ def test_a_stalled_rank_ends_the_job_and_keeps_the_last_state(demo, tmp_path):
             proc.kill()
     text = log.read_text()
     assert proc.returncode != 0 and "within dist_timeout=15 s" in text, text[-3000:]
-    state = train.latest_state(out)
+    state = latest_state(out)
     assert f"the last good training state: {state}" in text
     assert json.loads((state / "state.json").read_text())["step"] % 2 == 0 and not leftovers(out)
 
@@ -419,8 +415,8 @@ def test_a_stalled_rank_ends_the_job_and_keeps_the_last_state(demo, tmp_path):
 
 def base_llava(demo):
     """The model a LoRA run starts from: the base LLM and tower with the stage-1 projector, fp32, eval mode."""
-    model = LLaVA.from_parts(str(demo / "base" / "llm"), str(demo / "base" / "clip"))
-    model.load_projector(str(demo / "projector"))
+    model = base_parts(demo)
+    formats.load_projector(model, str(demo / "projector"))
     return model
 
 
@@ -500,7 +496,7 @@ def test_lora_adapter_file_on_the_base_model_gives_the_output(demo, lora_run):
     _, out = lora_run
     from lora import load_adapters, merge_lora
     assert (out / "adapter.safetensors").stat().st_size < (out / "model.safetensors").stat().st_size / 4
-    model = LLaVA.from_parts(str(demo / "base" / "llm"), str(demo / "base" / "clip"))  # any projector: the file's wins
+    model = base_parts(demo)  # any projector: the file's wins
     config = load_adapters(model, out)
     assert config["r"] == 4 and config["base_model"] == str(demo / "base" / "llm")
     output = LLaVA.from_pretrained(str(out)).state_dict()
@@ -512,7 +508,7 @@ def lora_resumed(demo, tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_resume")
     train.main(flags(demo, root / "full", 2, "lora_r=4"))
     train.main(flags(demo, root / "cut", 2, "lora_r=4", "stop_after=2"))
-    saved = FileSystemReader(str(train.latest_state(root / "cut"))).read_metadata().state_dict_metadata
+    saved = FileSystemReader(str(latest_state(root / "cut"))).read_metadata().state_dict_metadata
     state = [k.removeprefix("model.") for k in saved if k.startswith("model.")]  # the trained weights' names
     train.main(flags(demo, root / "cut", 2, "lora_r=4", "--resume"))
     return root, state

@@ -1,0 +1,84 @@
+"""tokenizer.py: the sentencepiece tokenizer equals raw sentencepiece, round-trips every text, and streams text that
+never splits a character."""
+import os
+
+import pytest
+import sentencepiece as spm
+import torch
+
+from tokenizer import Tokenizer
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+TEXTS = ["USER: What colour is the circle?\nASSISTANT: Red.", "  two leading spaces,   runs    of spaces  ",
+         "line one\n\nline three\n", "naïve café, Größe, 東京, Ελληνικά", "emoji 🐍🎉 and 👩‍👩‍👧 family", "\t tab\t",
+         "", "1234567890 3.14"]
+
+
+def test_tokenizer_special_ids():
+    tokenizer = Tokenizer(FIXTURES)
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.vocab_size) == (1, 2, 0, 512)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_tokenizer_equals_raw_sentencepiece_and_round_trips(text):
+    tokenizer = Tokenizer(FIXTURES)
+    raw = spm.SentencePieceProcessor(model_file=os.path.join(FIXTURES, "tokenizer.model"))
+    ids = tokenizer.encode(text, bos=False)
+    assert ids == raw.encode(text)
+    assert tokenizer.encode(text, bos=True, eos=True) == [1] + ids + [2]
+    assert tokenizer.decode(ids) == text  # byte fallback and identity normalisation keep everything
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_ids_past_the_pieces_decode_to_nothing(text):
+    # a model with a padded vocabulary (llava-hf: 32064 rows, 32000 pieces) may sample an id past the pieces
+    tokenizer = Tokenizer(FIXTURES)
+    ids = tokenizer.encode(text, bos=False)
+    assert tokenizer.decode(ids + [512, 600]) == text and tokenizer.stream().push(511 + 64) == ""
+
+
+def test_emoji_become_byte_pieces():
+    tokenizer = Tokenizer(FIXTURES)
+    assert any(tokenizer.sp.id_to_piece(i).startswith("<0x") for i in tokenizer.encode(TEXTS[4]))
+
+
+def test_corrupt_tokenizer_model_names_the_file(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"\x00not a sentencepiece model" * 10)
+    with pytest.raises(ValueError, match=r"tokenizer\.model: not a sentencepiece model"):
+        Tokenizer(tmp_path)
+
+
+def test_stream_equals_full_decode_and_never_splits_a_character():
+    tokenizer = Tokenizer(os.path.join(FIXTURES, "tokenizer.model"))
+    sequences = [tokenizer.encode(text, bos=False) for text in TEXTS]
+    generator = torch.Generator().manual_seed(0)
+    sequences += [torch.randint(3, 512, (40,), generator=generator).tolist() for _ in range(20)]  # any id order
+    for ids in sequences:
+        stream = tokenizer.stream()
+        pieces = [stream.push(i) for i in ids]
+        assert "".join(pieces) + stream.flush() == tokenizer.decode(ids)
+
+
+def test_stream_never_splits_a_character():
+    tokenizer = Tokenizer(os.path.join(FIXTURES, "tokenizer.model"))
+    stream = tokenizer.stream()
+    pieces = [stream.push(i) for i in tokenizer.encode("a 🐍 b", bos=False)]
+    assert "" in pieces and any("🐍" in p for p in pieces)  # held back until the emoji's last byte arrives
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_missing_tokenizer_names_the_path():
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        Tokenizer("/nowhere/tokenizer.model")
+
+
+def test_tokenizer_takes_pathlib_folders_and_files():
+    from pathlib import Path
+    tokenizer = Tokenizer(FIXTURES)
+    for path in [Path(FIXTURES), Path(FIXTURES) / "tokenizer.model"]:
+        assert Tokenizer(path).encode("red circle") == tokenizer.encode("red circle")
+
+
+# ----------------------------------------------------------------------------------------------------- sampling
