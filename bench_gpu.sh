@@ -3,8 +3,8 @@
 #   1. batched bf16 decode of a 7B-shaped LLaMA at batch 1/8/32/64 (tokens/s; the batch-1 rate x 13.5 GB of
 #      weights / the card's bandwidth is the fraction of memory bandwidth used)
 #   1b. LLaVA-1.5-7B-shaped (random weights): time to first token with one 336 px image, batch 1 and 8 decode
-#   2. a stage-2 step of a 1.1B LLM + ViT-L/14-336 at 2048 tokens: gradient checkpointing off/on, compile off/on,
-#      and the full-logits loss (the step before labels-only logits): tokens/s, MFU, peak memory
+#   2. a stage-2 step of a 1.1B LLM + ViT-L/14-336 at 2048 tokens: gradient checkpointing off/on, compile off/on:
+#      tokens/s, MFU, peak memory
 #   3. the ViT-L/14-336 tower alone, bf16, batch 64 (images/s)
 # Usage: bash bench_gpu.sh [timeout per command in seconds, default 150]
 set -uo pipefail
@@ -23,5 +23,4 @@ run $train
 run $train --grad-checkpointing
 run $train --compile
 run $train --grad-checkpointing --compile
-run $train --full-logits
 run clip --preset vit-l-14-336 --batch 64 --dtype bfloat16

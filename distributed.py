@@ -78,7 +78,7 @@ def all_sum(values, device) -> list:
 
 # -------------------------------------------------------------------------------------------------------- FSDP2
 
-def parallelize(model, device, bf16=False, grad_checkpointing=False, compile_blocks=False):
+def parallelize(model, device, *, bf16=False, grad_checkpointing=False, compile_blocks=False):
     """A LLaVA ready to train on `device`. Under torchrun each decoder block, then the root, is sharded with FSDP2
     (weights gathered in bf16 with `bf16`, gradients reduced in fp32); the frozen tower is a replica on every rank.
     A model loaded on the meta device (each parameter holding its `.source`, checkpoint.load_strict) is filled
@@ -109,6 +109,7 @@ def parallelize(model, device, bf16=False, grad_checkpointing=False, compile_blo
 def fill(model, sources, device):
     """Allocate a meta model's parameters on `device` and copy in their sources: of an FSDP parameter only this
     rank's dim-0 shard (ceil(rows / world) rows, the last shorter, as fully_shard cuts them), else all of it."""
+    assert not list(model.buffers()), "a buffer would be left uninitialised: only parameters have sources"
     model.to_empty(device=device)
     for name, param in model.named_parameters():
         source = sources[name]

@@ -247,13 +247,12 @@ def step_batches(dataset, epoch, first_step, steps_per_epoch, collate, rank, wor
 # the loop
 
 
-def train_step(model, optimizer, micro_batches, lr, grad_clip, device, bf16=None, times=None):
+def train_step(model, optimizer, micro_batches, lr, grad_clip, device, bf16=False, times=None):
     """One optimizer step over this rank's micro-batches of a global batch: accumulate, clip, AdamW. The loss is the
     mean over every answer token of the global batch, however it is split over ranks and micro-batches.
     Returns (loss, grad_norm, tokens, images, skipped samples), over all ranks. bench_train.py times this function;
     `times`, a dict, gets the seconds of "forward", "backward" and "optimizer" added."""
     world, cuda = dist.get_world_size() if dist.is_initialized() else 1, device.type == "cuda"
-    bf16 = cuda if bf16 is None else bf16
     autocast = torch.autocast(device.type, torch.bfloat16) if bf16 and world == 1 else nullcontext()  # FSDP casts
     # flash attention on bf16, as on a GPU; torch has a CPU flash kernel (no memory-efficient one there)
     backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION] if cuda else [SDPBackend.FLASH_ATTENTION]
@@ -388,7 +387,8 @@ def run_stage(config, rank, world, device):
         raise ValueError(f"{config.data}: {len(dataset)} usable samples, fewer than one batch of {config.batch_size}")
     flops = flops_per_step(model, config.stage)
     bf16 = distributed.uses_bf16(config.precision, device)
-    model = distributed.parallelize(model, device, bf16, config.grad_checkpointing, config.compile)
+    model = distributed.parallelize(model, device, bf16=bf16, grad_checkpointing=config.grad_checkpointing,
+                                    compile_blocks=config.compile)
     optimizer = make_optimizer(model, config)
     settings = {k: getattr(config, k) for k in RESUME_MUST_MATCH}
     first_step = checkpoint.load_state(config.resume, config.out, model, optimizer, settings, rank) if config.resume \
