@@ -99,7 +99,7 @@ class LLaVA(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32) -> "LLaVA":
-        """Our own folder (any layout: formats.load_llava); device="meta" reads nothing yet (checkpoint.load_strict)."""
+        """Our own layout only (formats.load_llava reads them all); device="meta" reads nothing yet (load_strict)."""
         config_file = os.path.join(path, "config.json")
         with torch.device("meta"):  # no memory until the checkpoint tensors are assigned
             model = cls(LLaVAConfig.from_dict(read_json(config_file), config_file))
