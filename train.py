@@ -111,8 +111,8 @@ RECIPES = {
                 group_by_length=True, lora_r=128, lora_alpha=256.0, lora_dropout=0.05)},
     "scienceqa": {  # scripts/finetune_sqa.sh: stage 2 only, from the paper's stage-1 projector
         2: dict(lr=2e-5, batch_size=128, epochs=12, template="vicuna_v1", projector_type="linear", image_size=224)},
-    "demo": {
-        1: dict(lr=1e-3, batch_size=32, epochs=1, template="plain", **DEMO),
+    "demo": {  # stage 1: 3 passes over 2,000 captions; after one the demo scored 84-99 % by seed and CPU, now 96-100
+        1: dict(lr=1e-3, batch_size=32, epochs=3, template="plain", **DEMO),
         2: dict(lr=2e-3, projector_lr=1e-2, batch_size=16, epochs=4, template="vicuna_v1", **DEMO)},
 }
 PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "A10G": 70, "4090": 165}  # dense bf16, for MFU
