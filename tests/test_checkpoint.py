@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoint import FileSlice, load_checkpoint, load_strict
+from checkpoint import FileSlice, fingerprint, load_checkpoint, load_strict
 from llama import Llama
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -58,3 +58,12 @@ def test_loading_on_the_meta_device_passes_the_same_checks(tmp_path):
     save_file(tensors, tmp_path / "ckpt" / "model.safetensors")
     with pytest.raises(KeyError, match=r"missing key 'model\.layers\.1\.mlp\.up_proj\.weight'"):
         Llama.from_pretrained(tmp_path / "ckpt", device="meta")
+
+
+def test_a_fingerprint_tells_other_weights_apart_and_not_a_copy(tmp_path):
+    shutil.copytree(GQA, tmp_path / "copy")
+    assert fingerprint(GQA) == fingerprint(tmp_path / "copy")
+    shard = tmp_path / "copy" / "model-00003-of-00004.safetensors"
+    tensors = load_file(shard)
+    save_file({k: v + 1e-3 * torch.randn_like(v) for k, v in tensors.items()}, shard)  # as a fine-tune changes them
+    assert fingerprint(GQA) != fingerprint(tmp_path / "copy")
