@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import typing
 from contextlib import contextmanager, nullcontext
@@ -29,7 +30,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError, safe_open
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -38,10 +39,17 @@ from torch.distributed.tensor import DTensor
 from fileio import fresh_dir, read_json, read_jsonl, write_json, write_text
 
 
+# The config.json fields that size a model, bounded far past any released model: a typo ("num_hidden_layers":
+# 100000000) is an error naming it, not minutes spent building a module tree before any tensor is read.
+SIZE_LIMITS = {"num_hidden_layers": 1024, "num_attention_heads": 1024, "num_key_value_heads": 1024,
+               "hidden_size": 2**16, "intermediate_size": 2**18, "vocab_size": 2**22, "head_dim": 2**12,
+               "max_position_embeddings": 2**22, "image_size": 2**14, "patch_size": 2**10, "num_channels": 16}
+
+
 def typed_fields(cls, values: dict, source) -> dict:
     """`values` checked against the dataclass `cls`'s field types: JSON holds "64" or 4.0 as easily as 64, and
-    either would fail deep inside the model. ints stay ints (4.0 is refused), an int is a fine float; a missing
-    field without a default is named, with `source` (the file)."""
+    either would fail deep inside the model. ints stay ints (4.0 is refused), an int is a fine float, sizes stay
+    within SIZE_LIMITS; a missing field without a default is named, with `source` (the file)."""
     out = {}
     for f in fields(cls):
         if f.name not in values:
@@ -52,6 +60,8 @@ def typed_fields(cls, values: dict, source) -> dict:
         if type(value) not in kinds and not (float in kinds and type(value) is int):
             names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
             raise ValueError(f"{source}: {f.name} is {value!r}, expected {names}")
+        if f.name in SIZE_LIMITS and not 0 <= value <= SIZE_LIMITS[f.name]:
+            raise ValueError(f"{source}: {f.name} is {value}, not in 0..{SIZE_LIMITS[f.name]}")
         out[f.name] = float(value) if float in kinds and type(value) is int else value
     return out
 
@@ -207,16 +217,25 @@ def fingerprint(path, samples=16, size=4096) -> str:
 # from it), each rank's RNG and the settings a resume must share. Folders are written to a fresh temporary folder
 # beside the target, then renamed: a crash, Ctrl-C or a full disk never leaves a half-written one.
 
+# a failed write as torch (RuntimeError) and safetensors (SafetensorError) report one: ENOSPC 28, EFBIG 27
+WRITE_FAILED = re.compile(r"no space left|file too large|os error 2[78]\b|code: 2[78]\b|write failed|failed writing",
+                          re.IGNORECASE)
+
+
 @contextmanager
 def temp_dir(folder, target, nbytes, hint=""):
-    """A fresh temporary folder in `folder`, always removed afterwards. An OSError inside (a full disk) becomes one
-    naming the target, the space it needs and the space free there."""
+    """A fresh temporary folder in `folder`, always removed afterwards. A failed write inside (a full disk, a file
+    too large: an OSError, or torch's and safetensors' own errors that wrap one) becomes an OSError naming the
+    target, the space it needs and the space free there."""
     Path(folder).mkdir(parents=True, exist_ok=True)
     tmp = Path(fresh_dir(folder, Path(target).name))
     try:
         yield tmp
-    except OSError as e:
-        raise OSError(f"could not write {target}: {e.strerror or e}; it needs about {nbytes / 2**20:,.1f} MiB, "
+    except (OSError, RuntimeError, SafetensorError) as e:
+        if not (isinstance(e, OSError) or WRITE_FAILED.search(str(e))):
+            raise
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise OSError(f"could not write {target}: {reason}; it needs about {nbytes / 2**20:,.1f} MiB, "
                       f"{shutil.disk_usage(folder).free / 2**20:,.1f} MiB are free there{hint}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -234,8 +253,8 @@ def write_output(out, write, nbytes, hint="") -> None:
 def save_state(model, optimizer, step, out, settings: dict, rank=0) -> Path:
     """<out>/checkpoints/step_N: each rank writes its own shards of the trained weights and the optimizer moments, in
     parallel, with torch.distributed.checkpoint (DCP), which reshards on load: a state written by N ranks resumes on
-    M. Step, optimizer settings, RNG and `settings` (what a resume must match) go to state.json. Only the newest
-    state is kept. DCP's index (.metadata) is a pickle: FileSystemWriter has no other format; StateReader reads it."""
+    M. Step, RNG and `settings` (what a resume must match) go to state.json. Only the newest state is kept. DCP's
+    index (.metadata) is a pickle: FileSystemWriter has no other format; StateReader reads it."""
     weights = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))  # local shards
     optim = get_optimizer_state_dict(model, optimizer)  # {"state": {name: {step, exp_avg, exp_avg_sq}}, groups}
     rng = {"torch": torch.get_rng_state().tolist(), "python": random.getstate(),
@@ -256,10 +275,11 @@ def save_state(model, optimizer, step, out, settings: dict, rank=0) -> Path:
         try:
             dcp.save({"model": weights, "optimizer": optim["state"]}, storage_writer=FileSystemWriter(names[0]),
                      no_dist=not dist.is_initialized())
-        except CheckpointException as e:  # DCP gathers every rank's failure: a full disk stays an OSError
-            raise next((exc for exc, _ in e.failures.values() if isinstance(exc, OSError)), e) from None
+        except CheckpointException as e:  # DCP gathers every rank's failure: the write that failed, for temp_dir
+            failures = [exc for exc, _ in e.failures.values()]
+            raise next((x for x in failures if isinstance(x, OSError) or WRITE_FAILED.search(str(x))), e) from None
         if rank == 0:
-            state = {"step": step, **settings, "param_groups": optim["param_groups"], "rng": rngs, "world_size": world}
+            state = {"step": step, **settings, "rng": rngs, "world_size": world}
             write_json(tmp / "state.json", state, indent=None)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -278,20 +298,25 @@ def latest_state(out):
 
 
 class StateReader(FileSystemReader):
-    """DCP's reader with its .metadata pickle read weights_only-style: only DCP's metadata classes, torch.Size, dtypes
-    and paths may be built from it, so a training state can never run code (torch.load(weights_only=True) reads its
-    other non-tensor items)."""
-    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-               ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
+    """DCP's reader with its .metadata pickle read against an exact allow-list: DCP's metadata classes, torch.Size,
+    dtypes, memory layouts and paths, nothing callable and no dotted name, so a training state from elsewhere can
+    never run code. load_state then refuses any entry that is not a tensor (DCP would torch.load a "bytes" entry
+    with weights_only=False) and any data file outside the state's folder."""
+    ALLOWED = {("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")} | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"), ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
+    LAYOUTS = {str(v): v for v in vars(torch).values() if isinstance(v, torch.layout)}  # "torch.strided": ...
 
     class Unpickler(pickle.Unpickler):
         def find_class(self, module, name):
-            dcp_module = module.startswith("torch.distributed.checkpoint.")
-            found = (super().find_class(module, name)  # nothing else is even imported
-                     if dcp_module or module == "torch" or (module, name) in StateReader.ALLOWED else None)
-            if (dcp_module and isinstance(found, type) or (module, name) in StateReader.ALLOWED
-                    or module == "torch" and isinstance(found, torch.dtype)):
-                return found
+            if (module, name) in StateReader.ALLOWED:
+                return super().find_class(module, name)
+            if (module, name) == ("torch.serialization", "_get_layout"):  # a layout by its name, from a fixed table
+                return StateReader.LAYOUTS.__getitem__
+            if module == "torch" and name.isidentifier() and isinstance(getattr(torch, name, None), torch.dtype):
+                return getattr(torch, name)
             raise pickle.UnpicklingError(f"a training state's .metadata may not build {module}.{name}")
 
     def __init__(self, path):
@@ -307,24 +332,36 @@ class StateReader(FileSystemReader):
         return metadata
 
 
-def load_state(path, out, model, optimizer, settings: dict, rank=0) -> int:
+def load_state(path, out, model, optimizer, settings: dict, rank=0, last_step=None) -> int:
     """Resume from save_state's folder `path` ("latest": the newest in <out>/checkpoints): settings must equal the
-    saved ones, every trained parameter must be there with its shape; weights and optimizer are resharded onto this
-    run's ranks. Returns the step."""
+    saved ones, every trained parameter must be there with its shape; weights and optimizer moments are resharded
+    onto this run's ranks, and the optimizer keeps this run's hyperparameters (lr, projector lr, weight decay).
+    Returns the step (at most last_step). Anything damaged or foreign is a ValueError naming the file."""
     path = latest_state(out) if path == "latest" else Path(path)
     if path is None:
         raise FileNotFoundError(f"--resume: no training state in {Path(out) / 'checkpoints'}")
     if not (path / "state.json").is_file() or not (path / ".metadata").is_file():
         raise ValueError(f"{path} is not a training state (no state.json and .metadata)")
     state = read_json(path / "state.json")
+    step = state.get("step") if isinstance(state, dict) else None
+    if type(step) is not int or not 0 <= step <= (step if last_step is None else last_step):
+        raise ValueError(f"{path / 'state.json'}: 'step' is {step!r}, not a step of this run (0..{last_step})")
     for key, value in settings.items():
         if state.get(key) != value:
             raise ValueError(f"{path} was trained with {key}={state.get(key)!r}, this run has {value!r}")
     reader = StateReader(path)
     try:
-        saved = reader.read_metadata().state_dict_metadata  # {"model.<name>": its full size, ...}
-    except (pickle.UnpicklingError, EOFError, AttributeError) as e:
+        metadata = reader.read_metadata()
+        saved = metadata.state_dict_metadata  # {"model.<name>": its full size, ...}
+        files = [info.relative_path for info in metadata.storage_data.values()]
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError) as e:
         raise ValueError(f"{path / '.metadata'} is not a training state's index: {e}") from None
+    for key, entry in saved.items():
+        if not isinstance(entry, TensorStorageMetadata):
+            raise ValueError(f"{path / '.metadata'}: entry {key!r} is {type(entry).__name__}, not a tensor: a training "
+                             "state holds tensors only")
+    if not all(isinstance(f, str) and f == os.path.basename(f) and f.endswith(".distcp") for f in files):
+        raise ValueError(f"{path / '.metadata'}: a data file is not a .distcp file in the state's folder")
     for name, param in model.named_parameters():  # DTensor shapes are the full ones
         if not param.requires_grad:
             continue
@@ -335,23 +372,30 @@ def load_state(path, out, model, optimizer, settings: dict, rank=0) -> int:
                              f"{list(param.shape)}: the state comes from a model of another width or projector")
     weights = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))
     optim = get_optimizer_state_dict(model, optimizer)  # zero moments of the right shapes, filled in place
-    dcp.load({"model": weights, "optimizer": optim["state"]}, storage_reader=reader,  # reshards N ranks -> M
-             no_dist=not dist.is_initialized())
+    try:
+        dcp.load({"model": weights, "optimizer": optim["state"]}, storage_reader=reader,  # reshards N ranks -> M
+                 no_dist=not dist.is_initialized())
+    except (CheckpointException, OSError, RuntimeError) as e:  # a missing or damaged .distcp file
+        reason = next((exc for exc, _ in e.failures.values()), e) if isinstance(e, CheckpointException) else e
+        raise ValueError(f"{path}: the training state's data cannot be read: {str(reason).splitlines()[0]}") from None
     set_model_state_dict(model, weights, options=StateDictOptions(strict=False))
-    groups = [dict(g, betas=tuple(g["betas"])) for g in state["param_groups"]]
-    set_optimizer_state_dict(model, optimizer, {"state": optim["state"], "param_groups": groups})
-    rng = state["rng"][min(rank, len(state["rng"]) - 1)]
-    torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
-    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
-    np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.tensor(rng["cuda"], dtype=torch.uint8))
+    set_optimizer_state_dict(model, optimizer, optim)  # the moments read above, this run's param groups
+    try:
+        rng = state["rng"][min(rank, len(state["rng"]) - 1)]
+        torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+        random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+        np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(torch.tensor(rng["cuda"], dtype=torch.uint8))
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path / 'state.json'}: 'rng' is not the RNG state save_state writes ({e!r})") from None
     return state["step"]
 
 
 def trim_metrics(path, step) -> None:
-    """Keep the records up to `step`: a run that died after its last training state logged steps that the resumed
-    run repeats, and a fresh run (step 0) starts a fresh log."""
+    """Keep the records up to `step` (the folder is made if need be): a run that died after its last training state
+    logged steps that the resumed run repeats, and a fresh run (step 0) starts a fresh log."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     records = read_jsonl(path)
     if any(r.get("step", 0) > step for r in records):
         write_text(path, "".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= step))

@@ -48,6 +48,9 @@ DEMO_COLORS = {"red": (220, 20, 20), "green": (20, 160, 40), "blue": (30, 60, 23
                "purple": (140, 30, 170)}
 DEMO_SHAPES = ("circle", "square", "triangle")
 DEMO_PLACES = ("left", "middle", "right")
+# the phrasings the demo's questions take in training and evaluation: the demo model answers these, little else
+DEMO_QUESTIONS = ("What color is the circle?", "What shape is the red object?", "How many shapes are there?",
+                  "Where is the blue square?", "Is there a green triangle?")
 # radius / width of a third: on the 64 px images, resized to the demo tower's 48 px, a small shape is ~12 px across
 # and a large one ~15 px, more than a patch (8 px)
 DEMO_SIZES = {"small": 0.36, "large": 0.46}

@@ -201,7 +201,9 @@ def load_llava(path, vision_tower=None, device="cpu", dtype=torch.float32) -> LL
     CLIP tower comes from `vision_tower` (a CLIP folder; default: the folder its config names, if it is local)."""
     config_file, kind = os.path.join(path, "config.json"), detect_format(path)
     if kind == OWN:
-        return LLaVA.from_pretrained(path, device, dtype)
+        model = LLaVA.from_pretrained(path, device, dtype)
+        model.source_path = path  # export_hf copies the tokenizer from here
+        return model
     d = read_json(config_file)
     if kind == "llava-hf":
         processor = os.path.join(path, "preprocessor_config.json")
@@ -349,6 +351,8 @@ def export_hf(model, path, tokenizer=None) -> None:
     first id after the vocabulary. The vocabulary is padded to a multiple of 64 with rows equal to the mean row:
     the mean row's logit is the mean logit, so greedy decoding never picks a padding id."""
     c = model.config
+    if any(name.endswith("weight_int8") for name, _ in model.named_buffers()):  # quantize.py's layers
+        raise ValueError("int8 weights are for answering, not for export: export the float model, quantize on load")
     if c.projector_type != "mlp2x_gelu":
         raise ValueError(f"llava-hf has only the mlp2x_gelu projector, this model has {c.projector_type!r}")
     template = chat_template(c.template)  # checked before anything is written

@@ -78,8 +78,7 @@ class LLaVA(nn.Module):
         n_images = 0 if pixel_values is None else pixel_values.shape[0]
         n_slots, n_features = int(is_image.sum()), n_images * self.config.num_image_tokens
         if n_slots != n_features:
-            raise ValueError(f"input_ids hold {n_slots} image placeholders ({IMAGE_TOKEN_INDEX}) but {n_images} "
-                             f"images give {n_features} features ({self.config.num_image_tokens} per image)")
+            raise ValueError(f"{n_slots} image placeholders in input_ids, {n_features} features from {n_images} images")
         embeds = self.llm.embed_tokens(input_ids.masked_fill(is_image, 0))  # (B, T, D), placeholder rows overwritten
         if n_images:
             features = self.encode_images(pixel_values)  # (N, P, D)
@@ -103,7 +102,6 @@ class LLaVA(nn.Module):
         config_file = os.path.join(path, "config.json")
         with torch.device("meta"):  # no memory until the checkpoint tensors are assigned
             model = cls(LLaVAConfig.from_dict(read_json(config_file), config_file))
-        model.source_path = path  # formats.export_hf copies the tokenizer from here
         return load_strict(model, *load_checkpoint(path, device), device=device, dtype=dtype).eval()
 
     @classmethod
@@ -120,6 +118,8 @@ class LLaVA(nn.Module):
 
     def save_pretrained(self, path, file="model.safetensors", prefix=""):  # the caller copies the tokenizer
         sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k.startswith(prefix)}
+        if any(k.endswith("weight_int8") for k in sd):  # quantize.py's layers: from_pretrained reads float weights
+            raise ValueError("int8 weights are for answering, not for saving: save the float model, quantize on load")
         if self.config.llm.tie_word_embeddings:
             sd.pop("llm.lm_head.weight", None)  # safetensors stores a shared tensor once
         os.makedirs(path, exist_ok=True)

@@ -26,6 +26,7 @@ base_model, vision_tower, projector_type, template, image_aspect_ratio). To rebu
     model = LLaVA.from_parts(Llama.from_pretrained(base_llm_dir), formats.load_clip(clip_dir))  # --model, tower
     load_adapters(model, "runs/stage2")   # adapters and the trained projector; merge_lora(model) to fold them in
 """
+import hashlib
 import math
 import os
 
@@ -102,6 +103,10 @@ def apply_lora(llm: nn.Module, r: int, alpha: float, dropout: float = 0.0, targe
         for parent in list(block.modules()):
             for name, child in list(parent.named_children()):
                 if name in targets and type(child) is nn.Linear:
+                    widest = min(child.in_features, child.out_features)  # B A has at most this rank anyway
+                    if r > widest:
+                        raise ValueError(f"LoRA rank r={r} is wider than {name} ({child.out_features} x "
+                                         f"{child.in_features}): r must be at most {widest}")
                     setattr(parent, name, LoRALinear(child, r, alpha, dropout))
                     adapted.append(name)
     missing = [t for t in targets if adapted.count(t) != len(llm.layers)]
@@ -146,10 +151,22 @@ def lora_config(model: nn.Module) -> dict:
     return {"r": r, "alpha": alpha, "dropout": dropout, "targets": [t for t in TARGETS if t in names]}
 
 
+def base_fingerprint(model: nn.Module) -> str:
+    """A short hash of the frozen LLM weights that adapters are trained on (the first values of every tensor, in bf16
+    so that an fp32 and a bf16 load of one base agree): adapters belong to one base, not to any of its shape."""
+    digest = hashlib.sha256()
+    llm = getattr(model, "llm", model)
+    for name, value in sorted(llm.state_dict().items()):
+        if not name.endswith((".lora_A", ".lora_B")):
+            digest.update(name.encode() + value.detach().flatten()[:256].to(torch.bfloat16).view(torch.int16).cpu()
+                          .numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def save_adapters(model: nn.Module, path, info: dict | None = None) -> None:
-    """Folder `path` gets adapter.safetensors (adapter_state_dict) and adapter_config.json (lora_config + info,
-    e.g. {"base_model": ...}). Beside a merged checkpoint's files, none of which it overwrites."""
-    config = {"format": FORMAT, **lora_config(model), **(info or {})}
+    """Folder `path` gets adapter.safetensors (adapter_state_dict) and adapter_config.json (lora_config, the base's
+    fingerprint and info, e.g. {"base_model": ...}). Beside a merged checkpoint's files, none of which it overwrites."""
+    config = {"format": FORMAT, **lora_config(model), "base_fingerprint": base_fingerprint(model), **(info or {})}
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     os.makedirs(path, exist_ok=True)
     save_tensors(os.path.join(path, ADAPTER_FILE), tensors)
@@ -164,6 +181,9 @@ def load_adapters(model: nn.Module, path) -> dict:
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ValueError(f"{config_file}: not a LoRA adapter config (no 'format': '{FORMAT}')")
     saved = {k: require(config, k, config_file) for k in ("r", "alpha", "dropout", "targets")}
+    if config.get("base_fingerprint", base_fingerprint(model)) != base_fingerprint(model):
+        raise ValueError(f"{config_file}: the adapters were trained on another base model than this one "
+                         f"(base_model: {config.get('base_model')!r}); load that base first")
     if not any(isinstance(m, LoRALinear) for m in model.modules()):
         apply_lora(getattr(model, "llm", model), saved["r"], saved["alpha"], saved["dropout"], saved["targets"])
     elif lora_config(model) != saved:

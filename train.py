@@ -283,7 +283,7 @@ def train_step(model, optimizer, micro_batches, lr, grad_clip, device, bf16=Fals
         times["backward"] = times.get("backward", 0) + end - middle
     start = clock()
     trained = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(trained, grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trained, grad_clip or float("inf"))  # grad_clip 0: no clipping
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -312,6 +312,9 @@ def train_loop(model, optimizer, dataset, collate, config, step, total_steps, fl
                 start, lr = time.time(), lr_at(step, total_steps, config)
                 loss, grad_norm, tokens, images, skipped = train_step(
                     model, optimizer, micro_batches, lr, config.grad_clip, device, bf16)
+                if not math.isfinite(loss) or not math.isfinite(grad_norm):  # stop: nothing of this step is kept
+                    raise FloatingPointError(f"step {step + 1}: loss {loss}, gradient norm {grad_norm}: diverged (lr "
+                                             f"{lr:g}); the last good state: {checkpoint.latest_state(config.out)}")
                 step, dt = step + 1, time.time() - start
                 record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss, "lr": lr,
                           "grad_norm": grad_norm, "tokens": int(tokens), "tokens_per_s": tokens / dt}
@@ -356,9 +359,8 @@ def save_output(model, config, rank, bf16, state):
         if config.stage == 1:
             return plain.save_projector(folder)
         if config.lora_r:  # adapter.safetensors + adapter_config.json: lora.load_adapters puts them on the base
-            save_adapters(plain, folder, {"base_model": config.model, "vision_tower": config.vision_tower,
-                                          "projector_type": plain.config.projector_type, "template": config.template,
-                                          "image_aspect_ratio": config.image_aspect_ratio})
+            save_adapters(plain, folder, {"base_model": config.model, **{k: getattr(config, k) for k in (
+                "vision_tower", "projector_type", "template", "image_aspect_ratio")}})
             merge_lora(plain)
         plain.save_pretrained(folder)
         shutil.copy(config.tokenizer, folder / "tokenizer.model")
@@ -379,8 +381,7 @@ def run_stage(config, rank, world, device):
     model = build_model(config, lazy=world > 1)  # under torchrun each rank reads its own shards after sharding
     dataset = data.LLaVADataset(config.data, config.image_folder, tokenizer, config.template,
                                 model.config.num_image_tokens, model.config.image_size,
-                                pad_to_square=config.image_aspect_ratio == "pad", max_length=config.max_length,
-                                skip_bad=config.skip_bad)
+                                config.image_aspect_ratio == "pad", config.max_length, config.skip_bad)
     steps_per_epoch = len(dataset) // config.batch_size  # the last partial batch of an epoch is left out
     total_steps = int(config.epochs * steps_per_epoch)
     if total_steps == 0:
@@ -391,10 +392,9 @@ def run_stage(config, rank, world, device):
                                     compile_blocks=config.compile)
     optimizer = make_optimizer(model, config)
     settings = {k: getattr(config, k) for k in RESUME_MUST_MATCH}
-    first_step = checkpoint.load_state(config.resume, config.out, model, optimizer, settings, rank) if config.resume \
-        else 0
-    Path(config.out).mkdir(parents=True, exist_ok=True)
-    if rank == 0:
+    first_step = checkpoint.load_state(config.resume, config.out, model, optimizer, settings, rank, total_steps) \
+        if config.resume else 0
+    if rank == 0:  # the output folder, and its log from first_step on
         checkpoint.trim_metrics(Path(config.out) / "metrics.jsonl", first_step)
     log(f"stage {config.stage} ({config.recipe}): {len(dataset)} samples, {total_steps} steps of {config.batch_size}, "
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trained parameters, "
@@ -439,7 +439,7 @@ def main(argv=None):
                 if model is None:
                     break
         return model  # None: ended early, a training state was written
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, FloatingPointError) as e:
         raise SystemExit(f"train.py: error: {e.args[0] if isinstance(e, KeyError) else e}") from e
 
 

@@ -2,6 +2,7 @@
 and the checks that stop bad input before anything trains. Errors are exceptions that name the flag or the key;
 train.main turns them into one message and an exit code."""
 import argparse
+import math
 import os
 from dataclasses import fields
 
@@ -64,13 +65,26 @@ def apply_sets(config, items, choices) -> None:
         setattr(config, key, value)
 
 
+# the allowed values of every number in TrainConfig: (test, what it says); floats must also be finite
+POSITIVE, AT_LEAST_0, AT_LEAST_1 = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1")
+RANGES = {"lr": POSITIVE, "projector_lr": AT_LEAST_0, "batch_size": AT_LEAST_1, "micro_batch_size": AT_LEAST_0,
+          "epochs": POSITIVE, "warmup_ratio": (lambda v: 0 <= v <= 1, "in 0..1"), "weight_decay": AT_LEAST_0,
+          "grad_clip": AT_LEAST_0, "image_size": AT_LEAST_0, "max_length": AT_LEAST_1, "lora_r": AT_LEAST_0,
+          "lora_alpha": AT_LEAST_0, "lora_dropout": (lambda v: 0 <= v < 1, "in 0..1, below 1"),
+          "num_workers": AT_LEAST_0, "seed": AT_LEAST_0, "save_every": AT_LEAST_0, "stop_after": AT_LEAST_0,
+          "dist_timeout": POSITIVE, "threads": AT_LEAST_0, "peak_tflops": AT_LEAST_0, "eval_limit": AT_LEAST_0}
+
+
 def check_settings(config) -> None:
-    """Values that parse but cannot train."""
+    """Every number in its range (a name and the range in the message), and values that parse but cannot train."""
+    for key, (test, allowed) in RANGES.items():
+        value = getattr(config, key)
+        if not (math.isfinite(value) and test(value)):
+            raise ValueError(f"{key}={value!r} is out of range: {key} must be {allowed}"
+                             + (" (0: no clipping)" if key == "grad_clip" else ""))
     if config.lora_r and config.stage == 1:
         raise ValueError(f"lora_r={config.lora_r} in stage 1: LoRA adapts the LLM, which stage 1 leaves frozen (it "
                          f"trains only the projector); give lora_r in stage 2")
-    if config.lora_r < 0:
-        raise ValueError(f"lora_r={config.lora_r}: the LoRA rank is >= 1 (0: no LoRA)")
 
 
 def check_model(config, model_config) -> None:

@@ -125,17 +125,22 @@ def test_session_over_stdin(tiny):
     torch.testing.assert_close(item["pixel_values"], pa)
 
 
+def demo_checkpoint(tmp, folder):
+    """The tiny model and an image where chat.py looks for the demo's (runs/demo under `folder`)."""
+    shutil.copytree(tmp / "model", folder / "runs" / "demo" / "stage2")
+    (folder / "runs" / "demo" / "data" / "images").mkdir(parents=True)
+    shutil.copy(tmp / "b.png", folder / "runs" / "demo" / "data" / "images" / "b.png")
+    eval_rows = [{"id": "0", "image": "b.png", "question": "q", "answer": "a", "category": "shape"}]
+    (folder / "runs" / "demo" / "data" / "eval.json").write_text(json.dumps(eval_rows))
+
+
 def test_prompt_with_demo_defaults(tiny, tmp_path, monkeypatch, capsys):
     """No --model/--image: the demo checkpoint and the first demo eval image; --prompt answers once."""
     tmp, model, tokenizer = tiny
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="run the demo first"):
         chat.main(["--prompt", "hi"])
-    shutil.copytree(tmp / "model", tmp_path / "runs" / "demo" / "stage2")
-    (tmp_path / "runs" / "demo" / "data" / "images").mkdir(parents=True)
-    shutil.copy(tmp / "b.png", tmp_path / "runs" / "demo" / "data" / "images" / "b.png")
-    eval_rows = [{"id": "0", "image": "b.png", "question": "q", "answer": "a", "category": "shape"}]
-    (tmp_path / "runs" / "demo" / "data" / "eval.json").write_text(json.dumps(eval_rows))
+    demo_checkpoint(tmp, tmp_path)
     question = "Which shape?"
     chat.main(["--prompt", question, "--temperature", "0.9", "--seed", "3", "--max-new-tokens", str(MAX_NEW)])
     conv, pb = [human("<image>\n" + question)], pixels(model, tmp / "b.png")
@@ -291,3 +296,22 @@ def test_a_broken_tokenizer_is_found_before_the_model_loads(tmp_path, monkeypatc
     monkeypatch.setattr(inference.formats, "load_llava", lambda *a, **kw: pytest.fail("the model was loaded first"))
     with pytest.raises(SystemExit, match="tokenizer.model: not a sentencepiece model"):
         chat.load(chat.parse_args(["--model", str(tmp_path), "--device", "cpu"]))
+
+
+def test_the_demo_model_says_which_questions_it_was_trained_on(tiny, tmp_path, monkeypatch, capsys):
+    tmp, _, _ = tiny
+    monkeypatch.chdir(tmp_path)
+    demo_checkpoint(tmp, tmp_path)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)  # a terminal, where the user types
+    monkeypatch.setattr("builtins.input", lambda prompt="": (_ for _ in ()).throw(EOFError))  # then Ctrl-D
+    chat.main([])
+    assert "trained on, such as: What color is the circle?; What shape is the red object?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, message", [("--temperature", "nan", "nan is not in [0, inf]"),
+                                                  ("--max-new-tokens", "-5", "-5 is not in [1, inf]"),
+                                                  ("--top-p", "0", "0 is not in (0, 1]")])
+def test_a_setting_out_of_range_is_refused_by_the_command_line(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        chat.main([flag, value, "--prompt", "hi"])
+    assert exit.value.code == 2 and message in capsys.readouterr().err

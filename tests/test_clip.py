@@ -269,3 +269,8 @@ def test_large_images_are_reduced_first_and_stay_close_to_the_exact_result(monke
     exact = [preprocess(small, 24, pad) for pad in (False, True)]
     monkeypatch.undo()
     assert all(torch.equal(preprocess(small, 24, pad), e) for pad, e in zip((False, True), exact))
+
+
+def test_a_size_typo_in_config_json_is_refused_before_any_module_is_built(tmp_path):
+    with pytest.raises(ValueError, match=r"config\.json: num_hidden_layers is 10000000, not in 0\.\.1024"):
+        CLIPVisionTower.from_pretrained(_edited_config(tmp_path, num_hidden_layers=10_000_000))

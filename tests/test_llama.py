@@ -456,3 +456,8 @@ def test_grown_cache_keeps_its_entries():
     assert (rest - full[:, 5:]).abs().max() <= 1e-9
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model.grow_cache(10_000)
+
+
+def test_a_size_typo_in_config_json_is_refused_before_any_module_is_built(tmp_path):
+    with pytest.raises(ValueError, match=r"config\.json: num_hidden_layers is 100000000, not in 0\.\.1024"):
+        Llama.from_pretrained(edited_config(tmp_path, num_hidden_layers=100_000_000))

@@ -333,3 +333,22 @@ def test_fsdp2_per_block_with_frozen_base_and_trained_adapters_matches_one_proce
     expected = {**lora_state_dict(model), "losses": torch.stack(losses)}
     assert set(sharded) == set(expected)  # the trained tensors FSDP2 reports are exactly the adapters
     torch.testing.assert_close(sharded, expected, atol=1e-6, rtol=0)
+
+
+def test_adapters_refuse_a_base_of_the_same_shape_with_other_weights(trained, tmp_path):
+    _, model = trained
+    save_adapters(model, tmp_path, {"base_model": "tiny, seed 0"})
+    with pytest.raises(ValueError, match=r"adapter_config\.json: the adapters were trained on another base model .*"
+                                         r"'tiny, seed 0'"):
+        load_adapters(tiny_llava(seed=1), tmp_path)
+
+
+def test_the_base_fingerprint_holds_for_a_bf16_load_of_the_same_base(trained, tmp_path):
+    _, model = trained
+    save_adapters(model, tmp_path)
+    load_adapters(tiny_llava().to(torch.bfloat16), tmp_path)  # no error: the same base, in another dtype
+
+
+def test_a_rank_wider_than_a_layer_is_refused_naming_it():
+    with pytest.raises(ValueError, match=r"LoRA rank r=65 is wider than q_proj \(64 x 64\): r must be at most 64"):
+        apply_lora(tiny_llama(), r=65, alpha=1.0)

@@ -177,3 +177,20 @@ def test_quantized_linear_weights_take_under_0_3x_of_fp32():
     quantize_int8(model)
     after = weight_bytes(m for block in model.layers for m in block.modules() if isinstance(m, Int8Linear))
     assert after <= 0.3 * before  # (1 + 4 / in_features) / 4: 0.27 at in_features 64
+
+
+def int8_llava():
+    torch.manual_seed(0)
+    return quantize_int8(LLaVA(LLaVAConfig(llm=LlamaConfig.from_name("tiny"), vision=CLIPVisionConfig.from_name("tiny"))))
+
+
+def test_an_int8_model_is_not_saved_as_a_checkpoint_that_would_not_load(tmp_path):
+    with pytest.raises(ValueError, match="int8 weights are for answering, not for saving: save the float model"):
+        int8_llava().save_pretrained(tmp_path)
+    assert not os.listdir(tmp_path)
+
+
+def test_an_int8_model_is_not_exported(tmp_path):
+    import formats
+    with pytest.raises(ValueError, match="int8 weights are for answering, not for export: export the float model"):
+        formats.export_hf(int8_llava(), tmp_path)

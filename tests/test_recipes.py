@@ -126,6 +126,24 @@ def test_set_rejects_a_bad_value_naming_the_key(item, message):
         train.main(["--stage", "1", "--set", item, "--dry-run"])
 
 
+@pytest.mark.parametrize("item, message", [
+    ("batch_size=-16", "batch_size=-16 is out of range: batch_size must be >= 1"),
+    ("batch_size=0", "batch_size=0 is out of range"), ("epochs=-1", "epochs=-1.0 is out of range: epochs must be > 0"),
+    ("micro_batch_size=-1", "micro_batch_size=-1 is out of range"), ("lr=nan", "lr=nan is out of range"),
+    ("lr=inf", "lr=inf is out of range"), ("lora_dropout=1.5", "lora_dropout must be in 0..1, below 1"),
+    ("threads=-1", "threads must be >= 0"), ("num_workers=-1", "num_workers must be >= 0"),
+    ("warmup_ratio=-1", "warmup_ratio must be in 0..1"), ("save_every=-1", "save_every must be >= 0"),
+    ("grad_clip=-1", r"grad_clip must be >= 0 \(0: no clipping\)"), ("lora_alpha=-2", "lora_alpha must be >= 0"),
+])
+def test_an_out_of_range_setting_is_refused_naming_it_and_its_range(item, message):
+    with pytest.raises(SystemExit, match=message):
+        train.main(["--stage", "2", "--set", item, "--dry-run"])
+
+
+def test_grad_clip_0_is_accepted_as_no_clipping(capsys):
+    assert dry_run(capsys, "--stage", "2", "--set", "grad_clip=0")["grad_clip"] == 0.0
+
+
 def test_stage_is_required_with_paths():
     with pytest.raises(SystemExit, match="--stage 1 or --stage 2 is required"):
         train.main(["--data", "x.json", "--model", "m"])

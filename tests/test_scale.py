@@ -153,3 +153,65 @@ def test_a_state_whose_metadata_would_run_code_is_refused(demo, tmp_path):
     (latest_state(tmp_path) / ".metadata").write_bytes(pickle.dumps(RunsCode()))
     with pytest.raises(SystemExit, match=r"\.metadata is not a training state's index: .* may not build posix.system"):
         train.main(flags(demo, tmp_path, 1, "--resume"))
+
+
+def text(value):  # SHORT_BINUNICODE: a short str on the pickle stack
+    data = value.encode()
+    return b"\x8c" + bytes([len(data)]) + data
+
+
+def call(module, name, *args):  # module.name(*args), name found the way protocol 4 looks up dotted names
+    return text(module) + text(name) + b"\x93" + b"".join(args) + {1: b"\x85", 2: b"\x86"}[len(args)] + b"R"
+
+
+def dotted_name_chain(command):
+    """A .metadata pickle that reaches os.system through operator classes named as attributes of a DCP module
+    ("torch.distributed.checkpoint.planner", "operator.attrgetter"): DCP's FileSystemReader.__init__.__globals__
+    holds os."""
+    planner, filesystem = "torch.distributed.checkpoint.planner", "torch.distributed.checkpoint.filesystem"
+    getter = text(planner) + text("operator.attrgetter") + b"\x93" + text("__init__.__globals__") + b"\x85R"
+    module_globals = getter + text(filesystem) + text("FileSystemReader") + b"\x93" + b"\x85R"
+    os_module = text(planner) + text("operator.itemgetter") + b"\x93" + text("os") + b"\x85R" + module_globals + b"\x85R"
+    system = text(planner) + text("operator.methodcaller") + b"\x93" + text("system") + text(command) + b"\x86R"
+    return b"\x80\x04" + system + os_module + b"\x85R" + b"."
+
+
+def test_a_metadata_of_dotted_names_runs_nothing(demo, tmp_path):
+    marker = tmp_path / "ran"
+    payload = dotted_name_chain(f"touch {marker}")
+    pickle.loads(payload)  # the chain works on an unrestricted unpickler...
+    assert marker.exists()
+    marker.unlink()
+    train.main(flags(demo, tmp_path / "out", 1, "stop_after=2"))
+    (latest_state(tmp_path / "out") / ".metadata").write_bytes(payload)
+    with pytest.raises(SystemExit, match=r"\.metadata is not a training state's index: .* may not build "
+                                         r"torch\.distributed\.checkpoint\.planner\.operator\.methodcaller"):
+        train.main(flags(demo, tmp_path / "out", 1, "--resume"))
+    assert not marker.exists()  # ...and never runs on resume
+
+
+class WritesMarker:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_a_state_entry_that_is_not_a_tensor_is_refused_before_it_is_read(demo, tmp_path):
+    # DCP's own classes only, but one optimizer entry declared "bytes" and stored as a torch.save pickle, which DCP's
+    # loader would read with weights_only=False
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+    import torch
+    train.main(flags(demo, tmp_path / "out", 1, "stop_after=2"))
+    state, marker = latest_state(tmp_path / "out"), tmp_path / "ran"
+    metadata = train.checkpoint.StateReader(state).read_metadata()
+    key = next(k for k in metadata.state_dict_metadata if k.startswith("optimizer.") and k.endswith(".step"))
+    metadata.state_dict_metadata[key] = BytesStorageMetadata()
+    torch.save(WritesMarker(marker), state / "evil.distcp")
+    metadata.storage_data[MetadataIndex(key)] = _StorageInfo("evil.distcp", 0, (state / "evil.distcp").stat().st_size)
+    (state / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(SystemExit, match=f"entry '{key}' is BytesStorageMetadata, not a tensor"):
+        train.main(flags(demo, tmp_path / "out", 1, "--resume"))
+    assert not marker.exists()

@@ -552,3 +552,93 @@ def test_lora_two_processes_match_one(demo, tmp_path):
     two = LLaVA.from_pretrained(str(tmp_path / "two")).state_dict()
     assert all((v - two[k]).abs().max() <= 1e-4 for k, v in merged.state_dict().items())
     assert one is not None and (tmp_path / "two" / "adapter.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- what must stop a run
+
+
+def test_a_diverged_run_stops_naming_the_step_and_keeps_nothing_non_finite(demo, tmp_path):
+    with pytest.raises(SystemExit, match=r"step \d+: loss (nan|inf), gradient norm \w+: diverged"):
+        train.main(flags(demo, tmp_path, 1, "lr=1e30"))
+    logged = losses(tmp_path)
+    assert logged and all(x == x and abs(x) != float("inf") for x in logged)  # never logged as 0 or NaN
+    assert not (tmp_path / "projector.safetensors").exists() and latest_state(tmp_path) is None
+
+
+def test_a_run_of_zero_steps_writes_nothing(demo, tmp_path):
+    with pytest.raises(SystemExit, match="fewer than one batch of 64"):
+        train.main(flags(demo, tmp_path / "out", 1, "batch_size=64"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_grad_clip_0_trains_as_no_clipping(demo, tmp_path):
+    train.main(flags(demo, tmp_path / "off", 2, "grad_clip=0"))
+    train.main(flags(demo, tmp_path / "huge", 2, "grad_clip=1e30"))
+    assert losses(tmp_path / "off") == losses(tmp_path / "huge")
+
+
+def edit_state(cut, tmp_path, edit):
+    """A copy of the cut run whose state.json went through edit(dict)."""
+    shutil.copytree(cut, tmp_path / "run")
+    file = latest_state(tmp_path / "run") / "state.json"
+    state = json.loads(file.read_text())
+    edit(state)
+    file.write_text(json.dumps(state))
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.update(step=-3), r"'step' is -3, not a step of this run \(0\.\.4\)"),
+    (lambda s: s.update(step="2"), r"'step' is '2', not a step"),
+    (lambda s: s.update(step=10**9), r"'step' is 1000000000, not a step of this run"),
+    (lambda s: s.pop("rng"), r"'rng' is not the RNG state save_state writes"),
+])
+def test_a_hand_edited_state_json_is_refused_naming_the_file(demo, cut, tmp_path, edit, message):
+    run = edit_state(cut, tmp_path, edit)
+    with pytest.raises(SystemExit, match=r"state\.json: " + message):
+        train.main(flags(demo, run, 1, "--resume"))
+
+
+def test_a_missing_data_file_of_a_state_is_named(demo, cut, tmp_path):
+    shutil.copytree(cut, tmp_path / "run")
+    for shard in latest_state(tmp_path / "run").glob("*.distcp"):
+        shard.unlink()
+    with pytest.raises(SystemExit, match=r"step_0000002: the training state's data cannot be read"):
+        train.main(flags(demo, tmp_path / "run", 1, "--resume"))
+
+
+def test_resume_trains_with_this_runs_projector_lr(demo, tmp_path):
+    config = train.make_config("demo", 2, ["projector_lr=1e-2"], model=str(demo / "base" / "llm"),
+                               vision_tower=str(demo / "base" / "clip"), projector=str(demo / "projector"),
+                               out=str(tmp_path))
+    model = train.build_model(config)
+    state = checkpoint.save_state(model, train.make_optimizer(model, config), 1, tmp_path, {})
+    config.projector_lr = 5e-2
+    optimizer = train.make_optimizer(model, config)
+    checkpoint.load_state(state, tmp_path, model, optimizer, {})
+    assert sorted({g["lr_scale"] for g in optimizer.param_groups}) == [1.0, 5e-2 / config.lr]
+
+
+def test_a_full_disk_reported_by_safetensors_keeps_the_training_state(demo, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def save_projector(self, path):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+                              'space left on device" })')
+    monkeypatch.setattr(LLaVA, "save_projector", save_projector)
+    with pytest.raises(SystemExit, match=rf"could not write {re.escape(str(tmp_path))}: Error while serializing.*"
+                                         r"needs about .* MiB are free there.\nThe trained weights are safe in"):
+        train.main(flags(demo, tmp_path, 1))
+    assert latest_state(tmp_path) is not None and not leftovers(tmp_path)
+
+
+def test_a_full_disk_reported_by_torch_during_a_state_keeps_the_previous_one(demo, tmp_path, monkeypatch):
+    train.main(flags(demo, tmp_path, 1, "stop_after=2"))
+
+    class FullDisk(FileSystemWriter):
+        def write_data(self, *args, **kwargs):
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    monkeypatch.setattr(checkpoint, "FileSystemWriter", FullDisk)
+    with pytest.raises(SystemExit, match="step_0000003: PytorchStreamWriter failed writing file"):
+        train.main(flags(demo, tmp_path, 1, "save_every=1", "--resume"))
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000002"] and not leftovers(tmp_path)
