@@ -13,11 +13,12 @@ import re
 import sys
 from collections import defaultdict
 
-from api import APIError, ask_all, client_from_env
+from api import APIError, ask_all, client_from_env, client_source, complete_or_none
 from demo import demo_items, score_demo
 from distributed import process_group
-from fileio import append_jsonl, inside, read_jsonl, read_records, repair_jsonl, require, write_json
-from inference import DTYPES, answer_batches, answer_file, load_model, tally
+from fileio import (append_jsonl, check_unique, inside, number, read_jsonl, read_records, require, require_id,
+                    resume_jsonl, write_json)
+from inference import DTYPES, answer_batches, answer_file, answer_source, load_model, tally
 from quantize import QUANTIZE
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -31,15 +32,18 @@ def answer_record(model_id):
 
 
 def model_answers(args, items, model, tokenizer):
-    """{question_id: reply} on rank 0 ({} on the others), batched; mc and judge keep them in the resumable
-    answers.jsonl, the demo mode only in memory (keyed by the item itself: its ids need not be unique)."""
+    """({question_id: reply} on rank 0 ({} on the others), batched, and what produced them); mc and judge keep them
+    in the resumable answers.jsonl with that record beside it, the demo mode only in memory (keyed by the item
+    itself: its ids need not be unique)."""
     if args.mode == "demo":
         return {id(item): reply for batch in answer_batches(model, tokenizer, items, args.max_new_tokens,
-                                                             args.batch_size) for item, reply in batch}
+                                                             args.batch_size) for item, reply in batch}, None
     path = os.path.join(args.out, "answers.jsonl")
+    # the mode is the prompt: mc adds the options and MC_INSTRUCTION to the question
+    source = answer_source(args.model, model, args.max_new_tokens, mode=args.mode, quantize=args.quantize)
     there, new = answer_file(model, tokenizer, items, path, answer_record("llava"), args.max_new_tokens,
-                             args.batch_size)
-    return {r["question_id"]: r["text"] for r in read_jsonl(path)} if there + new else {}
+                             args.batch_size, source=source)
+    return ({r["question_id"]: r["text"] for r in read_jsonl(path)} if there + new else {}), source
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -81,15 +85,27 @@ def parse_choice(text, choices):
     return lowered.index(text.rstrip(".").lower()) if text.rstrip(".").lower() in lowered else None
 
 
+def image_file(folder, name, where):
+    """folder/name, kept inside folder; it must exist: a missing image is found before the model loads."""
+    path = inside(folder, name, where)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{where}: image {path} not found")
+    return path
+
+
 def mc_items(path, image_folder):
     items = []
     for n, record in enumerate(read_records(path)):
         where = f"{path}, item {n}"
         choices, _ = require(record, "choices", where), require(record, "question", where)
-        items.append({"question_id": require(record, "id", where), "text": mc_prompt(record), "choices": choices,
+        if not isinstance(choices, list) or not 1 <= len(choices) <= len(LETTERS):
+            raise ValueError(f"{where}: 'choices' must be a list of 1 to {len(LETTERS)} options (letters A-J), got "
+                             f"{choices!r:.200}")
+        items.append({"question_id": require_id(record, "id", where), "text": mc_prompt(record), "choices": choices,
                       "gold": answer_index(require(record, "answer", where), len(choices), where),
                       "category": record.get("subject") or record.get("category") or "all",
-                      "image_path": inside(image_folder, record["image"], where) if record.get("image") else None})
+                      "image_path": image_file(image_folder, record["image"], where) if record.get("image") else None})
+    check_unique([item["question_id"] for item in items], path)
     return items
 
 
@@ -151,15 +167,17 @@ def judge_items(questions_path, context_path, image_folder):
         name = require(record, "image", where)
         if name not in contexts:
             raise ValueError(f"{where}: image {name!r} has no entry in {context_path}")
-        items.append({"question_id": require(record, "question_id", where), "text": require(record, "text", where),
+        items.append({"question_id": require_id(record, "question_id", where), "text": require(record, "text", where),
                       "category": record.get("category", "all"), "context": contexts[name],
-                      "image_path": inside(image_folder, name, where)})
+                      "image_path": image_file(image_folder, name, where)})
+    check_unique([item["question_id"] for item in items], questions_path)
     return items
 
 
 def reference_answers(items, path, client=None, out_path=None):
     """Reference answers from a JSONL file ({question_id, text}), or generated by the text-only model (client)
-    from each question's context into out_path (resumable)."""
+    from each question's context into out_path (resumable; an APIError counts the requests that failed, after the
+    others are kept)."""
     if path is not None:
         refs = {require(r, "question_id", f"{path}, line {n + 1}"): require(r, "text", f"{path}, line {n + 1}")
                 for n, r in enumerate(read_records(path))}
@@ -171,16 +189,23 @@ def reference_answers(items, path, client=None, out_path=None):
     def ask(item):
         messages = [{"role": "system", "content": REFERENCE_SYSTEM},
                     {"role": "user", "content": f"{item['context']}\n\n{item['text']}"}]
-        return client.complete(messages)["content"].strip()
-    ask_all(items, ask, out_path, answer_record(client.model), cancel=client.cancel)
+        reply = complete_or_none(client, messages, f"reference for question_id {item['question_id']!r}")
+        return None if reply is None else reply.strip()
+    _, _, failed = ask_all(items, ask, out_path, answer_record(client.model), client_source(client),
+                           cancel=client.cancel)
+    if failed:
+        raise APIError(f"{out_path}: {failed} of {len(items)} reference answers failed (the warnings above say why); "
+                       "the others are kept, and the same command asks the failed ones again")
     refs = {r["question_id"]: r["text"] for r in read_jsonl(out_path)}
     return {item["question_id"]: refs[item["question_id"]] for item in items}
 
 
-def review_all(items, references, predictions, client, out_path, retries=2):
+def review_all(items, references, predictions, client, out_path, source, retries=2):
     """Asks the judge about every item without a successful review in out_path. A reply without two scores is
-    retried `retries` times, then recorded with "tuple": null and "failed": true (retried again on the next run)."""
-    reviewed = {r["question_id"] for r in repair_jsonl(out_path) if r.get("tuple")}
+    retried `retries` times, then recorded with "tuple": null and "failed": true (retried again on the next run).
+    source: what the answers and references came from (their own records); with the judge's settings it is what
+    the reviews depend on, and reviews of other answers, references or judges are refused (fileio.resume_jsonl)."""
+    reviewed = {r["question_id"] for r in resume_jsonl(out_path, client_source(client, **source)) if r.get("tuple")}
     for item in (item for item in items if item["question_id"] not in reviewed):
         qid = item["question_id"]
         content = judge_prompt(item["context"], item["text"], references[qid], predictions[qid])
@@ -231,12 +256,12 @@ def main(argv=None):
         p.add_argument("--model", default="runs/demo/stage2", help="checkpoint directory (with tokenizer.model)")
         p.add_argument("--device", default=None)
         p.add_argument("--dtype", default=None, choices=DTYPES, help="default: bf16 on CUDA, fp32 elsewhere")
-        p.add_argument("--max-new-tokens", type=int, default={"demo": 16, "mc": 16, "judge": 512}[name])
-        p.add_argument("--batch-size", type=int, default=None, help="questions at a time (default 8 CPU, 32 CUDA)")
+        p.add_argument("--max-new-tokens", type=number(), default={"demo": 16, "mc": 16, "judge": 512}[name])
+        p.add_argument("--batch-size", type=number(), default=None, help="questions at a time (default 8 CPU, 32 CUDA)")
         p.add_argument("--quantize", choices=QUANTIZE, help="int8 weights for the LLM and projector (small machines)")
         p.add_argument("--out", default=f"runs/eval/{name}", help="output folder (answers, reviews, summary)")
     modes["demo"].add_argument("--data", default="runs/demo/data", help="folder with eval.json and images/")
-    modes["demo"].add_argument("--limit", type=int, default=None)
+    modes["demo"].add_argument("--limit", type=number(), default=None)
     for name in ("mc", "judge"):
         modes[name].add_argument("--questions", required=True)
         modes[name].add_argument("--images", default=".", help="folder the image paths are relative to")
@@ -247,9 +272,9 @@ def main(argv=None):
     judge.add_argument("--api-key-env", default="OPENAI_API_KEY")
     judge.add_argument("--judge-model", default="gpt-4")
     judge.add_argument("--reference-model", default=None, help="text-only model for references (default: judge's)")
-    judge.add_argument("--judge-max-tokens", type=int, default=1024)
-    judge.add_argument("--retries", type=int, default=2, help="re-asks for a judge reply without two scores")
-    judge.add_argument("--max-wait", type=float, default=120.0,
+    judge.add_argument("--judge-max-tokens", type=number(), default=1024)
+    judge.add_argument("--retries", type=number(low=0), default=2, help="re-asks for a judge reply without two scores")
+    judge.add_argument("--max-wait", type=number(float, low=0), default=120.0,
                        help="longest wait before an HTTP retry; a server asking for more (Retry-After) fails it")
     args = parser.parse_args(argv)
     if args.mode is None:  # no subcommand (with or without --demo): the demo, with its defaults
@@ -278,19 +303,26 @@ def main(argv=None):
         # torchrun: one group, each rank on its device, left once answered (the others would wait out the judging)
         with process_group(args.device) as (rank, _, device):
             model, tokenizer = load_model(args.model, device, args.dtype, args.quantize)
-            predictions = model_answers(args, items, model, tokenizer)
+            predictions, source = model_answers(args, items, model, tokenizer)
         if rank != 0:  # the others only answered: rank 0 judges, scores and writes
             return
-        summary = run(args, items, predictions, judge_client, ref_client)
+        summary = run(args, items, predictions, source, judge_client, ref_client)
     except KeyboardInterrupt:  # every answer and review so far is on disk (appended as it came)
         print(f"\ninterrupted: what was answered so far is in {args.out}; re-run the same command to continue",
               file=sys.stderr)
         sys.exit(130)
+    except (OSError, ValueError, APIError) as e:  # a checkpoint, an answer file or a request; named in the message
+        sys.exit(f"error: {e}")
     write_json(os.path.join(args.out, "summary.json"), summary, indent=1)  # never half-written
+    failed = summary.get("all", {}).get("failed", 0) if args.mode == "judge" else 0
+    if failed:
+        sys.exit(f"error: {failed} of {failed + summary['all']['n']} reviews failed (no two scores, or the request "
+                 f"failed: {os.path.join(args.out, 'reviews.jsonl')}); the same command asks them again")
 
 
-def run(args, items, predictions, judge_client, ref_client):
-    """(Judge,) print and return the summary of the model's answers {question_id: reply} (demo: {id(item): reply})."""
+def run(args, items, predictions, source, judge_client, ref_client):
+    """(Judge,) print and return the summary of the model's answers {question_id: reply} (demo: {id(item): reply})
+    that `source` produced (model_answers)."""
     if args.mode in ("demo", "mc"):
         if args.mode == "demo":
             summary = score_demo(items, lambda item: predictions[id(item)])
@@ -300,8 +332,10 @@ def run(args, items, predictions, judge_client, ref_client):
             print(f"{key:>24}: {s['accuracy']:5.1f}% ({s['correct']}/{s['total']}, {s['unparsed']} unparseable)")
     else:
         references = reference_answers(items, args.references, ref_client, os.path.join(args.out, "references.jsonl"))
+        inputs = {"answers": source, "references": os.path.abspath(args.references) if args.references
+                  else client_source(ref_client)}
         reviews = review_all(items, references, predictions, judge_client, os.path.join(args.out, "reviews.jsonl"),
-                             args.retries)
+                             inputs, args.retries)
         summary = summarize_reviews(reviews)
         for key, s in summary.items():
             scores = f"reference {s['reference']:.2f}, model {s['model']:.2f}, relative {s['relative']:.1f}%" \

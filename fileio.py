@@ -4,10 +4,13 @@ atomic_write  a fresh temporary file beside the target (never a fixed NAME.tmp t
               written, flushed and fsync'd, then renamed over the target: readers see the old file or the new one.
 read_json     JSON with errors that name the file (and line) instead of a bare traceback.
 inside        a path read from a data file, kept inside its root folder.
-JSONL         append one record per write + fsync; a torn last line (a crash mid-write) is skipped on read and cut
-              by repair_jsonl, so an append-only log of paid-for API replies is never lost or corrupted.
+JSONL         append one record per write + fsync; a torn last line (a crash mid-write: no newline yet) is skipped on
+              read and cut by repair_jsonl, so an append-only log of paid-for API replies is never lost or corrupted.
+answer files  resume_jsonl continues one only when a sidecar says the same model and settings produced it.
 """
+import argparse
 import json
+import math
 import os
 import tempfile
 
@@ -71,6 +74,8 @@ def read_json(path):
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except RecursionError:  # json recurses once per level: "[" * 100000 would end in a traceback
+        raise ValueError(f"{path}: JSON nested too deeply to read") from None
 
 
 def read_records(path) -> list:
@@ -88,6 +93,8 @@ def read_records(path) -> list:
             records += [json.loads(line)] if line.strip() else []
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}, line {n}: invalid JSON: {e}") from None
+        except RecursionError:
+            raise ValueError(f"{path}, line {n}: JSON nested too deeply to read") from None
     return records
 
 
@@ -99,22 +106,19 @@ def append_jsonl(path, record) -> None:
 
 
 def _scan_jsonl(path):
-    """(records, byte offset after the last good line). A bad line before the last one is corruption: an error."""
+    """(records, byte offset after the last complete line). Only a tail without its newline is torn: an append is
+    one write ending in its newline, so a complete line that does not parse is corruption, an error naming it. (A
+    crash can also leave an append's bytes as zeros: no newline among them either, so they are torn too.)"""
     with open(path, "rb") as f:
         content = f.read()
     complete = content[: content.rfind(b"\n") + 1]  # a tail without its newline is torn, even if it parses
-    lines = complete.split(b"\n")[:-1]
-    records, good_end = [], 0
-    for i, line in enumerate(lines):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except ValueError:  # UnicodeDecodeError is a ValueError too
-                if i < len(lines) - 1:
-                    raise ValueError(f"{path}: line {i + 1} is not valid JSON (corrupt file?)") from None
-                break  # a garbled last line (a crash can leave zero bytes): torn
-        good_end += len(line) + 1
-    return records, good_end
+    records = []
+    for n, line in enumerate(complete.split(b"\n")[:-1], 1):
+        try:
+            records += [json.loads(line)] if line.strip() else []
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError too
+            raise ValueError(f"{path}: line {n} is not valid JSON (corrupt file?)") from None
+    return records, len(complete)
 
 
 def read_jsonl(path) -> list:
@@ -152,3 +156,82 @@ def require(record, key, where):
     if not isinstance(record, dict) or key not in record:
         raise ValueError(f"{where}: missing key {key!r}")
     return record[key]
+
+
+def require_id(record, key, where):
+    """record[key] as a question id: a string or an integer (answers are kept and matched by id), or an error naming
+    where the record came from."""
+    value = require(record, key, where)
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise ValueError(f"{where}: {key!r} {value!r:.80} is not a string or an integer")
+    return value
+
+
+def check_unique(ids, where) -> None:
+    """A ValueError naming the repeated ids: answers are kept by id, so two questions with one id would share one."""
+    seen, repeated = set(), []
+    for i in ids:
+        if i in seen and i not in repeated:
+            repeated.append(i)
+        seen.add(i)
+    if repeated:
+        raise ValueError(f"{where}: question ids repeated: {', '.join(map(repr, repeated[:5]))}"
+                         f"{' ...' if len(repeated) > 5 else ''} (every question needs its own id)")
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# answer files that record what produced them
+
+
+def _flat(value, prefix=""):
+    """{"answers": {"model": m}} -> {"answers.model": m}: a difference deep in a source is named by its path."""
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: value}
+
+
+def resume_jsonl(path, source) -> list:
+    """The records of the JSONL answer file `path` (a torn last line cut), once it is certain that `source` produced
+    them. source: what the answers depend on, a JSON object (model folder and weights fingerprint, template and
+    prompt settings; or an API model and its settings). It is kept in the sidecar PATH.source.json, because answer
+    files are LLaVA's format, read by its scripts, with no room for it. A file without answers (re)writes the
+    sidecar; one with answers is continued only when its sidecar holds the same source, else a ValueError says what
+    differs: answers of two models or prompts never mix in one file."""
+    records, sidecar = repair_jsonl(path), path + ".source.json"
+    source = json.loads(json.dumps(source))  # as it reads back from the sidecar (tuples become lists)
+    for n, record in enumerate(records, 1):
+        require(record, "question_id", f"{path}, record {n}")
+    if not records:
+        write_json(sidecar, source)
+        return records
+    restart = f"answer into another --out, or delete {path} to start it again"
+    if not os.path.exists(sidecar):
+        raise ValueError(f"{path}: holds answers ({len(records)}) but no {sidecar} recording what produced them, "
+                         f"so they cannot be checked against this run; {restart}")
+    there, now = _flat(read_json(sidecar)), _flat(source)
+
+    def shown(values, key):
+        return repr(values[key]) if key in values else "nothing"
+    differ = [f"{key} {shown(there, key)} there, {shown(now, key)} now" for key in sorted(set(there) | set(now))
+              if key not in there or key not in now or there[key] != now[key]]
+    if differ:
+        raise ValueError(f"{path}: its answers ({len(records)}) were made with other settings (recorded in "
+                         f"{sidecar}): {'; '.join(differ)}; {restart}")
+    return records
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# numbers on the command line, checked by the parser (a usage error, exit 2) before anything runs
+
+
+def number(kind=int, low=1):
+    """An argparse type: a finite `kind` >= low, so --batch-size 0 or --max-wait nan is refused naming the flag."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not math.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+    return parse

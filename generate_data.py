@@ -10,8 +10,9 @@ list that data.py trains on.
     python generate_data.py --captions captions_train2017.json --instances instances_train2017.json \
         --out runs/gen/instruct.jsonl --images 1000 --export runs/gen/llava_instruct.json
 
-Exit status: 0 when the run ended (failed pairs, with reasons, are in the failures file), 1 when the key was refused
-or every pair of the run failed, 3 when --max-cost stopped it, 130 on Ctrl-C (what was received is on disk).
+Exit status: 0 when every pair of the run was generated, 1 when pairs failed (their reasons are in the failures
+file; --retry-failed asks them again) or the key was refused, 3 when --max-cost stopped it, 130 on Ctrl-C (what was
+received is on disk).
 """
 import argparse
 import json
@@ -304,7 +305,7 @@ def main(argv=None):
                    help="seconds one HTTP attempt may take, from sending the request to the reply's last byte,\n"
                         "checked as the body arrives (a server trickling its reply times out too; while waiting\n"
                         "for the status line and headers, each read is bounded by the same number); a timed-out\n"
-                        "attempt is retried")
+                        "attempt is retried, and one request, retries and waits included, gives up after 5 x this")
     p.add_argument("--max-retries", type=int, default=6, help="HTTP retries on 429/5xx/timeouts/dropped connections")
     p.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds, doubled per retry")
     p.add_argument("--max-wait", type=float, default=120.0,
@@ -391,12 +392,12 @@ def main(argv=None):
         return 130
     if stop == "budget":
         print(f"stopped: --max-cost ${args.max_cost} reached; re-run the same command to continue", file=sys.stderr)
-    all_failed = counts["failed"] > 0 and counts["done"] == 0
-    if all_failed:
-        print(f"error: every pair of this run failed; the reasons are in {failed_path}", file=sys.stderr)
+    if counts["failed"]:  # as every command that talks to an API: failed requests are an error
+        print(f"error: {counts['failed']} of {counts['done'] + counts['failed']} pairs of this run failed; the reasons "
+              f"are in {failed_path}; --retry-failed asks them again", file=sys.stderr)
     if args.export:
         export(args.out, args.export)
-    return 1 if all_failed else 3 if stop == "budget" else 0
+    return 1 if counts["failed"] else 3 if stop == "budget" else 0
 
 
 if __name__ == "__main__":

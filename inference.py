@@ -16,10 +16,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import formats
+from checkpoint import fingerprint
 from clip import preprocess
 from data import render, with_image
 from distributed import default_device, default_dtype
-from fileio import append_jsonl, repair_jsonl, write_text
+from fileio import append_jsonl, check_unique, repair_jsonl, resume_jsonl, write_text
 from images import load_image
 from llama import generate, sample
 from quantize import QUANTIZE, quantize_int8
@@ -194,6 +195,12 @@ def answer_batches(model, tokenizer, items, max_new_tokens=128, batch_size=None)
     device = model.llm.norm.weight.device
     batch_size = batch_size or default_batch_size(device)
     prompts = [prompt_ids(model, tokenizer, item["text"], item.get("image_path")) for item in items]
+    context = model.config.llm.max_position_embeddings
+    for item, prompt in zip(items, prompts):  # all checked before any is answered: none dies mid-run
+        if len(prompt) + max_new_tokens > context:
+            raise ValueError(f"question_id {item.get('question_id')!r}: its prompt ({len(prompt)} tokens) and "
+                             f"max_new_tokens ({max_new_tokens}) need {len(prompt) + max_new_tokens} positions, more "
+                             f"than the model's {context} (max_position_embeddings)")
     order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))  # stable: ties keep the items' order
     mine = order[rank::world]
     rounds = -(-len(order[::world]) // batch_size)  # rank 0 has the most items
@@ -213,16 +220,34 @@ def answer_batches(model, tokenizer, items, max_new_tokens=128, batch_size=None)
         model.llm.reset_cache()
 
 
-def answer_file(model, tokenizer, items, out_path, record, max_new_tokens=128, batch_size=None):
+def answer_source(model_path, model, max_new_tokens, **prompt) -> dict:
+    """What a checkpoint's answers depend on, for the record beside an answer file (answer_file's source): the
+    folder and a fingerprint of its weights, the template and dtype it answers with, max_new_tokens and the
+    caller's prompt settings (prompt format, quantize, ...). Not the batch size: batches answer as batch 1 does."""
+    return {"model": os.path.abspath(model_path), "fingerprint": fingerprint(model_path),
+            "template": model.config.template, "dtype": str(model.llm.norm.weight.dtype).removeprefix("torch."),
+            "max_new_tokens": max_new_tokens, **prompt}
+
+
+def answer_file(model, tokenizer, items, out_path, record, max_new_tokens=128, batch_size=None, *, source):
     """Answer every item whose question_id is not yet in the JSONL file out_path and append record(item, reply)
-    for each, a batch at a time, so that an interrupted run asks nothing twice (a torn last line is cut first).
-    At the end the file is rewritten in the items' order, so it reads as a batch-1 run wrote it. Under torchrun
-    only rank 0 reads and writes the file, and tells the others what is left to do. Returns (answers that were
-    there, new answers) on rank 0, (0, 0) elsewhere."""
+    for each, a batch at a time, so that an interrupted run asks nothing twice. The file is opened with
+    fileio.resume_jsonl: a torn last line is cut, and answers that another `source` (answer_source: checkpoint,
+    settings) produced are refused. At the end the file is rewritten in the items' order, so it reads as a batch-1
+    run wrote it. Under torchrun only rank 0 reads and writes the file, and tells the others what is left to do (or
+    its error). Returns (answers that were there, new answers) on rank 0, (0, 0) elsewhere."""
+    check_unique([item["question_id"] for item in items], out_path)  # the file is keyed by id
     rank = dist.get_rank() if dist.is_initialized() else 0
-    done = [{r.get("question_id") for r in repair_jsonl(out_path)}] if rank == 0 else [None]
+    done = [None]
+    if rank == 0:
+        try:
+            done[0] = {r["question_id"] for r in resume_jsonl(out_path, source)}
+        except (OSError, ValueError) as e:
+            done[0] = e  # raised on every rank below, so that none waits for the others
     if dist.is_initialized():
         dist.broadcast_object_list(done, src=0)
+    if isinstance(done[0], Exception):
+        raise done[0]
     todo = [item for item in items if item["question_id"] not in done[0]]
     new, bar = 0, tqdm(total=len(todo), desc=os.path.basename(out_path), disable=rank != 0 or not todo)
     for batch in answer_batches(model, tokenizer, todo, max_new_tokens, batch_size):

@@ -14,7 +14,8 @@ and grade, alone and in an ensemble with a text-only GPT-4 (92.53 % with GPT-4 a
             answers with their reasoning and decides; ours where it does not); every request logged, never re-asked
   demo      a small ScienceQA-shaped set from the demo's shape images, so the pipeline runs offline
 
-Files from either implementation can be scored by either: the converted JSON and the answer files are LLaVA's.
+Files from either implementation can be scored by either: the converted JSON and the answer files are LLaVA's (what
+produced an answer file is recorded beside it, in ANSWERS.source.json). gpt4 and ensemble exit 1 when requests failed.
 """
 import argparse
 import json
@@ -25,8 +26,8 @@ import sys
 import threading
 import uuid
 
-from api import APIError, Cancelled, FatalAPIError, ask_all, client_from_env, run_pool
-from fileio import append_jsonl, inside, read_json, read_jsonl, repair_jsonl, require, write_json
+from api import APIError, ask_all, client_from_env, client_source, complete_or_none, run_pool
+from fileio import append_jsonl, inside, number, read_json, read_jsonl, require, resume_jsonl, write_json
 
 OPTIONS = ["A", "B", "C", "D", "E"]  # the converter's and the eval script's option letters: at most five choices
 # The original converter's templates (scripts/convert_sqa_to_llava_base_prompt.py, create_one_example_chatbot)
@@ -104,9 +105,11 @@ def load_scienceqa(root, split):
     if not isinstance(splits, dict) or not isinstance(splits.get(split), list) or not splits[split]:
         raise ValueError(f"{splits_path}: no split {split!r} (a non-empty list of pids)")
     out = {}
-    for pid in splits[split]:  # a repeated pid appears once, where it first does, as in the original's dict
+    for pid in splits[split]:
         if not isinstance(pid, str) or pid not in problems:
             raise ValueError(f"{splits_path}: split {split!r} lists pid {pid!r}, which {problems_path} does not have")
+        if pid in out:  # the release has none; answers are kept by pid, so a repeat is a damaged file
+            raise ValueError(f"{splits_path}: split {split!r} lists pid {pid!r} twice")
         check_problem(problems[pid], pid, f"{problems_path}, pid {pid}", os.path.join(root, "images", split))
         out[pid] = problems[pid]
     return out
@@ -181,9 +184,16 @@ def model_items(root, split, problems, prompt_format):
 
 
 def read_answers(path):
+    """{question_id: text}; one question answered twice alike is one answer, differently an error naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: answer file not found")
-    return {str(require(r, "question_id", path)): str(require(r, "text", path)) for r in read_jsonl(path)}
+    answers = {}
+    for n, r in enumerate(read_jsonl(path), 1):
+        where = f"{path}, record {n}"
+        pid, text = str(require(r, "question_id", where)), str(require(r, "text", where))
+        if answers.setdefault(pid, text) != text:
+            raise ValueError(f"{path}: question_id {pid!r} has two different answers (record {n} and an earlier one)")
+    return answers
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -256,34 +266,23 @@ def gpt4_messages(problem, shots=()):
     return messages + [{"role": "user", "content": question_text(problem)}]
 
 
-def ask_client(client, messages, what):
-    """The reply text, or None when the request failed for good (a refused key stops the run)."""
-    try:
-        return client.complete(messages)["content"]
-    except Cancelled:  # Ctrl-C: nobody's failure, asked again on the next run
-        return None
-    except APIError as e:
-        if isinstance(e, FatalAPIError) and e.status in (401, 403):
-            raise
-        print(f"warning: {what}: {e}", file=sys.stderr)
-        return None
-
-
 def gpt4_answers(problems, client, out_path, shots=(), workers=4):
     """GPT-4's answers appended to the answer file out_path; returns how many failed (asked again on a rerun)."""
     items = [{"question_id": pid, "prompt": question_text(p), "messages": gpt4_messages(p, shots)}
              for pid, p in problems.items()]
-    there, new, failed = ask_all(items, lambda item: ask_client(client, item["messages"], item["question_id"]),
-                                 out_path, vqa_answer_record(client.model), workers, client.cancel)
+    there, new, failed = ask_all(items, lambda item: complete_or_none(client, item["messages"], item["question_id"]),
+                                 out_path, vqa_answer_record(client.model), client_source(client, shots=len(shots)),
+                                 workers, client.cancel)
     print(f"{out_path}: {there} answers were there, {new} new, {failed} failed")
     return failed
 
 
 def judge_all(problems, pids, ours, gpt4, client, log_path, workers=4):
-    """{pid: re-asked index, -1 where the reply has no answer}; requests and replies go to log_path (JSONL), and a
-    request already answered there (same pid, same messages) is never sent again."""
-    logged = {(r["question_id"], json.dumps(r["messages"])): r["reply"] for r in repair_jsonl(log_path)
-              if r.get("reply") is not None}
+    """{pid: re-asked index, -1 where the reply has no answer, None where the request failed}; requests and replies
+    go to log_path (JSONL), and a request already answered there (same pid, same messages, same judge) is never
+    sent again."""
+    logged = {(r["question_id"], json.dumps(r["messages"])): r["reply"]
+              for r in resume_jsonl(log_path, client_source(client)) if r.get("reply") is not None}
     lock = threading.Lock()
 
     def one(pid):
@@ -292,27 +291,28 @@ def judge_all(problems, pids, ours, gpt4, client, log_path, workers=4):
                     {"role": "user", "content": question_text(problems[pid]) + "\n\n" + request}]
         reply = logged.get((pid, json.dumps(messages)))
         if reply is None:
-            reply = ask_client(client, messages, f"judge {pid}")
+            reply = complete_or_none(client, messages, f"judge {pid}")
             with lock:
                 append_jsonl(log_path, {"question_id": pid, "messages": messages, "reply": reply})
-        return -1 if reply is None else parse_answer(reply, len(problems[pid]["choices"]))
+        return None if reply is None else parse_answer(reply, len(problems[pid]["choices"]))
 
     return dict(zip(pids, run_pool(one, pids, workers, "judge", client.cancel)))
 
 
 def ensemble(problems, ours, gpt4, mode, client=None, log_path=None, workers=4):
-    """(results of the chosen scheme, Table 7 rows, how many were re-asked) for answer texts {pid: text}."""
+    """(results of the chosen scheme, Table 7 rows, how many were re-asked, how many of those requests failed: ours
+    stands there) for answer texts {pid: text}."""
     ours_idx, gpt4_idx = parse_all(problems, ours), parse_all(problems, gpt4)
     complement = {pid: gpt4_idx[pid] if gpt4_idx[pid] != -1 else ours_idx[pid] for pid in problems}
     rows = {"LLaVA": table(problems, ours_idx), "GPT-4 (text-only)": table(problems, gpt4_idx),
             "LLaVA+GPT-4 complement": table(problems, complement)}
     if mode == "complement":
-        return complement, rows, 0
+        return complement, rows, 0, 0
     differ = [pid for pid in problems if ours_idx[pid] != gpt4_idx[pid]]
     judged = judge_all(problems, differ, ours, gpt4, client, log_path, workers)
-    judge = {pid: judged[pid] if judged.get(pid, -1) != -1 else ours_idx[pid] for pid in problems}
+    judge = {pid: judged[pid] if judged.get(pid) not in (None, -1) else ours_idx[pid] for pid in problems}
     rows["LLaVA+GPT-4 judge"] = table(problems, judge)
-    return judge, rows, len(differ)
+    return judge, rows, len(differ), sum(index is None for index in judged.values())
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -335,31 +335,35 @@ def main(argv=None):
             p.add_argument("--base-url", default="https://api.openai.com/v1")
             p.add_argument("--model", dest="gpt4_model", default="gpt-4")
             p.add_argument("--api-key-env", default="OPENAI_API_KEY")
-            p.add_argument("--max-tokens", type=int, default=1024)
-            p.add_argument("--workers", type=int, default=4, help="requests in flight")
+            p.add_argument("--max-tokens", type=number(), default=1024)
+            p.add_argument("--workers", type=number(), default=4, help="requests in flight")
     commands["answer"].add_argument("--model", required=True, help="checkpoint folder (with tokenizer.model)")
     commands["answer"].add_argument("--device", default=None)
     commands["answer"].add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
-    commands["answer"].add_argument("--max-new-tokens", type=int, default=1024)  # model_vqa_science.py's
-    commands["answer"].add_argument("--batch-size", type=int, default=None, help="questions at a time (8 CPU, 32 CUDA)")
+    commands["answer"].add_argument("--max-new-tokens", type=number(), default=1024)  # model_vqa_science.py's
+    commands["answer"].add_argument("--batch-size", type=number(), default=None, help="questions at a time (default 8 "
+                                    "CPU, 32 CUDA)")
     commands["answer"].add_argument("--quantize", choices=("int8",), help="int8 weights for the LLM and projector")
     for name in ("answer", "gpt4"):
-        commands[name].add_argument("--limit", type=int, default=None, help="only the first N problems")
+        commands[name].add_argument("--limit", type=number(), default=None, help="only the first N problems")
     commands["score"].add_argument("--answers", required=True, help="answer file (JSONL)")
-    commands["gpt4"].add_argument("--shots", type=int, default=2, help="worked examples from the train split")
+    commands["gpt4"].add_argument("--shots", type=number(low=0), default=2, help="worked examples from the train split")
     commands["ensemble"].add_argument("--answers", required=True, help="our answer file (JSONL)")
     commands["ensemble"].add_argument("--gpt4", required=True, help="GPT-4's answer file (JSONL)")
     commands["ensemble"].add_argument("--mode", choices=("complement", "judge"), default="judge")
     commands["ensemble"].add_argument("--log", default=None, help="judge requests and replies (default: OUT.log.jsonl)")
-    commands["demo"].add_argument("--images", type=int, default=12, help="shape images (4 questions each)")
+    commands["demo"].add_argument("--images", type=number(), default=12, help="shape images (4 questions each)")
     args = parser.parse_args(argv)
     try:
-        run(args)
-    except (FileNotFoundError, ValueError) as e:
+        failed = run(args)
+    except (OSError, ValueError, APIError) as e:  # named in the message; APIError: the key was refused
         sys.exit(f"error: {e}")
+    if failed:  # what was answered is kept (and counted in the result file); a rerun asks the failed ones again
+        sys.exit(f"error: {failed[0]} of {failed[1]} {failed[2]} failed (the warnings above say why)")
 
 
 def run(args):
+    """Runs a command; returns (failed, asked, what) when API requests failed, else None."""
     if args.command == "demo":
         from demo import make_scienceqa_demo  # demo.py brings torch: only this command loads it
         problems = make_scienceqa_demo(args.root, args.images)
@@ -378,14 +382,17 @@ def run(args):
         print(f"{args.out}: {len(records)} samples ({args.split}, {args.prompt_format})")
     elif args.command == "answer":
         from distributed import process_group  # torch only where a model runs
-        from inference import answer_file, load_model
+        from inference import answer_file, answer_source, load_model
         items = model_items(args.root, args.split, problems, args.prompt_format)[:args.limit]
         if not os.path.isdir(args.model):
             raise FileNotFoundError(f"{args.model}: no checkpoint folder")
         record = vqa_answer_record(os.path.basename(os.path.normpath(args.model)))
         with process_group(args.device) as (rank, world, device):  # under torchrun: each rank a share, rank 0 writes
             model, tokenizer = load_model(args.model, device, args.dtype, args.quantize)
-            there, new = answer_file(model, tokenizer, items, args.out, record, args.max_new_tokens, args.batch_size)
+            source = answer_source(args.model, model, args.max_new_tokens, prompt_format=args.prompt_format,
+                                   quantize=args.quantize)
+            there, new = answer_file(model, tokenizer, items, args.out, record, args.max_new_tokens, args.batch_size,
+                                     source=source)
         if rank == 0:
             print(f"{args.out}: {there} answers were there, {new} new ({world} process{'es' * (world > 1)})")
     elif args.command == "score":
@@ -400,15 +407,21 @@ def run(args):
         shots = []
         if args.shots:
             train = load_scienceqa(args.root, "train")
+            if args.shots > len(train):
+                raise ValueError(f"--shots {args.shots}: the train split has {len(train)} problem(s)")
             shots = [train[pid] for pid in random.Random(0).sample(list(train), args.shots)]
-        gpt4_answers(dict(list(problems.items())[:args.limit]), client, args.out, shots, args.workers)
+        asked = dict(list(problems.items())[:args.limit])
+        failed = gpt4_answers(asked, client, args.out, shots, args.workers)
+        return (failed, len(asked), "requests") if failed else None
     else:
-        results, rows, asked = ensemble(problems, read_answers(args.answers), read_answers(args.gpt4), args.mode,
-                                        client, args.log or args.out + ".log.jsonl", args.workers)
-        write_json(args.out, {**summary(problems, results), "mode": args.mode, "rows": rows, "reasked": asked})
+        results, rows, asked, failed = ensemble(problems, read_answers(args.answers), read_answers(args.gpt4),
+                                                args.mode, client, args.log or args.out + ".log.jsonl", args.workers)
+        write_json(args.out, {**summary(problems, results), "mode": args.mode, "rows": rows, "reasked": asked,
+                              "failed": failed})
         print_table(rows)
         if args.mode == "judge":
-            print(f"{asked} of {len(problems)} problems re-asked (the two answers differed)")
+            print(f"{asked} of {len(problems)} problems re-asked (the two answers differed), {failed} failed")
+        return (failed, asked, "judge requests") if failed else None
 
 
 if __name__ == "__main__":

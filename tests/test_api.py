@@ -47,24 +47,34 @@ def test_retries_every_transient_fault():
                                                              "ok"]
 
 
-def test_wrong_shaped_replies_are_retried():
+WRONG_SHAPES = ['field:content=["a", "b"]', 'field:usage="12"', 'field:usage={"completion_tokens": "7"}',
+                'field:usage={"prompt_tokens": -1}', "field:model=5", "field:finish_reason=3", "field:content=null",
+                "malformed"]
+
+
+@pytest.mark.parametrize("fault", WRONG_SHAPES)
+def test_a_wrong_shaped_reply_is_retried_once(fault):
     with FakeOpenAI(reply=lambda m: "hi") as server:
         client = api.ChatClient(server.url, KEY, "gpt-test", backoff=0.01, max_retries=6)
-        faults = ['field:content=["a", "b"]', 'field:usage="12"', 'field:usage={"completion_tokens": "7"}',
-                  'field:usage={"prompt_tokens": -1}', "field:model=5", "field:finish_reason=3"]
-        server.push(*faults)
+        server.push(fault)
         assert client.complete(MESSAGES)["content"] == "hi"
-        assert [r["behaviour"] for r in server.requests] == faults + ["ok"]
-        server.push('field:content={"text": "hi"}')
-        with pytest.raises(api.APIError, match="malformed response"):
-            api.ChatClient(server.url, KEY, "gpt-test", max_retries=0).complete(MESSAGES)
+        assert [r["behaviour"] for r in server.requests] == [fault, "ok"]
 
 
-def test_null_content_and_usage_are_empty():
+def test_a_second_malformed_reply_fails_the_request():
+    """each may be billed: a server that answers malformed twice is not asked the other five times"""
+    with FakeOpenAI(reply=lambda m: "hi") as server:
+        client = api.ChatClient(server.url, KEY, "gpt-test", backoff=0.01, max_retries=6)
+        server.push("500", "malformed", "503", "field:content=null", "ok")
+        with pytest.raises(api.APIError, match="malformed response.*twice"):
+            client.complete(MESSAGES)
+        assert len(server.requests) == 4  # the 5xx between them are retried as any 5xx is
+
+
+def test_null_usage_counts_nothing():
     with FakeOpenAI() as server:
-        server.push("field:content=null", "field:usage=null")
+        server.push("field:usage=null")
         client = api.ChatClient(server.url, KEY, "gpt-test", max_retries=0)
-        assert client.complete(MESSAGES)["content"] == ""
         assert client.complete(MESSAGES)["usage"] == {"prompt_tokens": 0, "completion_tokens": 0}
 
 
@@ -196,6 +206,19 @@ def test_timeout_is_a_deadline_for_the_whole_reply():
         assert isinstance(error, api.APIError) and "timeout" in str(error) and seconds < 2.5
 
 
+def test_a_trickling_server_holds_a_request_no_longer_than_its_deadline():
+    with FakeOpenAI() as server:
+        server.default = "trickle:0.3"  # every attempt runs into the timeout, and would be retried six times
+        client = api.ChatClient(server.url, KEY, "gpt-test", timeout=1.0, deadline=2.5, backoff=0.01)
+        error, seconds = within(10, lambda: client.complete(MESSAGES))
+        assert isinstance(error, api.APIError) and "deadline of 2.5 s" in str(error) and seconds < 3.5
+        assert len(server.requests) <= 3
+
+
+def test_the_deadline_defaults_to_five_timeouts():
+    assert api.ChatClient("http://127.0.0.1:9/v1", KEY, "gpt-test", timeout=7.0).deadline == 35.0
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the client from the environment; many requests
 
@@ -221,6 +244,9 @@ def record(item, text):
     return {"question_id": item["question_id"], "text": text}
 
 
+SOURCE = {"api_model": "gpt-test", "temperature": 0.0}
+
+
 def asker(asked, fail=()):
     """ask(item) that notes what it was asked and fails (None) on the ids in `fail`."""
     def ask(item):
@@ -232,22 +258,23 @@ def asker(asked, fail=()):
 def test_ask_all_skips_what_is_there_and_cuts_a_torn_line(tmp_path):
     out = tmp_path / "answers.jsonl"
     out.write_text('{"question_id": "q0", "text": "kept"}\n{"question_id": "q1", "te')  # a run killed mid-write
+    (tmp_path / "answers.jsonl.source.json").write_text(json.dumps(SOURCE))
     items = [{"question_id": f"q{i}"} for i in range(4)]
     asked = []
-    assert api.ask_all(items, asker(asked), str(out), record) == (1, 3, 0)
+    assert api.ask_all(items, asker(asked), str(out), record, SOURCE) == (1, 3, 0)
     assert asked == ["q1", "q2", "q3"]  # q0 was not asked again; the torn q1 was
     assert out.read_text().splitlines() == ['{"question_id": "q0", "text": "kept"}'] + [
         json.dumps({"question_id": f"q{i}", "text": f"answer q{i}"}) for i in (1, 2, 3)]
-    assert api.ask_all(items, asker(asked), str(out), record) == (4, 0, 0) and len(asked) == 3
+    assert api.ask_all(items, asker(asked), str(out), record, SOURCE) == (4, 0, 0) and len(asked) == 3
 
 
 def test_ask_all_leaves_a_failed_request_for_the_next_run(tmp_path):
     out = str(tmp_path / "answers.jsonl")
     items = [{"question_id": f"q{i}"} for i in range(3)]
     asked = []
-    assert api.ask_all(items, asker(asked, fail={"q1"}), out, record) == (0, 2, 1)
+    assert api.ask_all(items, asker(asked, fail={"q1"}), out, record, SOURCE) == (0, 2, 1)
     assert [r["question_id"] for r in fileio.read_jsonl(out)] == ["q0", "q2"]
-    assert api.ask_all(items, asker(asked), out, record) == (2, 1, 0) and asked[3:] == ["q1"]
+    assert api.ask_all(items, asker(asked), out, record, SOURCE) == (2, 1, 0) and asked[3:] == ["q1"]
 
 
 def test_ask_all_asks_workers_at_a_time_and_records_every_reply(tmp_path):
@@ -258,10 +285,38 @@ def test_ask_all_asks_workers_at_a_time_and_records_every_reply(tmp_path):
     def ask(item):
         together.wait()
         return "answer " + item["question_id"]
-    assert api.ask_all(items, ask, out, record, workers=4) == (0, 8, 0)
+    assert api.ask_all(items, ask, out, record, SOURCE, workers=4) == (0, 8, 0)
     records = fileio.read_jsonl(out)
     assert sorted(r["question_id"] for r in records) == [item["question_id"] for item in items]
     assert all(r["text"] == "answer " + r["question_id"] for r in records)
+
+
+def test_ask_all_refuses_repeated_ids(tmp_path):
+    items = [{"question_id": "q0"}, {"question_id": "q1"}, {"question_id": "q0"}]
+    with pytest.raises(ValueError, match="answers.jsonl: question ids repeated: 'q0'"):
+        api.ask_all(items, asker([]), str(tmp_path / "answers.jsonl"), record, SOURCE)
+
+
+def test_ask_all_refuses_to_continue_another_models_answers(tmp_path):
+    out, items = str(tmp_path / "answers.jsonl"), [{"question_id": f"q{i}"} for i in range(2)]
+    api.ask_all(items[:1], asker([]), out, record, SOURCE)
+    asked = []
+    with pytest.raises(ValueError, match="api_model 'gpt-test' there, 'gpt-other' now"):
+        api.ask_all(items, asker(asked), out, record, {**SOURCE, "api_model": "gpt-other"})
+    assert asked == [] and len(fileio.read_jsonl(out)) == 1
+
+
+def test_a_reply_with_null_content_is_not_recorded_and_asked_again(tmp_path):
+    out, items = str(tmp_path / "answers.jsonl"), [{"question_id": "q0"}]
+    with FakeOpenAI(reply=lambda m: "real") as server:
+        client = api.ChatClient(server.url, KEY, "gpt-test", backoff=0.01)
+        server.push("field:content=null", "field:content=null")
+
+        def ask(item):
+            return api.complete_or_none(client, MESSAGES, item["question_id"])
+        assert api.ask_all(items, ask, out, record, SOURCE) == (0, 0, 1) and fileio.read_jsonl(out) == []
+        assert api.ask_all(items, ask, out, record, SOURCE) == (0, 1, 0)
+    assert fileio.read_jsonl(out) == [{"question_id": "q0", "text": "real"}]
 
 
 def test_ctrl_c_in_the_pool_cancels_the_requests_in_flight():

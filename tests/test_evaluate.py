@@ -8,7 +8,7 @@ import demo
 import evaluate
 import fileio
 import inference
-from api import ChatClient
+from api import APIError, ChatClient
 from tests.fake_openai import FakeOpenAI
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -36,6 +36,9 @@ JUDGE_REPLIES = {"Q1": ["8 6\nAssistant 1 is more precise."], "Q2": ["9, 3\nAssi
 
 
 def bench_files(tmp_path):
+    from PIL import Image
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (50, 30), (200, 10, 10)).save(tmp_path / name)
     q = write_jsonl(tmp_path / "questions.jsonl", [{"question_id": i, "image": im, "category": c, "text": t}
                                                  for i, im, c, t in QUESTIONS])
     ctx = write_jsonl(tmp_path / "context.jsonl", [
@@ -84,6 +87,9 @@ def test_context_and_prompt(tmp_path):
         "[Assistant 2]\nMODEL") < prompt.index(evaluate.JUDGE_RULE)
 
 
+SOURCE = {"answers": {"model": "/runs/a"}, "references": "answers_gpt4.jsonl"}
+
+
 def test_judge_scores_retries_and_relative_score(tmp_path):
     q, ctx, refs = bench_files(tmp_path)
     items = evaluate.judge_items(q, ctx, str(tmp_path))
@@ -93,7 +99,7 @@ def test_judge_scores_retries_and_relative_score(tmp_path):
     server, calls = judge_server()
     with server:
         client = ChatClient(server.url, "sk-test", "judge", max_retries=0)
-        reviews = evaluate.review_all(items, references, predictions, client, out, retries=2)
+        reviews = evaluate.review_all(items, references, predictions, client, out, SOURCE, retries=2)
         assert calls == {"Q1": 1, "Q2": 1, "Q3": 2, "Q4": 3}  # Q3 retried once, Q4 twice then given up
         judge_body = server.requests[0]["body"]
         assert "[Assistant 1]\nreference 1" in judge_body["messages"][1]["content"]
@@ -115,7 +121,7 @@ def test_judge_scores_retries_and_relative_score(tmp_path):
         JUDGE_REPLIES_Q4 = JUDGE_REPLIES["Q4"]
         JUDGE_REPLIES["Q4"] = ["5 5"]
         try:
-            reviews = evaluate.review_all(items, references, predictions, client, out, retries=2)
+            reviews = evaluate.review_all(items, references, predictions, client, out, SOURCE, retries=2)
         finally:
             JUDGE_REPLIES["Q4"] = JUDGE_REPLIES_Q4
         assert calls == {"Q1": 1, "Q2": 1, "Q3": 2, "Q4": 4}
@@ -159,6 +165,98 @@ def test_missing_reference_is_named(tmp_path):
         evaluate.reference_answers(items, refs)
 
 
+def test_reviews_of_other_answers_are_not_reused(tmp_path):
+    q, ctx, refs = bench_files(tmp_path)
+    items = evaluate.judge_items(q, ctx, str(tmp_path))
+    references, out = evaluate.reference_answers(items, refs), str(tmp_path / "reviews.jsonl")
+    server, calls = judge_server()
+    with server:
+        client = ChatClient(server.url, "sk-test", "judge", max_retries=0)
+        evaluate.review_all(items[:2], references, {1: "a", 2: "b"}, client, out, SOURCE)
+        other = {**SOURCE, "answers": {"model": "/runs/b"}}  # e.g. answers.jsonl deleted, another model's in it
+        with pytest.raises(ValueError, match="answers.model '/runs/a' there, '/runs/b' now"):
+            evaluate.review_all(items[:2], references, {1: "c", 2: "d"}, client, out, other)
+        assert calls == {"Q1": 1, "Q2": 1}
+
+
+def test_failed_reference_requests_are_counted_and_the_others_kept(tmp_path, capsys):
+    q, ctx, _ = bench_files(tmp_path)
+    items = evaluate.judge_items(q, ctx, str(tmp_path))
+    out = str(tmp_path / "references.jsonl")
+    server, _ = judge_server()
+    with server:
+        server.on("Q1", "500", times=None)
+        client = ChatClient(server.url, "sk-test", "gpt-text", max_retries=0)
+        with pytest.raises(APIError, match="references.jsonl: 1 of 2 reference answers failed"):
+            evaluate.reference_answers(items[:2], None, client, out)
+    assert [r["question_id"] for r in fileio.read_jsonl(out)] == [2]  # kept; 1 is asked again on the next run
+    assert "HTTP 500" in capsys.readouterr().err
+
+
+def mc_record(n, **fields):
+    return {"id": f"p{n}", "question": f"Q{n}", "choices": ["a", "b"], "answer": 0, **fields}
+
+
+def test_mc_repeated_ids_are_refused_naming_them(tmp_path):
+    path = write_jsonl(tmp_path / "sqa.jsonl", [mc_record(1), mc_record(2), {**mc_record(3), "id": "p1"}])
+    with pytest.raises(ValueError, match="sqa.jsonl: question ids repeated: 'p1'"):
+        evaluate.mc_items(path, ".")
+
+
+def test_judge_repeated_ids_are_refused_naming_them(tmp_path):
+    q, ctx, _ = bench_files(tmp_path)
+    write_jsonl(q, [{"question_id": 7, "image": "a.jpg", "text": "Q?"}, {"question_id": 7, "image": "b.jpg",
+                                                                       "text": "Other?"}])
+    with pytest.raises(ValueError, match="questions.jsonl: question ids repeated: 7"):
+        evaluate.judge_items(q, ctx, str(tmp_path))
+
+
+@pytest.mark.parametrize("bad", [["p2"], {"id": 2}, None, 2.5, True])
+def test_an_id_that_is_not_a_string_or_integer_is_refused_naming_the_row(tmp_path, bad):
+    path = write_jsonl(tmp_path / "sqa.jsonl", [mc_record(1), {**mc_record(2), "id": bad}])
+    with pytest.raises(ValueError, match="sqa.jsonl, item 1: 'id' .* is not a string or an integer"):
+        evaluate.mc_items(path, ".")
+    q, ctx, _ = bench_files(tmp_path)
+    write_jsonl(q, [{"question_id": bad, "image": "a.jpg", "text": "Q?"}])
+    with pytest.raises(ValueError, match="questions.jsonl, line 1: 'question_id' .* is not a string or an integer"):
+        evaluate.judge_items(q, ctx, str(tmp_path))
+
+
+def test_more_than_ten_choices_are_refused_naming_the_row(tmp_path):
+    path = write_jsonl(tmp_path / "sqa.jsonl", [mc_record(1), mc_record(2, choices=list("abcdefghijk"))])
+    with pytest.raises(ValueError, match="sqa.jsonl, item 1: 'choices' must be a list of 1 to 10 options"):
+        evaluate.mc_items(path, ".")
+
+
+def test_a_missing_image_is_found_before_the_model_loads(tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "sqa.jsonl", [mc_record(1), mc_record(2, image="gone.png")])
+    monkeypatch.setattr(evaluate, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit, match=r"^error: .*sqa.jsonl, item 1: image .*gone.png not found$"):
+        evaluate.main(["mc", "--model", str(tmp_path), "--questions", path, "--images", str(tmp_path)])
+
+
+def test_a_missing_judge_image_is_named(tmp_path):
+    q, ctx, _ = bench_files(tmp_path)
+    os.unlink(tmp_path / "b.jpg")
+    with pytest.raises(FileNotFoundError, match=r"questions.jsonl, line 3: image .*b.jpg not found"):
+        evaluate.judge_items(q, ctx, str(tmp_path))
+
+
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--batch-size", "-4"), ("--max-new-tokens", "0"),
+                                         ("--judge-max-tokens", "-1"), ("--retries", "-1"), ("--max-wait", "nan"),
+                                         ("--max-wait", "-5"), ("--batch-size", "many")])
+def test_numbers_out_of_range_are_refused_by_the_parser(tmp_path, capsys, monkeypatch, flag, value):
+    q, ctx, refs = bench_files(tmp_path)
+    monkeypatch.setattr(evaluate, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setenv("EVAL_TEST_KEY", "sk-test")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["judge", "--model", str(tmp_path), "--questions", q, "--context", ctx, "--references", refs,
+                       "--images", str(tmp_path), "--api-key-env", "EVAL_TEST_KEY", "--out", str(tmp_path / "o"),
+                       flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}: " in err and "Traceback" not in err
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # multiple choice
 
@@ -190,9 +288,11 @@ def test_mc_accuracy_is_exact(tmp_path):
                {"id": "p4", "question": "Q4", "choices": ["a", "b", "c", "d"], "answer": "b", "subject": "biology"},
                {"id": "p5", "question": "Q5", "choices": ["a", "b"], "answer": 0, "category": "language"}]
     path = write_jsonl(tmp_path / "sqa.jsonl", records)
-    items = evaluate.mc_items(path, "imgs")
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "p2.png").write_bytes(b"")
+    items = evaluate.mc_items(path, str(tmp_path / "imgs"))
     assert [it["gold"] for it in items] == [0, 2, 1, 1, 0]
-    assert items[1]["image_path"] == os.path.join("imgs", "p2.png") and items[0]["image_path"] is None
+    assert items[1]["image_path"] == str(tmp_path / "imgs" / "p2.png") and items[0]["image_path"] is None
     # p1 right, p2 wrong, p3 unparseable, p4 right (by letter in a sentence), p5 unparseable (letter out of range)
     predictions = {"p1": "A", "p2": "B.", "p3": "maybe", "p4": "The answer is B.", "p5": "E"}
     stats = evaluate.score_mc(items, predictions)
@@ -244,7 +344,7 @@ def test_a_key_that_cannot_be_a_header_is_refused_before_loading_the_model(tmp_p
     monkeypatch.setattr(evaluate, "load_model", lambda *a: pytest.fail("the model was loaded"))
     with pytest.raises(SystemExit, match="EVAL_TEST_KEY") as e:
         evaluate.main(["judge", "--model", str(tmp_path), "--questions", q, "--context", ctx, "--references", refs,
-                       "--out", str(tmp_path / "out"), "--api-key-env", "EVAL_TEST_KEY"])
+                       "--images", str(tmp_path), "--out", str(tmp_path / "out"), "--api-key-env", "EVAL_TEST_KEY"])
     assert key[:8] not in str(e.value)
 
 
@@ -352,20 +452,18 @@ def test_demo_cli_writes_summary(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_judge_and_mc_cli(tiny_checkpoint, tmp_path, monkeypatch):
-    from PIL import Image
     from fileio import read_jsonl
     q, ctx, refs = bench_files(tmp_path)
-    for name in ("a.jpg", "b.jpg"):
-        Image.new("RGB", (50, 30), (200, 10, 10)).save(tmp_path / name)
     monkeypatch.setenv("EVAL_TEST_KEY", "sk-test")
     out = tmp_path / "bench"
     server, calls = judge_server()
     with server:
-        evaluate.main(["judge", "--model", tiny_checkpoint, "--questions", q, "--context", ctx, "--images",
-                       str(tmp_path), "--references", refs, "--out", str(out), "--base-url", server.url,
-                       "--api-key-env", "EVAL_TEST_KEY", "--max-new-tokens", "4"])
+        with pytest.raises(SystemExit, match=r"error: 1 of 4 reviews failed .*reviews.jsonl") as e:
+            evaluate.main(["judge", "--model", tiny_checkpoint, "--questions", q, "--context", ctx, "--images",
+                           str(tmp_path), "--references", refs, "--out", str(out), "--base-url", server.url,
+                           "--api-key-env", "EVAL_TEST_KEY", "--max-new-tokens", "4"])
         assert server.requests[0]["body"]["model"] == "gpt-4" and server.requests[0]["body"]["temperature"] == 0.2
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())  # written all the same, counting the failure
     assert summary["all"]["relative"] == pytest.approx(100 * 16 / 27) and summary["all"]["failed"] == 1
     assert [r["question_id"] for r in read_jsonl(str(out / "answers.jsonl"))] == [1, 2, 3, 4]
 
@@ -458,6 +556,29 @@ def test_demo_mode_at_batch_8_equals_batch_1(varied, tmp_path, capsys):
     assert (tmp_path / "1" / "summary.json").read_text() == (tmp_path / "8" / "summary.json").read_text()
 
 
+def test_mc_into_the_same_out_with_another_model_is_refused(varied, tiny_checkpoint, tmp_path, monkeypatch):
+    from checkpoint import fingerprint
+    model, questions, images = varied
+    mc_answers(varied, tmp_path / "mc")
+    monkeypatch.setattr(inference, "generate_batch", lambda *a, **kw: pytest.fail("answered"))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["mc", "--model", tiny_checkpoint, "--questions", questions, "--images", images, "--out",
+                       str(tmp_path / "mc"), "--max-new-tokens", "5"])
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    assert f"fingerprint {fingerprint(model)!r} there, {fingerprint(tiny_checkpoint)!r} now" in message
+    assert f"model {os.path.abspath(model)!r} there" in message and "another --out" in message
+
+
+def test_a_prompt_longer_than_the_context_exits_naming_the_question(varied, tmp_path, monkeypatch):
+    model, questions, images = varied
+    monkeypatch.setattr(inference, "generate_batch", lambda *a, **kw: pytest.fail("answered"))
+    with pytest.raises(SystemExit, match=r"^error: question_id 's\d': its prompt \(\d+ tokens\) and max_new_tokens "
+                                         r"\(1000\) need \d+ positions, more than the model's 1024"):
+        evaluate.main(["mc", "--model", model, "--questions", questions, "--images", images, "--out",
+                       str(tmp_path / "mc"), "--max-new-tokens", "1000"])
+
+
 def test_int8_weights_answer_through_evaluate(varied, tmp_path):
     model, _, _ = varied
     answers = mc_answers(varied, tmp_path / "int8", "--quantize", "int8")
@@ -478,6 +599,7 @@ def test_two_torchrun_processes_answer_as_one_and_resume(varied, tmp_path):
     out.mkdir()
     kept = [{**a, "text": "KEPT"} for a in one[:3]]  # an interrupted run's answers: never asked again
     (out / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in kept) + '{"question_id": "s3", "te')
+    (out / "answers.jsonl.source.json").write_text((tmp_path / "one" / "answers.jsonl.source.json").read_text())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "evaluate.py", "mc", "--model", model, "--questions", questions, "--images", images,

@@ -38,8 +38,17 @@ def test_repair_cuts_the_torn_line(tmp_path):
 
 
 def test_repair_cuts_a_last_line_of_zeros(tmp_path):
-    path = jsonl(tmp_path, '{"a": 1}\n{"a": 2}\n\0\0\0\0\n')  # what a crash can leave behind
+    path = jsonl(tmp_path, '{"a": 1}\n{"a": 2}\n\0\0\0\0')  # a crash can leave the appended line's bytes zeroed
     assert fileio.repair_jsonl(path) == [{"a": 1}, {"a": 2}] and os.path.getsize(path) == 18
+
+
+def test_a_complete_last_line_that_does_not_parse_is_corruption(tmp_path):
+    path = jsonl(tmp_path, '{"a": 1}\n{"a": \n')  # ends in its newline: written whole, so not torn
+    with pytest.raises(ValueError, match="x.jsonl: line 2"):
+        fileio.read_jsonl(path)
+    with pytest.raises(ValueError, match="x.jsonl: line 2"):
+        fileio.repair_jsonl(path)
+    assert open(path).read() == '{"a": 1}\n{"a": \n'  # nothing cut
 
 
 def test_a_bad_line_before_the_last_is_corruption_named(tmp_path):
@@ -63,6 +72,15 @@ def test_read_json_names_the_file_on_bad_syntax_and_bad_bytes(tmp_path):
     (tmp_path / "latin1.json").write_bytes('[{"caption": "café"}]'.encode("latin-1"))
     with pytest.raises(ValueError, match="latin1.json: not UTF-8"):
         fileio.read_json(str(tmp_path / "latin1.json"))
+
+
+@pytest.mark.parametrize("read, text", [(fileio.read_json, "[" * 100000), (fileio.read_records, "[" * 100000),
+                                        (fileio.read_records, '{"a": 1}\n' + "[" * 100000 + "\n")],
+                         ids=["json", "json-list", "jsonl"])
+def test_json_nested_too_deep_is_an_error_naming_the_file(tmp_path, read, text):
+    (tmp_path / "deep.json").write_text(text)
+    with pytest.raises(ValueError, match="deep.json.*nested"):
+        read(str(tmp_path / "deep.json"))
 
 
 def test_read_records_takes_a_json_list_or_jsonl_and_names_bad_lines(tmp_path):
@@ -138,3 +156,57 @@ def test_fresh_dir_is_empty_and_has_ordinary_permissions(tmp_path):
     folder = fileio.fresh_dir(tmp_path, "out")
     assert os.listdir(folder) == [] and os.path.basename(folder).startswith(".out.")
     assert os.stat(folder).st_mode & 0o777 == 0o777 & ~fileio._UMASK
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# question ids and answer files that record what produced them
+
+
+def test_repeated_ids_are_named():
+    fileio.check_unique(["a", 1, "1"], "q.jsonl")  # 1 and "1" are different ids
+    with pytest.raises(ValueError, match=r"q.jsonl: question ids repeated: 'b', 3"):
+        fileio.check_unique(["a", "b", 3, "b", 3, "b"], "q.jsonl")
+
+
+@pytest.mark.parametrize("value", [["a"], {"a": 1}, None, 1.5, True])
+def test_an_id_must_be_a_string_or_an_integer(value):
+    assert fileio.require_id({"id": "p1"}, "id", "f, row 4") == "p1" and fileio.require_id({"id": 7}, "id", "") == 7
+    with pytest.raises(ValueError, match="f, row 4: 'id' .* is not a string or an integer"):
+        fileio.require_id({"id": value}, "id", "f, row 4")
+
+
+SOURCE = {"model": "/runs/a", "fingerprint": "0123abcd", "max_new_tokens": 16}
+
+
+def test_resume_records_the_source_beside_the_answer_file(tmp_path):
+    path = str(tmp_path / "answers.jsonl")
+    assert fileio.resume_jsonl(path, SOURCE) == []
+    assert json.loads(open(path + ".source.json").read()) == SOURCE and not os.path.exists(path)
+    with open(path, "w") as f:
+        f.write('{"question_id": 1, "text": "a"}\n{"question_id": 2, "te')  # a torn last line
+    assert fileio.resume_jsonl(path, dict(SOURCE)) == [{"question_id": 1, "text": "a"}]
+    assert open(path).read() == '{"question_id": 1, "text": "a"}\n'  # cut, so that appending continues
+
+
+def test_resume_with_another_source_says_what_differs(tmp_path):
+    path = str(tmp_path / "answers.jsonl")
+    fileio.resume_jsonl(path, SOURCE)
+    fileio.append_jsonl(path, {"question_id": 1, "text": "a"})
+    other = {**SOURCE, "fingerprint": "ffff0000", "max_new_tokens": 32}
+    with pytest.raises(ValueError) as e:
+        fileio.resume_jsonl(path, other)
+    message = str(e.value)
+    assert "answers.jsonl" in message and "\n" not in message
+    assert "fingerprint '0123abcd' there, 'ffff0000' now" in message and "max_new_tokens 16 there, 32 now" in message
+    assert "/runs/a" not in message  # only what differs
+    assert "another --out" in message and "delete" in message
+    assert json.loads(open(path + ".source.json").read()) == SOURCE  # kept: the answers there are still SOURCE's
+
+
+def test_resume_refuses_answers_without_a_record_of_their_source(tmp_path):
+    path = str(tmp_path / "answers.jsonl")
+    fileio.append_jsonl(path, {"question_id": 1, "text": "a"})  # e.g. a file from another program
+    with pytest.raises(ValueError, match=r"answers.jsonl: holds answers \(1\) .*source.json.*cannot be checked"):
+        fileio.resume_jsonl(path, SOURCE)
+    os.unlink(path)  # what the message proposes: start again
+    assert fileio.resume_jsonl(path, SOURCE) == []

@@ -133,7 +133,7 @@ def test_run_faults_headers_resume_export(tmp_path, monkeypatch, capsys):
         server.on(lambda m: "img2" in m[-1]["content"] and task_of(m) == "conversation", "empty", times=None)
         server.on(lambda m: "img3" in m[-1]["content"] and task_of(m) == "detail", "length", times=None)
         server.on(lambda m: "img4" in m[-1]["content"] and task_of(m) == "complex", "400", times=None)
-        assert gd.main(cli(server, cap, inst, out, "--parse-retries", "2", "--export", str(exported))) == 0
+        assert gd.main(cli(server, cap, inst, out, "--parse-retries", "2", "--export", str(exported))) == 1
         done, fails = pairs_in(out), fileio.read_jsonl(str(failed))
         # every pair exactly once, in the output or in the failures
         assert sorted(done + [(r["image_id"], r["task"]) for r in fails]) == sorted(all_pairs(4))
@@ -324,7 +324,7 @@ def test_retry_after_beyond_max_wait_fails_the_pair_and_the_run_goes_on(tmp_path
     with FakeOpenAI(reply=reply) as server:
         server.on("img2", "429:100000", times=None)  # 28 hours
         code = run_in_thread(20, lambda: gd.main(cli(server, captions, instances, out, *flags)))
-    assert code == 0 and sorted(pairs_in(out)) == [(1, t) for t in sorted(gd.TASKS)]
+    assert code == 1 and sorted(pairs_in(out)) == [(1, t) for t in sorted(gd.TASKS)]
     reasons = [r["reason"] for r in fileio.read_jsonl(str(tmp_path / "out.failed.jsonl"))]
     assert len(reasons) == 3 and all("Retry-After" in r and cap in r for r in reasons)
 
@@ -339,7 +339,7 @@ def test_replies_of_the_wrong_shape_fail_their_pair_only(tmp_path, monkeypatch):
         server.on(lambda m: "img2" in m[-1]["content"] and task_of(m) == "detail", 'field:usage="12"', times=None)
         server.on(lambda m: "img1" in m[-1]["content"] and task_of(m) == "complex", 'field:usage={"prompt_tokens": '
                   '"many"}', times=1)  # once: the retry succeeds
-        assert gd.main(cli(server, cap, inst, out, "--max-retries", "1")) == 0
+        assert gd.main(cli(server, cap, inst, out, "--max-retries", "1")) == 1
     assert sorted(pairs_in(out)) == sorted(all_pairs(2) - {(2, "conversation"), (2, "detail")})
     failures = {(r["image_id"], r["task"]): r["reason"] for r in fileio.read_jsonl(str(tmp_path / "out.failed.jsonl"))}
     assert failures.keys() == {(2, "conversation"), (2, "detail")}
@@ -358,7 +358,7 @@ def test_an_error_in_one_pair_never_ends_the_others(tmp_path, monkeypatch):
         return parse(task, text, instruction)
     monkeypatch.setattr(gd, "parse_reply", buggy)
     with FakeOpenAI(reply=reply) as server:
-        assert gd.main(cli(server, cap, inst, out)) == 0
+        assert gd.main(cli(server, cap, inst, out)) == 1
         assert len(server.requests) == 9  # nothing asked twice
     assert sorted(pairs_in(out)) == sorted((i, t) for i in (1, 3) for t in gd.TASKS)
     reasons = [r["reason"] for r in fileio.read_jsonl(str(tmp_path / "out.failed.jsonl"))]
@@ -370,7 +370,20 @@ def test_a_run_where_every_pair_failed_exits_non_zero(tmp_path, monkeypatch, cap
     cap, inst = make_coco(tmp_path, 2)
     with FakeOpenAI(reply=reply, default="404") as server:  # e.g. a wrong --base-url path or --model
         assert gd.main(cli(server, cap, inst, tmp_path / "out.jsonl")) == 1
-    assert "every pair of this run failed" in capsys.readouterr().err
+    assert "error: 6 of 6 pairs of this run failed" in capsys.readouterr().err
+
+
+def test_a_run_where_some_pairs_failed_exits_non_zero(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    cap, inst = make_coco(tmp_path, 2)
+    out = tmp_path / "out.jsonl"
+    with FakeOpenAI(reply=reply) as server:
+        server.on(lambda m: "img2" in m[-1]["content"] and task_of(m) == "detail", "404", times=None)
+        assert gd.main(cli(server, cap, inst, out)) == 1
+        assert len(pairs_in(out)) == 5
+        assert gd.main(cli(server, cap, inst, out)) == 0  # a rerun asks nothing: this run failed nothing
+    err = capsys.readouterr().err
+    assert "error: 1 of 6 pairs of this run failed" in err and "out.failed.jsonl" in err and "--retry-failed" in err
 
 
 def test_a_slow_trickling_reply_times_out(tmp_path, monkeypatch):
@@ -380,7 +393,7 @@ def test_a_slow_trickling_reply_times_out(tmp_path, monkeypatch):
     with FakeOpenAI(reply=reply) as server:
         server.on(lambda m: task_of(m) == "detail", "trickle:0.3", times=None)  # 1 byte per 0.3 s: minutes
         args = cli(server, cap, inst, out, "--max-retries", "0")
-        assert run_in_thread(20, lambda: gd.main(args)) == 0  # --timeout 1
+        assert run_in_thread(20, lambda: gd.main(args)) == 1  # --timeout 1
     [failure] = fileio.read_jsonl(str(tmp_path / "out.failed.jsonl"))
     assert failure["task"] == "detail" and "timeout" in failure["reason"]
 

@@ -103,19 +103,58 @@ def record(item, text):
 
 
 def test_answer_file_resumes_and_reads_as_a_batch_1_run(tiny, tmp_path, monkeypatch):
-    _, model, tokenizer, items = tiny
-    path = str(tmp_path / "answers.jsonl")
-    assert inference.answer_file(model, tokenizer, items[:3], path, record, 6, batch_size=2) == (0, 3)
+    folder, model, tokenizer, items = tiny
+    path, source = str(tmp_path / "answers.jsonl"), inference.answer_source(folder, model, 6)
+    assert inference.answer_file(model, tokenizer, items[:3], path, record, 6, batch_size=2, source=source) == (0, 3)
     with open(path, "a") as f:
         f.write('{"question_id": "q5", "te')  # a torn last line (a crash mid-write)
     asked, real = [], inference.generate_batch
     monkeypatch.setattr(inference, "generate_batch", lambda llm, prompts, **kw: (asked.append(len(prompts)),
                                                                                    real(llm, prompts, **kw))[1])
-    assert inference.answer_file(model, tokenizer, items, path, record, 6, batch_size=2) == (3, 3)
+    assert inference.answer_file(model, tokenizer, items, path, record, 6, batch_size=2, source=source) == (3, 3)
     assert sum(asked) == 3  # only the three not answered before
     expected = [record(item, text) for item, text in zip(items, one_by_one(model, tokenizer, items, 6))]
     assert read_jsonl(path) == expected  # the items' order, not the batches'
-    assert inference.answer_file(model, tokenizer, items, path, record, 6) == (6, 0) and sum(asked) == 3
+    assert inference.answer_file(model, tokenizer, items, path, record, 6, source=source) == (6, 0) and sum(asked) == 3
+
+
+def test_answer_source_names_the_checkpoint_and_the_settings(tiny):
+    from checkpoint import fingerprint
+    folder, model, _, _ = tiny
+    assert inference.answer_source(folder, model, 6, prompt_format="QCM-LEA") == {
+        "model": os.path.abspath(folder), "fingerprint": fingerprint(folder), "template": model.config.template,
+        "dtype": "float32", "max_new_tokens": 6, "prompt_format": "QCM-LEA"}
+
+
+def test_answer_file_refuses_answers_made_with_other_settings(tiny, tmp_path, monkeypatch):
+    folder, model, tokenizer, items = tiny
+    path = str(tmp_path / "answers.jsonl")
+    four, six = inference.answer_source(folder, model, 4), inference.answer_source(folder, model, 6)
+    inference.answer_file(model, tokenizer, items[:2], path, record, 4, source=four)
+    monkeypatch.setattr(inference, "generate_batch", lambda *a, **kw: pytest.fail("answered"))
+    with pytest.raises(ValueError, match="max_new_tokens 4 there, 6 now"):
+        inference.answer_file(model, tokenizer, items, path, record, 6, source=six)
+    assert len(read_jsonl(path)) == 2
+
+
+def test_answer_file_refuses_repeated_ids(tiny, tmp_path, monkeypatch):
+    folder, model, tokenizer, items = tiny
+    monkeypatch.setattr(inference, "generate_batch", lambda *a, **kw: pytest.fail("answered"))
+    with pytest.raises(ValueError, match="question ids repeated: 'q1'"):
+        inference.answer_file(model, tokenizer, items + [{**items[1], "text": "Another?"}], str(tmp_path / "a.jsonl"),
+                              record, 4, source=inference.answer_source(folder, model, 4))
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_answering(tiny, monkeypatch):
+    _, model, tokenizer, items = tiny
+    context = model.config.llm.max_position_embeddings
+    longest = max(items, key=lambda item: len(inference.prompt_ids(model, tokenizer, item["text"], item["image_path"])))
+    n = len(inference.prompt_ids(model, tokenizer, longest["text"], longest["image_path"]))
+    monkeypatch.setattr(inference, "generate_batch", lambda *a, **kw: pytest.fail("answered"))
+    with pytest.raises(ValueError, match=f"question_id {longest['question_id']!r}: its prompt \\({n} tokens\\) and "
+                                         f"max_new_tokens \\({context - n + 1}\\) need {context + 1} positions, more "
+                                         f"than the model's {context}"):
+        next(inference.answer_batches(model, tokenizer, items, context - n + 1))
 
 
 def test_int8_weights_load_and_answer(tiny):

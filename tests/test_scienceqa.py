@@ -121,7 +121,7 @@ def test_convert_knows_every_original_format_and_refuses_others():
 
 
 def test_convert_cli_writes_split_in_order(tmp_path):
-    root = write_release(tmp_path / "sqa", {"7": MAP, "3": problem(), "9": problem()}, {"test": ["9", "7", "9"]})
+    root = write_release(tmp_path / "sqa", {"7": MAP, "3": problem(), "9": problem()}, {"test": ["9", "7"]})
     scienceqa.main(["convert", "--root", root, "--split", "test", "--out", str(tmp_path / "out" / "t.json")])
     records = json.loads((tmp_path / "out" / "t.json").read_text())
     assert [r["id"] for r in records] == ["9", "7"] and records[1]["image"] == "7/image.png"
@@ -139,6 +139,12 @@ def test_missing_file_is_named(tmp_path):
 def test_pid_without_problem_names_file_and_pid(tmp_path):
     root = write_release(tmp_path, {"1": problem()}, {"test": ["1", "404"]})
     with pytest.raises(ValueError, match=r"pid_splits.json.*'404'"):
+        scienceqa.load_scienceqa(root, "test")
+
+
+def test_a_pid_listed_twice_in_a_split_is_refused(tmp_path):
+    root = write_release(tmp_path, {"7": MAP, "9": problem()}, {"test": ["9", "7", "9"]})
+    with pytest.raises(ValueError, match=r"pid_splits.json: split 'test' lists pid '9' twice"):
         scienceqa.load_scienceqa(root, "test")
 
 
@@ -206,6 +212,27 @@ def test_score_cli_counts_missing_answers_as_wrong(tmp_path, capsys):
     assert "1 of 3 problems have no answer" in out and "33.33" in out
 
 
+def test_score_refuses_a_complete_last_line_that_does_not_parse(tmp_path):
+    root = write_release(tmp_path / "sqa", {"1": problem(), "2": problem()}, {"test": ["1", "2"]})
+    answers = write_answers(tmp_path / "a.jsonl", {"1": "A"})
+    with open(answers, "a") as f:
+        f.write('{"question_id": "2", "te\n')  # ends in its newline: not a torn append but a damaged file
+    with pytest.raises(SystemExit, match=r"error: .*a.jsonl: line 2 is not valid JSON"):
+        scienceqa.main(["score", "--root", root, "--answers", answers, "--out", str(tmp_path / "r.json")])
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_conflicting_answers_to_one_question_are_refused_naming_it(tmp_path):
+    answers = write_answers(tmp_path / "a.jsonl", {"1": "A", "2": "B"})
+    with open(answers, "a") as f:
+        f.write(json.dumps({"question_id": "1", "text": "A"}) + "\n")  # the same answer again: harmless
+    assert scienceqa.read_answers(answers) == {"1": "A", "2": "B"}
+    with open(answers, "a") as f:
+        f.write(json.dumps({"question_id": "2", "text": "C"}) + "\n")
+    with pytest.raises(ValueError, match=r"a.jsonl: question_id '2' has two different answers"):
+        scienceqa.read_answers(answers)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # answer
 
@@ -236,6 +263,8 @@ def test_gpt4_answer_file_is_model_vqa_science_format(tmp_path):
     with FakeOpenAI(reply=lambda m: "The answer is A.") as server:
         client = ChatClient(server.url, "sk-test", "gpt-4", max_retries=0)
         scienceqa.gpt4_answers({"1": MAP, "2": problem()}, client, str(out), workers=1)
+    assert json.loads((tmp_path / "gpt4.jsonl.source.json").read_text()) == {
+        "api_model": "gpt-4", "temperature": 0.7, "max_tokens": 1024, "shots": 0}
     first, second = (json.loads(line) for line in out.read_text().splitlines())
     assert {k: v for k, v in first.items() if k != "answer_id"} == {
         "question_id": "1", "prompt": scienceqa.question_text(MAP), "text": "The answer is A.", "model_id": "gpt-4",
@@ -256,6 +285,42 @@ def test_gpt4_answers_survive_500_and_rerun_asks_only_failures(tmp_path):
         n = len(server.requests)
         assert scienceqa.gpt4_answers(problems, client, out) == 0 and len(server.requests) == n + 1
         assert scienceqa.read_answers(out)["2"] == "The answer is B."
+
+
+def test_gpt4_answers_of_another_model_are_not_continued(tmp_path):
+    out = str(tmp_path / "gpt4.jsonl")
+    with FakeOpenAI(reply=lambda m: "The answer is A.") as server:
+        scienceqa.gpt4_answers({"1": problem()}, ChatClient(server.url, "sk-test", "gpt-4", max_retries=0), out)
+        with pytest.raises(ValueError, match="api_model 'gpt-4' there, 'gpt-4o' now"):
+            scienceqa.gpt4_answers({"1": problem(), "2": problem()},
+                                   ChatClient(server.url, "sk-test", "gpt-4o", max_retries=0), out)
+        assert len(server.requests) == 1
+
+
+def test_gpt4_exits_non_zero_when_requests_failed(tmp_path, monkeypatch, capsys):
+    root = write_release(tmp_path / "sqa", {"1": problem(), "2": problem()}, {"train": ["1"], "test": ["1", "2"]})
+    monkeypatch.setenv("SQA_TEST_KEY", "sk-test")
+    with FakeOpenAI(default="400") as server:  # refused for good at once (a 500 would be retried for a minute)
+        with pytest.raises(SystemExit, match=r"error: 2 of 2 requests failed"):
+            scienceqa.main(["gpt4", "--root", root, "--base-url", server.url, "--api-key-env", "SQA_TEST_KEY",
+                            "--out", str(tmp_path / "g.jsonl"), "--shots", "0"])
+    assert "0 new, 2 failed" in capsys.readouterr().out
+
+
+def test_gpt4_more_shots_than_the_train_split_has_is_refused(tmp_path, monkeypatch):
+    root = write_release(tmp_path / "sqa", {"1": problem(), "2": problem()}, {"train": ["1"], "test": ["2"]})
+    monkeypatch.setenv("SQA_TEST_KEY", "sk-test")
+    with pytest.raises(SystemExit, match=r"error: --shots 100: the train split has 1 problem"):
+        scienceqa.main(["gpt4", "--root", root, "--base-url", "http://127.0.0.1:9/v1", "--api-key-env",
+                        "SQA_TEST_KEY", "--out", str(tmp_path / "g.jsonl"), "--shots", "100"])
+
+
+@pytest.mark.parametrize("args", [["gpt4", "--shots", "-1"], ["gpt4", "--workers", "0"], ["answer", "--batch-size",
+                                  "0", "--model", "m"], ["answer", "--max-new-tokens", "-3", "--model", "m"]])
+def test_numbers_out_of_range_are_refused_by_the_parser(tmp_path, capsys, args):
+    with pytest.raises(SystemExit) as e:
+        scienceqa.main([*args, "--root", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and f"argument {args[1]}: must be at least" in capsys.readouterr().err
 
 
 def test_gpt4_refused_key_stops_the_run(tmp_path):
@@ -292,16 +357,16 @@ def ensemble_inputs():
 
 def test_ensemble_complement_and_judge_by_hand(tmp_path):
     problems, ours, gpt4 = ensemble_inputs()
-    complement, rows, asked = scienceqa.ensemble(problems, ours, gpt4, "complement")
+    complement, rows, asked, failed = scienceqa.ensemble(problems, ours, gpt4, "complement")
     # ours right on 1, 2, 4, 6; GPT-4 on 1, 3, 5; complement = GPT-4 (1 ok, 2 C, 3 ok, 5 ok, 6 A) + ours on 4 (ok)
-    assert asked == 0 and complement == {"1": 0, "2": 2, "3": 3, "4": 2, "5": 1, "6": 0}
+    assert asked == failed == 0 and complement == {"1": 0, "2": 2, "3": 3, "4": 2, "5": 1, "6": 0}
     assert [rows[k]["Avg"] for k in rows] == pytest.approx([400 / 6, 300 / 6, 400 / 6])
     log = str(tmp_path / "judge.jsonl")
     with judge_fake() as server:
         client = ChatClient(server.url, "sk-test", "gpt-4", backoff=0.01)
-        judge, rows, asked = scienceqa.ensemble(problems, ours, gpt4, "judge", client, log, workers=2)
+        judge, rows, asked, failed = scienceqa.ensemble(problems, ours, gpt4, "judge", client, log, workers=2)
         # re-asked 2-6; judge: 2 B ok, 3 no answer -> ours A (wrong), 4 C ok, 5 B ok, 6 B ok; 1 agreed (ok): 5/6
-        assert asked == 5 and judge == {"1": 0, "2": 1, "3": 0, "4": 2, "5": 1, "6": 1}
+        assert asked == 5 and failed == 0 and judge == {"1": 0, "2": 1, "3": 0, "4": 2, "5": 1, "6": 1}
         assert rows["LLaVA+GPT-4 judge"]["Avg"] == pytest.approx(500 / 6)
         assert len(server.requests) == 6  # five questions, one 500 retried
         request = server.requests[1]["body"]["messages"][-1]["content"]
@@ -312,6 +377,20 @@ def test_ensemble_complement_and_judge_by_hand(tmp_path):
     assert len([json.loads(line) for line in open(log)]) == 5
 
 
+def test_a_judge_ensemble_whose_requests_failed_says_so_and_exits_non_zero(tmp_path, monkeypatch):
+    problems, ours, gpt4 = ensemble_inputs()
+    root = write_release(tmp_path / "sqa", problems, {"test": list(ENSEMBLE)})
+    answers, gpt4_file = write_answers(tmp_path / "ours.jsonl", ours), write_answers(tmp_path / "gpt4.jsonl", gpt4)
+    monkeypatch.setenv("SQA_TEST_KEY", "sk-test")
+    out = str(tmp_path / "judge.json")
+    with FakeOpenAI(default="400") as server:
+        with pytest.raises(SystemExit, match=r"error: 5 of 5 judge requests failed"):
+            scienceqa.main(["ensemble", "--root", root, "--base-url", server.url, "--api-key-env", "SQA_TEST_KEY",
+                            "--answers", answers, "--gpt4", gpt4_file, "--mode", "judge", "--out", out])
+    result = json.loads(open(out).read())
+    assert result["reasked"] == 5 and result["failed"] == 5  # the judge row stands for ours there, and says so
+
+
 def test_gpt4_and_ensemble_cli(tmp_path, monkeypatch, capsys):
     problems, ours, _ = ensemble_inputs()
     problems["9"] = problem(question="Worked example?", lecture="Lec.", solution="Sol.")
@@ -320,7 +399,8 @@ def test_gpt4_and_ensemble_cli(tmp_path, monkeypatch, capsys):
     gpt4_file, out = str(tmp_path / "gpt4.jsonl"), str(tmp_path / "ensemble.json")
     with judge_fake("400") as server:  # GPT-4's request for 4 refused: no answer for 4
         flags = ["--root", root, "--base-url", server.url, "--api-key-env", "SQA_TEST_KEY"]
-        scienceqa.main(["gpt4", *flags, "--out", gpt4_file, "--shots", "1", "--workers", "1"])
+        with pytest.raises(SystemExit, match="error: 1 of 6 requests failed"):
+            scienceqa.main(["gpt4", *flags, "--out", gpt4_file, "--shots", "1", "--workers", "1"])
         first = server.requests[0]["body"]
         assert first["model"] == "gpt-4" and first["messages"][1]["content"].startswith("Worked example?")
         assert (first["temperature"], first["max_tokens"]) == (0.0, 1024)
@@ -328,7 +408,7 @@ def test_gpt4_and_ensemble_cli(tmp_path, monkeypatch, capsys):
                         "--gpt4", gpt4_file, "--mode", "judge", "--out", out])
     result = json.loads(open(out).read())
     # GPT-4 answered with the judge replies (3 without an answer, 4 refused) and ours fails on 5: 3, 4, 5 differ
-    assert result["reasked"] == 3 and set(result["rows"]) == {
+    assert result["reasked"] == 3 and result["failed"] == 0 and set(result["rows"]) == {
         "LLaVA", "GPT-4 (text-only)", "LLaVA+GPT-4 complement", "LLaVA+GPT-4 judge"}
     printed = capsys.readouterr().out
     assert "LLaVA+GPT-4 judge" in printed and "re-asked" in printed
@@ -372,6 +452,10 @@ def test_demo_convert_answer_score_offline(tiny_checkpoint, tmp_path, capsys):
     scienceqa.main(ask + ["--limit", "3"])  # resumes: asks only the third
     lines = open(answers).read().splitlines()
     assert len(lines) == 3 and json.loads(lines[0])["model_id"] == os.path.basename(tiny_checkpoint)
+    with pytest.raises(SystemExit, match=r"error: .*answers.jsonl: its answers \(3\) were made with other settings .*"
+                                         r"prompt_format 'QCM-LEA' there, 'CQM-A' now"):
+        scienceqa.main(ask + ["--limit", "4", "--prompt-format", "CQM-A"])
+    assert len(open(answers).read().splitlines()) == 3
     scienceqa.main(["score", "--root", root, "--answers", answers, "--out", str(out / "result.json")])
     result = json.loads((out / "result.json").read_text())
     n_test = len(json.load(open(os.path.join(root, "pid_splits.json")))["test"])
