@@ -263,6 +263,7 @@ def _scale_worker(args):
             torch.distributed.gather_object(result, rows)
         for row in rows or ():
             print("json: " + json.dumps(row or result), flush=True)
+        model = optimizer = None  # a sharded model goes before its process group (distributed.process_group)
 
 
 def _spawn_scale_worker(kind, preset, ranks, folder):

@@ -10,7 +10,6 @@ in the cache, and feeds only what follows their common prefix (start_pos = its l
 conversation, CACHE_CHUNK positions at a time, instead of holding the longest context from the start.
 """
 import argparse
-import math
 import os
 import sys
 import time
@@ -21,7 +20,7 @@ from clip import preprocess
 from data import IMAGE_TOKEN, TEMPLATES, render, with_image
 from demo import DEMO_QUESTIONS
 from distributed import default_dtype
-from fileio import inside, read_json, write_json
+from fileio import inside, number, read_json, write_json
 from images import load_image
 from inference import DTYPES, generate_llava, load_model
 from llava import IMAGE_TOKEN_INDEX
@@ -195,19 +194,6 @@ def command(session, line):
     return True
 
 
-def number(kind, low, high=math.inf, low_open=False):
-    """An argparse type: a finite `kind` in [low, high] ((low, high] with low_open), else a message naming it."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
-        if not (math.isfinite(value) and (low < value if low_open else low <= value) and value <= high):
-            raise argparse.ArgumentTypeError(f"{text} is not in {'(' if low_open else '['}{low}, {high}]")
-        return value
-    return parse
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help=f"checkpoint directory (default: the demo's {DEMO_MODEL})")
@@ -216,10 +202,10 @@ def parse_args(argv):
     p.add_argument("--template", choices=sorted(TEMPLATES), help="conversation template (default: the checkpoint's)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda when available)")
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on cuda, float16 on mps, float32 on cpu")
-    p.add_argument("--temperature", type=number(float, 0), default=0.0, help="0 = greedy")
+    p.add_argument("--temperature", type=number(float, low=0), default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=1.0, help="in (0, 1]")
-    p.add_argument("--max-new-tokens", type=number(int, 1), help="default 512, at most half the context")
-    p.add_argument("--seed", type=number(int, 0), default=0)
+    p.add_argument("--max-new-tokens", type=number(), help="default 512, at most half the context")
+    p.add_argument("--seed", type=number(low=0), default=0)
     p.add_argument("--quantize", choices=QUANTIZE, help="int8 weights for the LLM and projector (quantize.py)")
     p.add_argument("--prompt", help="answer this one message and exit")
     p.add_argument("--stats", action="store_true", help="print time to first token and tokens/s after each answer")

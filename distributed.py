@@ -4,6 +4,7 @@ and inference share, FSDP2 sharding, and the signals that stop a training run at
 One process when RANK is unset. Under torchrun every process joins one group: nccl on CUDA (each rank on GPU
 LOCAL_RANK), gloo on a CPU, where FSDP2 runs too, so multi-process code is tested without a GPU.
 """
+import gc
 import math
 import os
 import signal
@@ -48,10 +49,13 @@ def setup(device=None, timeout_s=None):
 @contextmanager
 def process_group(device=None, timeout_s=None):
     """setup() for a block; the group is left at its end, after a barrier (gloo aborts when one rank tears down
-    while another still talks). An exception leaves it to the process's exit: a peer may be hung."""
+    while another still talks). A model sharded in the block must be gone by then: its device mesh would keep the
+    group alive past its end, and tearing that down at exit can abort the process. An exception leaves the group
+    to the process's exit: a peer may be hung."""
     rank, world, device = setup(device, timeout_s)
     yield rank, world, device
     if dist.is_initialized():
+        gc.collect()  # what the block freed, reference cycles included, goes before the group
         dist.barrier()
         dist.destroy_process_group()
 

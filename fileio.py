@@ -224,14 +224,17 @@ def resume_jsonl(path, source) -> list:
 # numbers on the command line, checked by the parser (a usage error, exit 2) before anything runs
 
 
-def number(kind=int, low=1):
-    """An argparse type: a finite `kind` >= low, so --batch-size 0 or --max-wait nan is refused naming the flag."""
+def number(kind=int, low=1, high=math.inf, low_open=False):
+    """An argparse type: a finite `kind` in [low, high] ((low, high] with low_open), so --batch-size 0 or --max-wait
+    nan is refused naming the flag."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
-        if not math.isfinite(value) or value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        if not (math.isfinite(value) and (value > low if low_open else value >= low) and value <= high):
+            bound = f"at least {low}" if high == math.inf and not low_open else \
+                f"in {'(' if low_open else '['}{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
     return parse

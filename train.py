@@ -293,8 +293,7 @@ def train_step(model, optimizer, micro_batches, lr, grad_clip, device, bf16=Fals
 
 
 def train_loop(model, optimizer, dataset, collate, config, step, total_steps, flops, rank, world, device):
-    """Steps from `step` to total_steps: fetch, one optimizer step, log, save. Returns (step, why it stopped early
-    or None, totals for the summary line)."""
+    """Steps from `step` to total_steps: fetch, step, log, save. Returns (step, why it stopped early, totals)."""
     steps_per_epoch, metrics = len(dataset) // config.batch_size, Path(config.out) / "metrics.jsonl"
     peak = config.peak_tflops or next((v for k, v in PEAK_TFLOPS.items()
                                        if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
@@ -438,7 +437,8 @@ def main(argv=None):
                 model = run_stage(config, rank, world, device)
                 if model is None:
                     break
-        return model  # None: ended early, a training state was written
+            model = model if world == 1 else None  # a sharded model goes before its process group
+        return model  # the trained model in one process; None under torchrun, or ended early with a training state
     except (OSError, ValueError, KeyError, FloatingPointError) as e:
         raise SystemExit(f"train.py: error: {e.args[0] if isinstance(e, KeyError) else e}") from e
 

@@ -308,9 +308,9 @@ def test_the_demo_model_says_which_questions_it_was_trained_on(tiny, tmp_path, m
     assert "trained on, such as: What color is the circle?; What shape is the red object?" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag, value, message", [("--temperature", "nan", "nan is not in [0, inf]"),
-                                                  ("--max-new-tokens", "-5", "-5 is not in [1, inf]"),
-                                                  ("--top-p", "0", "0 is not in (0, 1]")])
+@pytest.mark.parametrize("flag, value, message", [("--temperature", "nan", "must be at least 0, got nan"),
+                                                  ("--max-new-tokens", "-5", "must be at least 1, got -5"),
+                                                  ("--top-p", "0", "must be in (0, 1], got 0")])
 def test_a_setting_out_of_range_is_refused_by_the_command_line(flag, value, message, capsys):
     with pytest.raises(SystemExit) as exit:
         chat.main([flag, value, "--prompt", "hi"])

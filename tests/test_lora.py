@@ -304,6 +304,7 @@ model, losses = test_lora.train_tiny_llama(shard=lambda m: [fully_shard(b) for b
 trained = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                 ignore_frozen_params=True))
 save_file({**trained, "losses": torch.stack(losses)}, sys.argv[1] + "/trained.safetensors")
+del model  # a sharded model goes before its process group (distributed.process_group)
 dist.destroy_process_group()
 """
 

@@ -69,6 +69,7 @@ if rank == 0:
     for name, value in full.items():
         assert torch.equal(value, reference[name]), name
     print("same parameters:", len(full))
+del model, full  # a sharded model goes before its process group (distributed.process_group)
 dist.barrier()
 dist.destroy_process_group()
 """
