@@ -294,7 +294,7 @@ def test_meta_built_model_filled_with_assign_equals_the_adapted_model():
 
 
 FSDP_SCRIPT = """
-import sys, torch, torch.distributed as dist
+import gc, sys, torch, torch.distributed as dist
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
@@ -305,6 +305,7 @@ trained = get_model_state_dict(model, options=StateDictOptions(full_state_dict=T
                                                                 ignore_frozen_params=True))
 save_file({**trained, "losses": torch.stack(losses)}, sys.argv[1] + "/trained.safetensors")
 del model  # a sharded model goes before its process group (distributed.process_group)
+gc.collect()
 dist.destroy_process_group()
 """
 

@@ -52,7 +52,7 @@ def test_a_state_of_2_ranks_resumes_in_1_and_in_2(demo, tmp_path):
 
 
 SHARDED_LOAD = """
-import sys, torch, torch.distributed as dist
+import gc, sys, torch, torch.distributed as dist
 import distributed, train
 from torch.distributed.tensor import DTensor
 rank, world, device = distributed.setup(timeout_s=60)
@@ -70,6 +70,7 @@ if rank == 0:
         assert torch.equal(value, reference[name]), name
     print("same parameters:", len(full))
 del model, full  # a sharded model goes before its process group (distributed.process_group)
+gc.collect()
 dist.barrier()
 dist.destroy_process_group()
 """
