@@ -312,8 +312,8 @@ def train_loop(model, optimizer, dataset, collate, config, step, total_steps, fl
                 loss, grad_norm, tokens, images, skipped = train_step(
                     model, optimizer, micro_batches, lr, config.grad_clip, device, bf16)
                 if not math.isfinite(loss) or not math.isfinite(grad_norm):  # stop: nothing of this step is kept
-                    raise FloatingPointError(f"step {step + 1}: loss {loss}, gradient norm {grad_norm}: diverged (lr "
-                                             f"{lr:g}); the last good state: {checkpoint.latest_state(config.out)}")
+                    raise FloatingPointError(f"step {step + 1}: loss {loss}, gradient norm {grad_norm}: diverged at lr "
+                                             f"{lr:g}; last state: {checkpoint.latest_state(config.out) or 'none'}")
                 step, dt = step + 1, time.time() - start
                 record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss, "lr": lr,
                           "grad_norm": grad_norm, "tokens": int(tokens), "tokens_per_s": tokens / dt}
