@@ -98,7 +98,7 @@ def bench_train(args):
     with torch.device(device):
         model = train.set_stage(LLaVA(LLaVAConfig(llm=llm, vision=vision)), args.stage, config.lora_r,
                                 config.lora_alpha, config.lora_dropout)
-    flops = train.flops_per_step(model, args.stage)
+    flops = distributed.flops_per_step(model, args.stage)
     bf16 = distributed.uses_bf16(config.precision, device)
     model = distributed.parallelize(model, device, bf16=bf16, grad_checkpointing=args.grad_checkpointing,
                                     compile_blocks=args.compile)
@@ -113,8 +113,9 @@ def bench_train(args):
     input_ids, labels, pixel_values = _train_batch(model.config, B, T, device)
     if args.labelled:
         labels[:, :T - args.labelled] = IGNORE_INDEX
-    micro_batches = [{"input_ids": input_ids[i:i + micro], "labels": labels[i:i + micro],
-                      "pixel_values": pixel_values[i:i + micro], "skipped": 0} for i in range(0, B, micro)]
+    micro_batches = [{"input_ids": input_ids[i:i + micro], "labels": labels[i:i + micro], "skipped": 0,
+                      "pixel_values": pixel_values[i:i + micro], "group": torch.zeros(micro, dtype=torch.long)}
+                     for i in range(0, B, micro)]
     if args.hf:  # before any step: the same weights
         hf, hf_batch = _hf_llava(model, input_ids, labels, pixel_values)
     times, parts, losses = [], [], []
@@ -129,7 +130,7 @@ def bench_train(args):
         parts.append(part)
     dt = statistics.median(times[2:])
     name = torch.cuda.get_device_name() if cuda else "cpu"
-    peak = args.peak_tflops or next((v for k, v in train.PEAK_TFLOPS.items() if cuda and k in name), None)
+    peak = args.peak_tflops or distributed.peak_tflops(device)
     achieved = flops(B * T, B, T) / dt
     memory = (f"peak allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else
               f"peak RSS {_rss_gib():.2f} GiB")
@@ -184,7 +185,7 @@ def _time_hf_train(hf, batch, config, steps):
         start = time.perf_counter()
         loss = hf(**batch).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)
+        torch.nn.utils.clip_grad_norm_(trained, config.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())  # waits for the step's GPU work, as train_step's own .item() does

@@ -84,14 +84,15 @@ def check_turns(conversation, for_generation=False):
 
 
 # ------------------------------------------------------------------------------------------------------ renderer
-# The original builds one prompt string and tokenizes it with the HF (slow, legacy) LlamaTokenizer, split only at
-# "<image>" (tokenizer_image_token); "</s>" and "<s>" inside the string become the eos / bos ids. In sentencepiece
-# terms every chunk between two such boundaries is encoded on its own and gets the dummy-prefix "▁" at its start
-# (so "\n" after an image encodes as "▁", "<0x0A>", and "USER" after "</s>" as "▁USER"). We build the same token
-# stream from pieces: a piece that continues a chunk always starts with a space (the " " before a reply), where
-# sentencepiece begins a new word, so encoding it alone - its space played by the dummy prefix - gives exactly the
-# tokens of the whole-string encoding. The training ids of a conversation are therefore the generation ids of its
-# prefix followed by the reply's pieces: chat can reuse its KV cache, and the ids match the original's.
+# The original builds one prompt string and tokenizes it with the HF (slow) LlamaTokenizer, split only at "<image>"
+# (tokenizer_image_token); "</s>" and "<s>" inside the string become the eos / bos ids. In sentencepiece terms every
+# chunk between two such boundaries is encoded on its own and gets the dummy-prefix "▁" at its start (so "\n" after
+# an image encodes as "▁", "<0x0A>", and "USER" after "</s>" as "▁USER"), except, with `legacy: false` in
+# tokenizer_config.json, after "</s>" and "<s>" ("USER" -> "US", "ER"). We build the same token stream from pieces:
+# a piece that continues a chunk always starts with a space (the " " before a reply), where sentencepiece begins a
+# new word, so encoding it alone - its space played by the dummy prefix - gives exactly the tokens of the
+# whole-string encoding. The training ids of a conversation are therefore the generation ids of its prefix followed
+# by the reply's pieces: chat can reuse its KV cache, and the ids match the original's.
 
 def _pieces(conversation, template: Template, for_generation):
     """The prompt as (kind, text, labelled) pieces, before tokenization."""
@@ -126,20 +127,21 @@ def render(conversation, template, tokenizer: Tokenizer, n_image_tokens: int, fo
     template = get_template(template) if isinstance(template, str) else template
     check_turns(conversation, for_generation)
     input_ids, labels = [], []
-    chunk_start = True  # at the start of a chunk sentencepiece adds its dummy prefix
-    for kind, text, labelled in _pieces(conversation, template, for_generation):
+    start, bare = True, False  # at a chunk's start: its dummy prefix, none after a special token if not legacy
+    for n, (kind, text, labelled) in enumerate(_pieces(conversation, template, for_generation)):
         if kind == "bos" or kind == "eos":
-            ids, chunk_start = [tokenizer.bos_id if kind == "bos" else tokenizer.eos_id], True
+            ids = [tokenizer.bos_id if kind == "bos" else tokenizer.eos_id] if n or tokenizer.add_bos else []
+            start, bare = True, n > 0 and not tokenizer.legacy  # the first bos is not in the text
         else:
             ids = []
             for j, part in enumerate(text.split(IMAGE_TOKEN)):
-                if j > 0:
+                if j > 0:  # tokenizer_image_token encodes each chunk after an image on its own: a dummy prefix
                     ids += [IMAGE_TOKEN_INDEX] * n_image_tokens
-                    chunk_start = True
+                    start, bare = True, False
                 if part:
                     # a continuation starts with " " (see above): the dummy prefix stands for that space
-                    ids += tokenizer.sp.encode(part if chunk_start else part[1:])
-                    chunk_start = False
+                    ids += tokenizer.encode_text(part, not bare) if start else tokenizer.sp.encode(part[1:])
+                    start = False
         input_ids += ids
         labels += ids if labelled else [IGNORE_INDEX] * len(ids)
     return input_ids, labels
@@ -164,9 +166,10 @@ class BadRow(ValueError):
 class LLaVADataset(torch.utils.data.Dataset):
     """LLaVA's JSON format: a list of {"id", "image"? (a file in image_folder), "conversations": [...]}. Every row
     is checked and rendered once, here: a bad row is an error naming it, or with skip_bad is counted in `skipped` by
-    reason, as is a sample left without labels by truncation. Images must lie inside image_folder and have a sane
-    header (images.header_problem); pixels are decoded in __getitem__. `lengths`: each kept sample's token count,
-    negative for text-only samples (the original's "modality lengths")."""
+    reason, as is a sample left without labels by truncation. A leading "gpt" turn is dropped, as the original does,
+    and counted in `dropped_first_turn`. Images must lie inside image_folder and have a sane header
+    (images.header_problem); pixels are decoded in __getitem__. `lengths`: the original's "modality lengths" for
+    length grouping, each kept row's whitespace-separated words over all turns, negative for a row without image."""
 
     def __init__(self, json_path, image_folder, tokenizer, template, n_image_tokens, image_size,
                  pad_to_square=True, max_length=2048, skip_bad=False):
@@ -176,11 +179,11 @@ class LLaVADataset(torch.utils.data.Dataset):
         rows = read_json(json_path)  # errors name the file: bad bytes (not UTF-8), bad syntax
         if not isinstance(rows, list):
             raise ValueError(f"{json_path}: expected a JSON list of samples, got {type(rows).__name__}")
-        self.rows, self.lengths, self.skipped = [], [], Counter()
+        self.rows, self.lengths, self.skipped, self.dropped_first_turn = [], [], Counter(), 0
         for n, row in enumerate(rows):
             try:
                 self._check_image(row)
-                input_ids, labels, has_image = self._render(row)
+                input_ids, labels, _ = self._render(row)
             except BadRow as e:
                 if not skip_bad:
                     raise ValueError(f"{json_path}: {self._where(n, row)}: {e}") from None
@@ -190,7 +193,9 @@ class LLaVADataset(torch.utils.data.Dataset):
                 self.skipped["no labels after truncation"] += 1
                 continue
             self.rows.append((n, row))
-            self.lengths.append(len(input_ids) if has_image else -len(input_ids))
+            words = sum(len(str(turn.get("value", "")).split()) for turn in row["conversations"])
+            self.lengths.append(max(words, 1) if "image" in row else -max(words, 1))
+            self.dropped_first_turn += row["conversations"][0].get("from") == "gpt"
 
     @staticmethod
     def _where(n, row):
@@ -216,6 +221,8 @@ class LLaVADataset(torch.utils.data.Dataset):
 
     def _render(self, row):
         conversation = row["conversations"]
+        if conversation and isinstance(conversation[0], dict) and conversation[0].get("from") == "gpt":
+            conversation = conversation[1:]  # the original's preprocess skips a first turn not from the human
         mentions = sum(isinstance(t, dict) and IMAGE_TOKEN in str(t.get("value", "")) for t in conversation)
         first = conversation[0] if conversation else None
         if "image" in row:

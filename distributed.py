@@ -1,5 +1,6 @@
 """Where the computation runs: the device and the precision it computes in, the torchrun process group that training
-and inference share, FSDP2 sharding, and the signals that stop a training run at a step boundary.
+and inference share, FSDP2 sharding, the signals that stop a training run at a step boundary, and the FLOPs of a
+training step against the accelerator's peak (MFU).
 
 One process when RANK is unset. Under torchrun every process joins one group: nccl on CUDA (each rank on GPU
 LOCAL_RANK), gloo on a CPU, where FSDP2 runs too, so multi-process code is tested without a GPU.
@@ -167,3 +168,26 @@ def worker_init(worker_id):
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+# ---------------------------------------------------------------------------------------------------------- MFU
+PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "A10G": 70, "4090": 165}  # dense bf16
+
+
+def peak_tflops(device):
+    """The known card's dense bf16 peak, else None (no MFU column)."""
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else ""
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def flops_per_step(model, stage):
+    """(tokens, images, seq_len) -> FLOPs of a training step, for MFU: trained weights 6N per token, frozen LLM weights
+    the gradient flows through 4N, the tower 2N per patch; attention 12 * layers * width * seq_len per token (PaLM)."""
+    llm, vision, patches = model.config.llm, model.config.vision, model.config.num_image_tokens
+    weights = [*model.llm.layers.parameters(), *model.llm.norm.parameters(), model.llm.lm_head.weight]  # no embed
+    per_token = sum((6 if stage == 2 and p.requires_grad else 4) * p.numel() for p in weights)
+    attention = 12 * llm.num_hidden_layers * llm.num_attention_heads * llm.head_dim
+    per_image = (6 * sum(p.numel() for p in model.projector.parameters()) * patches
+                 + 2 * sum(p.numel() for p in model.vision_tower.parameters()) * (patches + 1)
+                 + 4 * vision.num_hidden_layers * vision.hidden_size * (patches + 1) ** 2)
+    return lambda tokens, images, seq_len: (per_token + attention * seq_len) * tokens + per_image * images

@@ -333,10 +333,11 @@ def tokenizer_configs(tokenizer: Tokenizer, image_token: int, max_length: int) -
     tokens = {name: pieces[i] for i, name in special.items()} | {"pad_token": sp.id_to_piece(tokenizer.pad_id)}
     return {
         # legacy: every chunk between special tokens starts a new word ("\n" after <image> -> "▁", "<0x0A>"), as
-        # the original's slow LlamaTokenizer did and data.py reproduces; LLaVA pads with unk
+        # the original's slow LlamaTokenizer did; not legacy: none after a special token (data.py does both)
         "tokenizer_config.json": {"tokenizer_class": "LlamaTokenizer", "processor_class": "LlavaProcessor",
-                                  "added_tokens_decoder": added, **tokens, "add_bos_token": True,
-                                  "add_eos_token": False, "legacy": True, "clean_up_tokenization_spaces": False,
+                                  "added_tokens_decoder": added, **tokens, "add_bos_token": tokenizer.add_bos,
+                                  "add_eos_token": False, "legacy": tokenizer.legacy,
+                                  "clean_up_tokenization_spaces": False,
                                   "extra_special_tokens": {"image_token": IMAGE_TOKEN},
                                   "model_max_length": max_length, "padding_side": "left"},
         "special_tokens_map.json": tokens}

@@ -86,7 +86,7 @@ class LLaVA(nn.Module):
         return embeds
 
     def forward(self, input_ids, pixel_values=None, labels=None):
-        """No labels: (logits (B, T, V), None). Labels: (logits of the N labelled positions (N, V), mean loss)."""
+        """No labels: (logits (B, T, V), None). Labels: (logits of the N labelled positions (N, V), N losses)."""
         hidden = self.llm(inputs_embeds=self.embed(input_ids, pixel_values), head=labels is None)  # (B, T, V or D)
         if labels is None:
             return hidden, None
@@ -94,7 +94,7 @@ class LLaVA(nn.Module):
         # (image tokens and prompts have none: ~95 % of stage-1 positions), never on full (B, T, V) logits
         targets, keep = labels[:, 1:], labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
         logits = self.llm.lm_head(hidden[:, :-1][keep])  # (N, V)
-        return logits, F.cross_entropy(logits.float(), targets[keep])
+        return logits, F.cross_entropy(logits.float(), targets[keep], reduction="none")
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32) -> "LLaVA":

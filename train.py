@@ -10,13 +10,12 @@ Recipes are data: TrainConfig holds every hyperparameter, RECIPES the original s
 paper, `llava-v1.5`, `llava-v1.5-lora`, `scienceqa`, `demo`), `--set key=value` overrides any field (train_cli.py).
 The two stages differ only in which parameters require grad; the CLIP tower never trains (with lora_r > 0, stage 2
 trains LoRA adapters on the frozen LLM: lora.py). Under torchrun the model is sharded with FSDP2, each rank reading
-only its own shards (distributed.py). A step's loss is the mean over all answer tokens of the global batch, however
-it is split. A run ends with a training state (checkpoint.py: it resumes on any number of ranks), then the output.
+only its own shards (distributed.py). A step's loss is the token mean of the global batch, or the mean of the token
+means of its groups of loss_group samples (the original's per-device batches); either way independent of how it is
+split. A run ends with a training state (checkpoint.py: it resumes on any number of ranks), then the output.
 """
 import json
 import math
-import os
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -39,7 +38,7 @@ from fileio import append_jsonl
 from llama import Llama
 from llava import IGNORE_INDEX, LLaVA
 from lora import apply_lora, initial_adapters, merge_lora, save_adapters
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, copy_tokenizer
 
 # -----------------------------------------------------------------------------------------------------------------
 # config: one dataclass, named recipes, the command line
@@ -53,10 +52,11 @@ class TrainConfig:
     projector_lr: float = 0.0  # peak lr of the projector (the original's mm_projector_lr); 0: the same as lr
     batch_size: int = 128  # global batch in samples (per-device batch x GPUs x accumulation in the original)
     micro_batch_size: int = 0  # samples per forward per process; 0: the process's whole share of the batch at once
-    epochs: float = 1.0  # passes over the data; the last partial batch of each epoch is left out
+    epochs: float = 1.0  # passes over the data; the last partial batch of each epoch is kept, as in the original
     warmup_ratio: float = 0.03  # share of the steps with linear warmup from 0 (HF Trainer)
     weight_decay: float = 0.0  # AdamW decay of the weight matrices; never applied to norms and biases
-    grad_clip: float = 1.0  # max global gradient norm (HF Trainer's max_grad_norm)
+    grad_clip: float = 0.0  # max global gradient norm; 0: none (the DeepSpeed scripts set no gradient_clipping)
+    loss_group: int = 0  # 0: the token mean over the global batch; N: HF Trainer's mean of per-device token means
     projector_type: str = "mlp2x_gelu"  # "linear": the paper; "mlp2x_gelu": LLaVA-1.5
     image_size: int = 336  # the tower's input size in the recipe (ViT-L/14: 224, -336: 336); other: error; 0: any
     template: str = "vicuna_v1"  # conversation template (data.TEMPLATES): "plain" for stage-1 captions
@@ -70,13 +70,13 @@ class TrainConfig:
     lora_dropout: float = 0.05  # dropout on the adapters' input (LLaVA's default lora_dropout)
     num_workers: int = 4  # data loader processes
     skip_bad: bool = False  # skip unreadable rows and images (counted and reported) instead of stopping
-    seed: int = 0  # the projector's init and the data order
+    seed: int = 42  # the projector's init and the data order (the original's, HF TrainingArguments')
     save_every: int = 0  # write a training state every N steps; 0: only when stopped and at the end
     stop_after: int = 0  # stop after this step with a training state; 0: run to the end
     dist_timeout: float = 300.0  # seconds a collective waits for a stalled rank before the job ends
     precision: str = "auto"  # "bf16": bf16 compute, fp32 master weights and reduction; "fp32"; "auto": bf16 on CUDA
     threads: int = 0  # torch CPU threads; 0: torch's choice
-    peak_tflops: float = 0.0  # accelerator peak for the MFU column; 0: the known cards (PEAK_TFLOPS)
+    peak_tflops: float = 0.0  # accelerator peak for the MFU column; 0: the known cards (distributed.PEAK_TFLOPS)
     demo_dir: str = "runs/demo"  # the demo's data, base models and outputs
     eval_limit: int = 0  # demo: score only the first N held-out questions; 0: all
     model: str | None = None  # (paths and actions: flags only) base LLM, or a LLaVA checkpoint to go on from
@@ -92,30 +92,33 @@ class TrainConfig:
 
 CHOICES = {"projector_type": ("linear", "mlp2x_gelu"), "template": tuple(data.TEMPLATES),
            "image_aspect_ratio": ("square", "pad"), "precision": ("auto", "bf16", "fp32")}
-# the demo: tiny models from scratch on 2 CPU cores; its fast projector lr reads the random tower in minutes.
-# One thread: when another process holds a core, 2 OpenMP threads wait on each other and run 10-20x slower
+# the demo: tiny models from scratch on 2 CPU cores; its fast projector lr reads the random tower in minutes; its
+# clipping and seed are its own. One thread: 2 wait on each other when another process holds a core (10-20x slower)
 DEMO = dict(projector_type="mlp2x_gelu", image_size=demo.DEMO_CLIP["image_size"], image_aspect_ratio="pad",
-            group_by_length=True, grad_checkpointing=False, num_workers=0, threads=1)
+            group_by_length=True, grad_checkpointing=False, num_workers=0, threads=1, grad_clip=1.0, seed=0)
 # stage -> the values that differ from TrainConfig's defaults, which are the original scripts' shared ones:
-# warmup 0.03, weight decay 0, cosine, max length 2048, gradient checkpointing (haotian-liu/LLaVA, scripts/)
-RECIPES = {
-    "llava-v1": {  # the paper: scripts/pretrain.sh (CC-595K), then Section 4's 3 epochs of LLaVA-Instruct-158K
-        1: dict(lr=2e-3, batch_size=128, epochs=1, template="plain", projector_type="linear", image_size=224),
-        2: dict(lr=2e-5, batch_size=32, epochs=3, template="vicuna_v1", projector_type="linear", image_size=224)},
-    "llava-v1.5": {  # scripts/v1_5/pretrain.sh (LCS-558K) and v1_5/finetune.sh (the 665K mix)
-        1: dict(lr=1e-3, batch_size=256, epochs=1, template="plain"),
+# warmup 0.03, weight decay 0, cosine, max length 2048, gradient checkpointing, seed 42, no clipping: the
+# DeepSpeed configs (scripts/zero2.json, zero3.json) have no gradient_clipping, so DeepSpeed's 0 (off) holds
+RECIPES = {  # loss_group: the per-device batch of the original run, whose token means HF Trainer averaged
+    "llava-v1": {  # the paper: CC-595K, then 3 epochs of Instruct-158K; torchrun + FSDP (max_grad_norm 1), 8x16, 8x4
+        1: dict(lr=2e-3, batch_size=128, epochs=1, template="plain", projector_type="linear", image_size=224,
+                grad_clip=1.0, loss_group=16),
+        2: dict(lr=2e-5, batch_size=32, epochs=3, template="vicuna_v1", projector_type="linear", image_size=224,
+                grad_clip=1.0, loss_group=4)},
+    "llava-v1.5": {  # scripts/v1_5/pretrain.sh (LCS-558K, 8 x 32) and v1_5/finetune.sh (the 665K mix, 8 x 16)
+        1: dict(lr=1e-3, batch_size=256, epochs=1, template="plain", loss_group=32),
         2: dict(lr=2e-5, batch_size=128, epochs=1, template="vicuna_v1", image_aspect_ratio="pad",
-                group_by_length=True)},  # group_by_modality_length
+                group_by_length=True, loss_group=16)},  # group_by_modality_length
     "llava-v1.5-lora": {  # scripts/v1_5/finetune_lora.sh: stage 2 only, from llava-v1.5's stage-1 projector
         2: dict(lr=2e-4, projector_lr=2e-5, batch_size=128, epochs=1, template="vicuna_v1", image_aspect_ratio="pad",
-                group_by_length=True, lora_r=128, lora_alpha=256.0, lora_dropout=0.05)},
-    "scienceqa": {  # scripts/finetune_sqa.sh: stage 2 only, from the paper's stage-1 projector
-        2: dict(lr=2e-5, batch_size=128, epochs=12, template="vicuna_v1", projector_type="linear", image_size=224)},
+                group_by_length=True, lora_r=128, lora_alpha=256.0, lora_dropout=0.05, loss_group=16)},
+    "scienceqa": {  # scripts/finetune_sqa.sh (8 x 16): stage 2 only, from the paper's stage-1 projector
+        2: dict(lr=2e-5, batch_size=128, epochs=12, template="vicuna_v1", projector_type="linear", image_size=224,
+                loss_group=16)},
     "demo": {  # stage 1: 3 passes over 2,000 captions; after one the demo scored 84-99 % by seed and CPU, now 96-100
         1: dict(lr=1e-3, batch_size=32, epochs=3, template="plain", **DEMO),
         2: dict(lr=2e-3, projector_lr=1e-2, batch_size=16, epochs=4, template="vicuna_v1", **DEMO)},
 }
-PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "A10G": 70, "4090": 165}  # dense bf16, for MFU
 RESUME_MUST_MATCH = ("stage", "batch_size", "data", "template", "seed", "max_length", "lora_r", "lora_alpha")
 
 
@@ -135,8 +138,7 @@ def make_config(recipe="demo", stage=1, sets=(), demo_run=False, **paths):
     config = TrainConfig(recipe=recipe, stage=stage, demo=demo_run, **RECIPES[recipe][stage], **paths)
     train_cli.apply_sets(config, sets, CHOICES)
     train_cli.check_settings(config)
-    config.projector_lr = config.projector_lr or config.lr
-    config.lora_alpha = config.lora_alpha or 2.0 * config.lora_r
+    config.projector_lr, config.lora_alpha = config.projector_lr or config.lr, config.lora_alpha or 2.0 * config.lora_r
     for key, value in demo.run_paths(config.demo_dir, stage).items() if demo_run else ():
         setattr(config, key, getattr(config, key) or value)
     config.out = config.out or str(Path(config.demo_dir if demo_run else "runs") / f"stage{stage}")
@@ -182,19 +184,6 @@ def set_stage(model, stage, lora_r=0, lora_alpha=0.0, lora_dropout=0.0):
     return model
 
 
-def flops_per_step(model, stage):
-    """(tokens, images, seq_len) -> FLOPs of a training step, for MFU: trained weights 6N per token, frozen LLM weights
-    the gradient flows through 4N, the tower 2N per patch; attention 12 * layers * width * seq_len per token (PaLM)."""
-    llm, vision, patches = model.config.llm, model.config.vision, model.config.num_image_tokens
-    weights = [*model.llm.layers.parameters(), *model.llm.norm.parameters(), model.llm.lm_head.weight]  # no embed
-    per_token = sum((6 if stage == 2 and p.requires_grad else 4) * p.numel() for p in weights)
-    attention = 12 * llm.num_hidden_layers * llm.num_attention_heads * llm.head_dim
-    per_image = (6 * sum(p.numel() for p in model.projector.parameters()) * patches
-                 + 2 * sum(p.numel() for p in model.vision_tower.parameters()) * (patches + 1)
-                 + 4 * vision.num_hidden_layers * vision.hidden_size * (patches + 1) ** 2)
-    return lambda tokens, images, seq_len: (per_token + attention * seq_len) * tokens + per_image * images
-
-
 # -----------------------------------------------------------------------------------------------------------------
 # optimizer, schedule and data order: a pure function of (seed, step), so a resumed run sees the same batches
 
@@ -225,31 +214,43 @@ def lr_at(step, total_steps, config):
 
 def step_batches(dataset, epoch, first_step, steps_per_epoch, collate, rank, world, config):
     """Yields (step, [micro-batches of this rank]) from first_step on. A global batch is a run of batch_size in the
-    epoch's order (length grouping: similar lengths, split into `world` chunks of even token totals; never dependent
-    on `world`); each rank takes its share, in micro-batches. The loader works ahead in worker processes."""
+    epoch's order (length grouping: similar lengths, in chunks of even totals, one per loss group or rank), the last
+    one shorter; each rank takes its even share in micro-batches, as many on every rank (one short of samples runs
+    the batch's first at no loss). "group": each sample's loss group (loss_group consecutive samples of the global
+    batch; -1: no loss). The loader works ahead in worker processes."""
     generator, local = torch.Generator().manual_seed(config.seed * 1000 + epoch), config.batch_size // world
-    order = (data.modality_length_grouped_indices(dataset.lengths, local, world, generator) if config.group_by_length
-             else torch.randperm(len(dataset), generator=generator).tolist())
-    micro = config.micro_batch_size or local
-    batches = [order[step * config.batch_size + rank * local + i:][:micro]
-               for step in range(first_step, steps_per_epoch) for i in range(0, local, micro)]
+    chunk = config.loss_group or local  # the original: a global batch in chunks of its per-device batch
+    order = (data.modality_length_grouped_indices(dataset.lengths, chunk, config.batch_size // chunk, generator)
+             if config.group_by_length else torch.randperm(len(dataset), generator=generator).tolist())
+    micro, group = config.micro_batch_size or local, config.loss_group or config.batch_size
+    batches, groups, counts = [], [], []  # this rank's micro-batches: dataset indices, loss groups; per step
+    for start in range(first_step * config.batch_size, steps_per_epoch * config.batch_size, config.batch_size):
+        size = min(config.batch_size, len(order) - start)
+        mine = range(rank * size // world, (rank + 1) * size // world)  # places in the global batch
+        counts.append(math.ceil(math.ceil(size / world) / micro))
+        for places in (mine[i:i + micro] for i in range(0, counts[-1] * micro, micro)):
+            batches.append([order[start + p] for p in places] or [order[start]])
+            groups.append(torch.tensor([p // group for p in places] or [-1]))
     with distributed.stop_signals_blocked():  # the workers leave stopping to this process (worker_init)
         # the loader's own seed, not one from the global RNG: that stream feeds LoRA's dropout, which must see the
         # same numbers whether a run resumed mid-epoch or not
         loader = iter(DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=config.num_workers,
                                  worker_init_fn=distributed.worker_init, pin_memory=torch.cuda.is_available(),
                                  generator=torch.Generator().manual_seed(config.seed * 1000 + epoch)))
-    for step in range(first_step, steps_per_epoch):
-        yield epoch * steps_per_epoch + step, [next(loader) for _ in range(local // micro)]
+    groups = iter(groups)
+    for step, count in enumerate(counts, first_step):
+        yield epoch * steps_per_epoch + step, [next(loader) | {"group": next(groups)} for _ in range(count)]
 
 
 # -----------------------------------------------------------------------------------------------------------------
 # the loop
 
 
-def train_step(model, optimizer, micro_batches, lr, grad_clip, device, bf16=False, times=None):
+def train_step(model, optimizer, micro_batches, lr, grad_clip, device, bf16=False, times=None, n_groups=1):
     """One optimizer step over this rank's micro-batches of a global batch: accumulate, clip, AdamW. The loss is the
-    mean over every answer token of the global batch, however it is split over ranks and micro-batches.
+    mean over the batch's loss groups ("group" of each sample, 0..n_groups-1) of each group's mean over its answer
+    tokens: one group, the token mean of the global batch; the original's groups, the mean of HF Trainer's
+    per-device means. Either way independent of how the batch is split over ranks and micro-batches.
     Returns (loss, grad_norm, tokens, images, skipped samples), over all ranks. bench_train.py times this function;
     `times`, a dict, gets the seconds of "forward", "backward" and "optimizer" added."""
     world, cuda = dist.get_world_size() if dist.is_initialized() else 1, device.type == "cuda"
@@ -261,23 +262,27 @@ def train_step(model, optimizer, micro_batches, lr, grad_clip, device, bf16=Fals
     times = {} if times is None else times
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
-    counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches]  # answer tokens
-    answer_tokens, tokens, images, skipped = distributed.all_sum([
-        sum(counts), sum(b["input_ids"].numel() for b in micro_batches),
+    counts = torch.zeros(n_groups + 1, dtype=torch.long)  # answer tokens per loss group; the last: group -1
+    for b in micro_batches:
+        counts.index_add_(0, b["group"] % (n_groups + 1), (b["labels"][:, 1:] != IGNORE_INDEX).sum(1))
+    *counts, _, tokens, images, skipped = distributed.all_sum([
+        *counts.tolist(), sum(b["input_ids"].numel() for b in micro_batches),
         sum(len(b["pixel_values"]) for b in micro_batches if b["pixel_values"] is not None),
         sum(b["skipped"] for b in micro_batches)], device)
+    counts = torch.tensor(counts, dtype=torch.float64)
+    # each answer token's share of the loss (FSDP averages gradients over ranks: hence `world`); group -1: none
+    share = torch.cat([world / ((counts > 0).sum().clamp(min=1) * counts.clamp(min=1)), torch.zeros(1)]).float()
     loss_sum = torch.zeros((), device=device)
-    for batch, n in zip(micro_batches, counts):
+    for batch in micro_batches:
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         start = clock()
         with autocast, attention():
-            _, micro_loss = model(batch["input_ids"], batch["pixel_values"], batch["labels"])  # token mean
+            _, losses = model(batch["input_ids"], batch["pixel_values"], batch["labels"])  # per answer token
         middle = clock()
-        # FSDP averages gradients over ranks: scale so the step's gradient is the global token mean. A micro-batch
-        # without labels (skip_bad's) has no logits: its mean over none is NaN, its gradient empty and its weight 0
-        (micro_loss * n * world / max(answer_tokens, 1)).backward()
-        if n:
-            loss_sum += micro_loss.detach() * n
+        rows = (batch["labels"][:, 1:] != IGNORE_INDEX).nonzero()[:, 0]  # the sample of each answer token
+        weighted = (losses * share.to(device)[batch["group"][rows]]).sum()  # group -1: the last share, 0
+        weighted.backward()
+        loss_sum += weighted.detach()
         end = clock()
         times["forward"] = times.get("forward", 0) + middle - start
         times["backward"] = times.get("backward", 0) + end - middle
@@ -289,14 +294,14 @@ def train_step(model, optimizer, micro_batches, lr, grad_clip, device, bf16=Fals
     optimizer.zero_grad(set_to_none=True)
     times["optimizer"] = times.get("optimizer", 0) + clock() - start
     (loss_total,) = distributed.all_sum([loss_sum.item()], device)
-    return loss_total / max(answer_tokens, 1), grad_norm.item(), tokens, images, skipped
+    return loss_total / world, grad_norm.item(), tokens, images, skipped
 
 
 def train_loop(model, optimizer, dataset, collate, config, step, total_steps, flops, rank, world, device):
     """Steps from `step` to total_steps: fetch, step, log, save. Returns (step, why it stopped early, totals)."""
-    steps_per_epoch, metrics = len(dataset) // config.batch_size, Path(config.out) / "metrics.jsonl"
-    peak = config.peak_tflops or next((v for k, v in PEAK_TFLOPS.items()
-                                       if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+    steps_per_epoch, metrics = math.ceil(len(dataset) / config.batch_size), Path(config.out) / "metrics.jsonl"
+    n_groups = math.ceil(config.batch_size / (config.loss_group or config.batch_size))
+    peak = config.peak_tflops or distributed.peak_tflops(device)
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     totals = {"tokens": 0, "start": time.time(), "first_loss": None, "loss": float("nan"), "skipped": 0}
     bf16 = distributed.uses_bf16(config.precision, device)
@@ -310,7 +315,7 @@ def train_loop(model, optimizer, dataset, collate, config, step, total_steps, fl
                     break
                 start, lr = time.time(), lr_at(step, total_steps, config)
                 loss, grad_norm, tokens, images, skipped = train_step(
-                    model, optimizer, micro_batches, lr, config.grad_clip, device, bf16)
+                    model, optimizer, micro_batches, lr, config.grad_clip, device, bf16, n_groups=n_groups)
                 if not math.isfinite(loss) or not math.isfinite(grad_norm):  # stop: nothing of this step is kept
                     raise FloatingPointError(f"step {step + 1}: loss {loss}, gradient norm {grad_norm}: diverged at lr "
                                              f"{lr:g}; last state: {checkpoint.latest_state(config.out) or 'none'}")
@@ -340,7 +345,7 @@ def train_loop(model, optimizer, dataset, collate, config, step, total_steps, fl
 
 
 def save_output(model, config, rank, bf16, state):
-    """Stage 1: the projector; stage 2: the whole model + tokenizer.model (with LoRA: merged, and adapter.safetensors
+    """Stage 1: the projector; stage 2: the whole model + the tokenizer's files (LoRA: merged, and adapter.safetensors
     beside it). Gathered into a plain copy on rank 0 and written to a temporary folder in <out> whose files then
     move into <out>: a failed write leaves no partial file, and the weights are safe in the training state."""
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -362,7 +367,7 @@ def save_output(model, config, rank, bf16, state):
                 "vision_tower", "projector_type", "template", "image_aspect_ratio")}})
             merge_lora(plain)
         plain.save_pretrained(folder)
-        shutil.copy(config.tokenizer, folder / "tokenizer.model")
+        copy_tokenizer(config.tokenizer, folder)
     nbytes = sum(p.numel() * p.element_size() for p in (plain.projector if config.stage == 1 else plain).parameters())
     hint = f".\nThe trained weights are safe in {state}: make room, then --resume writes the output"
     checkpoint.write_output(config.out, write, nbytes, hint)
@@ -381,11 +386,10 @@ def run_stage(config, rank, world, device):
     dataset = data.LLaVADataset(config.data, config.image_folder, tokenizer, config.template,
                                 model.config.num_image_tokens, model.config.image_size,
                                 config.image_aspect_ratio == "pad", config.max_length, config.skip_bad)
-    steps_per_epoch = len(dataset) // config.batch_size  # the last partial batch of an epoch is left out
-    total_steps = int(config.epochs * steps_per_epoch)
+    total_steps = math.ceil(config.epochs * math.ceil(len(dataset) / config.batch_size))  # the last batch kept
     if total_steps == 0:
-        raise ValueError(f"{config.data}: {len(dataset)} usable samples, fewer than one batch of {config.batch_size}")
-    flops = flops_per_step(model, config.stage)
+        raise ValueError(f"{config.data}: no usable samples")
+    flops = distributed.flops_per_step(model, config.stage)
     bf16 = distributed.uses_bf16(config.precision, device)
     model = distributed.parallelize(model, device, bf16=bf16, grad_checkpointing=config.grad_checkpointing,
                                     compile_blocks=config.compile)
@@ -397,7 +401,7 @@ def run_stage(config, rank, world, device):
         checkpoint.trim_metrics(Path(config.out) / "metrics.jsonl", first_step)
     log(f"stage {config.stage} ({config.recipe}): {len(dataset)} samples, {total_steps} steps of {config.batch_size}, "
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trained parameters, "
-        f"{world} process(es) on {device.type}")
+        f"{world} process(es) on {device.type}; leading gpt turns dropped: {dataset.dropped_first_turn}")
     with distributed.stall_explained(config.dist_timeout, lambda: f"the last good training state: "
                                      f"{checkpoint.latest_state(config.out) or 'none yet'}; continue with --resume"):
         step, stopped, totals = train_loop(model, optimizer, dataset, lambda b: data.collate(b, tokenizer.pad_id),
@@ -406,8 +410,7 @@ def run_stage(config, rank, world, device):
     skipped += [f"{totals['skipped']:.0f} image unreadable while training"] if totals["skipped"] else []
     log(f"done: {step}/{total_steps} steps, {totals['tokens']:,.0f} tokens in {elapsed:.0f} s "
         f"({totals['tokens'] / max(elapsed, 1e-9):,.0f} tokens/s), loss {totals['first_loss'] or float('nan'):.4f} "
-        f"-> {totals['loss']:.4f}; samples skipped: {', '.join(skipped) or 'none'}; left out as the partial last "
-        f"batch: {len(dataset) % config.batch_size} per epoch")
+        f"-> {totals['loss']:.4f}; samples skipped: {', '.join(skipped) or 'none'}")
     if stopped:
         log(f"stopped ({stopped}) at step {step}: continue with --resume")
         return None

@@ -69,8 +69,8 @@ def apply_sets(config, items, choices) -> None:
 POSITIVE, AT_LEAST_0, AT_LEAST_1 = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1")
 RANGES = {"lr": POSITIVE, "projector_lr": AT_LEAST_0, "batch_size": AT_LEAST_1, "micro_batch_size": AT_LEAST_0,
           "epochs": POSITIVE, "warmup_ratio": (lambda v: 0 <= v <= 1, "in 0..1"), "weight_decay": AT_LEAST_0,
-          "grad_clip": AT_LEAST_0, "image_size": AT_LEAST_0, "max_length": AT_LEAST_1, "lora_r": AT_LEAST_0,
-          "lora_alpha": AT_LEAST_0, "lora_dropout": (lambda v: 0 <= v < 1, "in 0..1, below 1"),
+          "grad_clip": AT_LEAST_0, "loss_group": AT_LEAST_0, "image_size": AT_LEAST_0, "max_length": AT_LEAST_1,
+          "lora_r": AT_LEAST_0, "lora_alpha": AT_LEAST_0, "lora_dropout": (lambda v: 0 <= v < 1, "in 0..1, below 1"),
           "num_workers": AT_LEAST_0, "seed": AT_LEAST_0, "save_every": AT_LEAST_0, "stop_after": AT_LEAST_0,
           "dist_timeout": POSITIVE, "threads": AT_LEAST_0, "peak_tflops": AT_LEAST_0, "eval_limit": AT_LEAST_0}
 
@@ -82,6 +82,9 @@ def check_settings(config) -> None:
         if not (math.isfinite(value) and test(value)):
             raise ValueError(f"{key}={value!r} is out of range: {key} must be {allowed}"
                              + (" (0: no clipping)" if key == "grad_clip" else ""))
+    if config.loss_group and config.batch_size % config.loss_group:
+        raise ValueError(f"loss_group={config.loss_group} must divide batch_size={config.batch_size} (the original's "
+                         "per-device batch)")
     if config.lora_r and config.stage == 1:
         raise ValueError(f"lora_r={config.lora_r} in stage 1: LoRA adapts the LLM, which stage 1 leaves frozen (it "
                          f"trains only the projector); give lora_r in stage 2")

@@ -385,11 +385,115 @@ def check_llava_processor_export(out_dir, config):
     model.llm.setup_cache(1, hf_ids.shape[1] + 12)
     assert list(generate_llava(model, hf_ids, pixel_values, max_new_tokens=12)) == greedy.tolist()
 
+# ---- render ----
+RENDER_CONVERSATIONS = [  # (has_image, turns human, gpt, ...): multi-turn, so that rounds follow "</s>"
+    (True, ["What is in the picture?\n<image>", "A red circle on the left.", "How many shapes are there?",
+            "There is 1 shape.", "Where is the square?", "The square is in the top left corner."]),
+    (False, ["Describe a small blue star.", "It is blue.", "And the circle?", "The circle is red and large."]),
+]
+
+
+def make_render_reference(out_dir):
+    """tests/fixtures/render_reference.json: the original LLaVA's training ids and labels (its tokenizer_image_token
+    and preprocess_v1 / preprocess_llama_2 / preprocess_plain, restated below) under transformers 4.37 (the version
+    LLaVA pins), with legacy true and false, for tokenizer_user.model: the fixture corpus with "USER" as one piece,
+    as LLaMA's vocabulary has it ("▁USER" is two pieces there), which preprocess_v1's non-legacy -1 assumes."""
+    import json
+    import shutil
+    import tempfile
+    import sentencepiece as spm
+    import transformers
+    from transformers import LlamaTokenizer
+    assert transformers.__version__.startswith("4.37."), "the reference is transformers 4.37 (LLaVA's pin)"
+    path = os.path.join(out_dir, "tokenizer_user.model")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(tokenizer_corpus()), model_prefix=path[:-len(".model")], vocab_size=512,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, split_digits=True, user_defined_symbols=["USER"],
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+        allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    os.remove(path[:-len(".model")] + ".vocab")
+    image, ignore = -200, -100
+
+    def image_token_ids(prompt, tok):  # the original's tokenizer_image_token
+        chunks = [tok(chunk).input_ids for chunk in prompt.split("<image>")]
+        ids, offset = [], 0
+        if chunks and chunks[0] and chunks[0][0] == tok.bos_token_id:
+            ids, offset = [chunks[0][0]], 1
+        for k, chunk in enumerate(chunks):
+            ids += ([image] * (offset + 1))[offset:] if k else []
+            ids += chunk[offset:]
+        return ids
+
+    def prompt_of(template, turns, has_image):
+        turns = list(turns)
+        if has_image:  # preprocess_multimodal: the image first, on its own line
+            turns[0] = ("<image>\n" + turns[0].replace("<image>", "").strip()).strip()
+        if template == "vicuna_v1":
+            system = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                      "helpful, detailed, and polite answers to the user's questions.")
+            out = system + " "
+            for k, turn in enumerate(turns):
+                out += ("USER: " + turn + " ") if k % 2 == 0 else ("ASSISTANT: " + turn + "</s>")
+            return out
+        out = ""  # llama_2 (conv_llava_llama_2's system)
+        system = ("You are a helpful language and vision assistant. You are able to understand the visual content "
+                  "that the user provides, and assist the user with a variety of tasks using natural language.")
+        for k, turn in enumerate(turns):
+            if k % 2 == 0:
+                turn = (f"<<SYS>>\n{system}\n<</SYS>>\n\n" + turn) if k == 0 else turn
+                out += "<s>" + f"[INST] {turn} [/INST]"
+            else:
+                out += " " + turn + " " + "</s>"
+        return out[len("<s>"):]  # ret.lstrip("<s>") of the original strips the leading "<s>" characters
+
+    def labels_of(template, prompt, ids, tok):  # preprocess_v1 / preprocess_llama_2 masking, 4.37 era
+        sep = " ASSISTANT: " if template == "vicuna_v1" else "[/INST] "
+        labels, cur = list(ids), 1
+        labels[:1] = [ignore]
+        for k, rou in enumerate(prompt.split("</s>")):
+            if rou == "":
+                break
+            parts = rou.split(sep)
+            if len(parts) != 2:
+                break
+            parts[0] += sep
+            round_len = len(image_token_ids(rou, tok))
+            instruction_len = len(image_token_ids(parts[0], tok)) - 2
+            if k != 0 and not tok.legacy and template == "vicuna_v1":
+                round_len, instruction_len = round_len - 1, instruction_len - 1
+            labels[cur:cur + instruction_len] = [ignore] * instruction_len
+            cur += round_len
+        labels[cur:] = [ignore] * (len(labels) - cur)
+        assert cur == len(ids), f"tokenization mismatch {cur} vs {len(ids)}: the original would mask the sample"
+        return labels
+
+    cases = []
+    with tempfile.TemporaryDirectory() as folder:
+        shutil.copy(path, os.path.join(folder, "tokenizer.model"))
+        for legacy in (True, False):
+            tok = LlamaTokenizer.from_pretrained(folder, legacy=legacy)
+            for has_image, turns in RENDER_CONVERSATIONS:
+                for template in ("vicuna_v1", "llama_2"):
+                    prompt = prompt_of(template, turns, has_image)
+                    ids = image_token_ids(prompt, tok)
+                    cases.append({"template": "llava_llama_2" if template == "llama_2" else template, "legacy": legacy,
+                                  "turns": turns, "prompt": prompt, "input_ids": ids,
+                                  "labels": labels_of(template, prompt, ids, tok)})
+                if has_image:  # preprocess_plain: "<image>" + caption + "\n", the caption and "\n" labelled
+                    ids = image_token_ids("<image>" + turns[1] + "\n", tok)
+                    n = len(image_token_ids("<image>", tok))
+                    cases.append({"template": "plain", "legacy": legacy, "turns": turns[:2], "input_ids": ids,
+                                  "labels": [ignore] * n + ids[n:]})
+    with open(os.path.join(out_dir, "render_reference.json"), "w") as f:
+        json.dump({"transformers": transformers.__version__, "cases": cases}, f, indent=1)
+
+
 # llava's fixture uses the llama tokenizer, so order matters
 MAKERS = [
     ("llama", make_llama),
     ("clip", make_clip),
     ("llava", make_llava),
+    ("render", make_render_reference),
 ]
 
 if __name__ == "__main__":

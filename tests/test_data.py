@@ -176,7 +176,7 @@ def test_dataset_items_and_collate(tmp_path, demo, tok):
     assert a["pixel_values"].shape == (1, 3, 32, 32) and b["pixel_values"] is None
     # an image row without <image>: the image goes in front of the first human turn
     assert c["input_ids"].tolist() == render(turns("<image>\nNo placeholder here.", "Ok."), "vicuna_v1", tok, N_IMG)[0]
-    assert ds.lengths == [len(a["input_ids"]), -len(b["input_ids"]), len(c["input_ids"])]
+    assert ds.lengths == [7, -3, 4]  # the original's modality lengths: words of all turns, negative without image
     batch = data.collate([b, a, c], pad_id=tok.pad_id)
     T = max(len(a["input_ids"]), len(b["input_ids"]), len(c["input_ids"]))
     assert batch["input_ids"].shape == batch["labels"].shape == (3, T)
@@ -415,3 +415,43 @@ def test_demo_answer_correct():
     assert not demo_answer_correct("red circle", "red")
     assert not demo_answer_correct("", "")
     assert not demo_answer_correct("blue", "red")
+
+
+REFERENCE = json.load(open(os.path.join(os.path.dirname(__file__), "fixtures", "render_reference.json")))
+
+
+@pytest.mark.parametrize("case", REFERENCE["cases"], ids=lambda c: f"{c['template']}-legacy={c['legacy']}-"
+                                                                     f"{'image' if '<image>' in c['turns'][0] else 'text'}")
+def test_render_equals_the_original_preprocess_under_transformers_4_37(case, tmp_path):
+    """ids and labels of multi-turn conversations as the original's tokenizer_image_token + preprocess_v1 /
+    preprocess_llama_2 / preprocess_plain give them, with `legacy` true and false in tokenizer_config.json."""
+    shutil.copy(os.path.join(os.path.dirname(__file__), "fixtures", "tokenizer_user.model"),
+                tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"legacy": case["legacy"]}))
+    ids, labels = render(turns(*case["turns"]), case["template"], Tokenizer(str(tmp_path)), 1)
+    assert (ids, labels) == (case["input_ids"], case["labels"])
+
+
+def test_legacy_false_changes_the_ids_at_every_turn_boundary():
+    legacy, bare = ([c for c in REFERENCE["cases"] if c["template"] == "vicuna_v1" and c["legacy"] == flag
+                     and "<image>" in c["turns"][0]][0]["input_ids"] for flag in (True, False))
+    assert len(legacy) - len(bare) == 2  # "</s>" "▁" "USER" becomes "</s>" "USER" after each of the 2 later rounds
+
+
+def test_add_bos_token_false_starts_without_bos(tmp_path):
+    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "tokenizer.model")
+    shutil.copy(fixture, tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
+    ids, _ = render(CONV[:2], "vicuna_v1", Tokenizer(str(tmp_path)), N_IMG)
+    with_bos, _ = render(CONV[:2], "vicuna_v1", Tokenizer(fixture), N_IMG)
+    assert with_bos[0] == 1 and ids == with_bos[1:]
+
+
+def test_a_leading_gpt_turn_is_dropped_and_counted(tmp_path, demo, tok):
+    rows = [{"id": "a", "conversations": [{"from": "gpt", "value": "Hello, how can I help?"},
+                                          *turns("What is red?", "A colour.")]},
+            {"id": "b", "conversations": turns("What is red?", "A colour.")}]
+    ds = data.LLaVADataset(write_rows(tmp_path / "d.json", rows), demo["images"], tok, "vicuna_v1", N_IMG, 32)
+    assert ds.dropped_first_turn == 1 and not ds.skipped
+    assert ds[0]["input_ids"].tolist() == ds[1]["input_ids"].tolist()
+    assert ds.lengths == [-10, -5]  # the original counts the words of every turn, the dropped one too

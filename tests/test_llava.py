@@ -47,7 +47,7 @@ def test_two_images_fill_their_placeholders_in_order(model):
 
 def test_loss_matches_transformers(model):
     with torch.no_grad():
-        _, loss = model(ours(REF["input_ids_1"]), REF["pixel_values_1"], labels=REF["labels_1"])
+        loss = model(ours(REF["input_ids_1"]), REF["pixel_values_1"], labels=REF["labels_1"])[1].mean()
     torch.testing.assert_close(loss.reshape(1), REF["loss_1"], atol=1e-5, rtol=0)
 
 
@@ -90,7 +90,7 @@ def test_placeholders_without_images_name_both_numbers(model):
 def test_tower_is_frozen_and_gets_no_gradient(model):
     assert all(not p.requires_grad for p in model.vision_tower.parameters())
     model.zero_grad(set_to_none=True)
-    _, loss = model(ours(REF["input_ids_1"]), REF["pixel_values_1"], labels=REF["labels_1"])
+    loss = model(ours(REF["input_ids_1"]), REF["pixel_values_1"], labels=REF["labels_1"])[1].mean()
     loss.backward()
     assert all(p.grad is None for p in model.vision_tower.parameters())
     assert model.projector[0].weight.grad.abs().sum() > 0 and model.llm.norm.weight.grad.abs().sum() > 0
@@ -100,7 +100,7 @@ def test_tower_is_frozen_and_gets_no_gradient(model):
 def test_stage_1_projector_learns_through_a_frozen_llm(model):
     model.llm.requires_grad_(False)
     try:
-        _, loss = model(ours(REF["input_ids_1"]), REF["pixel_values_1"], labels=REF["labels_1"])
+        loss = model(ours(REF["input_ids_1"]), REF["pixel_values_1"], labels=REF["labels_1"])[1].mean()
         loss.backward()
         assert model.projector[2].weight.grad.abs().sum() > 0
         assert all(p.grad is None for p in model.llm.parameters())
@@ -220,7 +220,7 @@ def _full_logits_loss(model, ids, pixel_values, labels):  # the textbook form: e
 def test_loss_on_labelled_positions_equals_the_full_logits_loss():
     model = formats.load_llava(HF_DIR).requires_grad_(True)
     ids, pixels, labels = ours(REF["input_ids_1"]), REF["pixel_values_1"], REF["labels_1"]
-    _, loss = model(ids, pixels, labels=labels)
+    loss = model(ids, pixels, labels=labels)[1].mean()
     torch.testing.assert_close(loss, _full_logits_loss(model, ids, pixels, labels), atol=1e-6, rtol=0)
 
 
@@ -228,7 +228,7 @@ def test_loss_on_labelled_positions_gives_the_full_logits_gradients():
     model = formats.load_llava(HF_DIR).requires_grad_(True)
     model.vision_tower.requires_grad_(False)
     ids, pixels, labels = ours(REF["input_ids_1"]), REF["pixel_values_1"], REF["labels_1"]
-    model(ids, pixels, labels=labels)[1].backward()
+    model(ids, pixels, labels=labels)[1].mean().backward()
     ours_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     _full_logits_loss(model, ids, pixels, labels).backward()

@@ -128,7 +128,7 @@ def trained():
     ids, pixel_values, labels = llava_batch(model)
     model.train()
     for _ in range(4):
-        loss = model(ids, pixel_values, labels)[1]
+        loss = model(ids, pixel_values, labels)[1].mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -13,34 +13,42 @@ import train
 import train_cli
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = dict(warmup_ratio=0.03, weight_decay=0.0, max_length=2048, grad_checkpointing=True)  # every real script
+# every real script; seed: HF TrainingArguments' default; no clipping: the DeepSpeed configs (zero2.json, zero3.json)
+# have no gradient_clipping key, so DeepSpeed's default 0 (off) holds
+SHARED = dict(warmup_ratio=0.03, weight_decay=0.0, max_length=2048, grad_checkpointing=True, seed=42)
+DEEPSPEED = dict(grad_clip=0.0, **SHARED)
 # haotian-liu/LLaVA scripts/pretrain.sh, finetune.sh (the paper's 3 epochs, batch 32), v1_5/pretrain.sh,
-# v1_5/finetune.sh, finetune_sqa.sh
+# v1_5/finetune.sh, finetune_sqa.sh; loss_group: the per-device batch (HF Trainer averages per-device token means).
+# The paper's own runs (April 2023) were torchrun + FSDP: HF Trainer's max_grad_norm 1.0, 8 GPUs x 16, then x 4
 ORIGINAL = {
     ("llava-v1", 1): dict(lr=2e-3, batch_size=128, epochs=1, projector_type="linear", template="plain",
-                          image_aspect_ratio="square", image_size=224, **SHARED),
+                          image_aspect_ratio="square", image_size=224, grad_clip=1.0, loss_group=16, **SHARED),
     ("llava-v1", 2): dict(lr=2e-5, batch_size=32, epochs=3, projector_type="linear", template="vicuna_v1",
-                          image_aspect_ratio="square", image_size=224, **SHARED),
+                          image_aspect_ratio="square", image_size=224, grad_clip=1.0, loss_group=4, **SHARED),
     ("llava-v1.5", 1): dict(lr=1e-3, batch_size=256, epochs=1, projector_type="mlp2x_gelu", template="plain",
-                            image_aspect_ratio="square", group_by_length=False, image_size=336, **SHARED),
+                            image_aspect_ratio="square", group_by_length=False, image_size=336, loss_group=32,
+                            **DEEPSPEED),
     ("llava-v1.5", 2): dict(lr=2e-5, batch_size=128, epochs=1, projector_type="mlp2x_gelu", template="vicuna_v1",
-                            image_aspect_ratio="pad", group_by_length=True, image_size=336, **SHARED),
+                            image_aspect_ratio="pad", group_by_length=True, image_size=336, loss_group=16,
+                            **DEEPSPEED),
     # v1_5/finetune_lora.sh: finetune.sh's values but lr 2e-4, mm_projector_lr 2e-5, lora r 128 alpha 256; dropout
     # is LLaVA's TrainingArguments default lora_dropout 0.05
     ("llava-v1.5-lora", 2): dict(lr=2e-4, projector_lr=2e-5, batch_size=128, epochs=1, projector_type="mlp2x_gelu",
                                  template="vicuna_v1", image_aspect_ratio="pad", group_by_length=True, image_size=336,
-                                 lora_r=128, lora_alpha=256, lora_dropout=0.05, **SHARED),
+                                 lora_r=128, lora_alpha=256, lora_dropout=0.05, loss_group=16, **DEEPSPEED),
     ("scienceqa", 2): dict(lr=2e-5, batch_size=128, epochs=12, projector_type="linear", template="vicuna_v1",
-                           image_size=224, **SHARED),
+                           image_size=224, loss_group=16, **DEEPSPEED),
     # the demo: the values that gave 96-100 % in under 4 min on 2 CPU cores
     ("demo", 1): dict(lr=1e-3, projector_lr=1e-3, batch_size=32, epochs=3, template="plain", num_workers=0,
-                      threads=1, grad_checkpointing=False, image_aspect_ratio="pad", group_by_length=True),
+                      threads=1, grad_checkpointing=False, image_aspect_ratio="pad", group_by_length=True,
+                      grad_clip=1.0, loss_group=0, seed=0),
     ("demo", 2): dict(lr=2e-3, projector_lr=1e-2, batch_size=16, epochs=4, template="vicuna_v1", num_workers=0,
-                      threads=1, grad_checkpointing=False, image_aspect_ratio="pad", group_by_length=True),
+                      threads=1, grad_checkpointing=False, image_aspect_ratio="pad", group_by_length=True,
+                      grad_clip=1.0, loss_group=0, seed=0),
 }
 REQUIRED_KEYS = ("recipe", "stage", "lr", "projector_lr", "batch_size", "epochs", "warmup_ratio", "weight_decay",
                  "max_length", "projector_type", "template", "image_aspect_ratio", "group_by_length",
-                 "grad_checkpointing", "lora_r", "lora_alpha", "lora_dropout")
+                 "grad_checkpointing", "lora_r", "lora_alpha", "lora_dropout", "grad_clip", "loss_group", "seed")
 
 
 def dry_run(capsys, *argv):
@@ -190,3 +198,8 @@ def test_cli_dry_run_prints_one_json_object_and_exits():
     assert result.returncode == 0, result.stderr
     config = json.loads(result.stdout)
     assert config["recipe"] == "llava-v1" and config["micro_batch_size"] == 4 and config["epochs"] == 3
+
+
+def test_a_loss_group_that_does_not_divide_the_batch_is_refused():
+    with pytest.raises(SystemExit, match="loss_group=5 must divide batch_size=16"):
+        train.main(["--stage", "2", "--set", "loss_group=5", "--dry-run"])

@@ -1,14 +1,18 @@
 """tokenizer.py: the sentencepiece tokenizer equals raw sentencepiece, round-trips every text, and streams text that
 never splits a character."""
+import json
 import os
+import re
+import shutil
 
 import pytest
 import sentencepiece as spm
 import torch
 
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, copy_tokenizer
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+FIXTURE = os.path.join(FIXTURES, "tokenizer.model")
 
 
 TEXTS = ["USER: What colour is the circle?\nASSISTANT: Red.", "  two leading spaces,   runs    of spaces  ",
@@ -82,3 +86,45 @@ def test_tokenizer_takes_pathlib_folders_and_files():
 
 
 # ----------------------------------------------------------------------------------------------------- sampling
+
+
+def tokenizer_folder(tmp_path, **settings):
+    shutil.copy(FIXTURE, tmp_path / "tokenizer.model")
+    if settings:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
+    return Tokenizer(tmp_path)
+
+
+def test_no_tokenizer_config_means_legacy_with_bos(tmp_path):
+    tok = tokenizer_folder(tmp_path)
+    assert tok.legacy and tok.add_bos
+
+
+def test_legacy_null_means_legacy_as_transformers_reads_it(tmp_path):
+    assert tokenizer_folder(tmp_path, legacy=None).legacy
+
+
+def test_non_legacy_encodes_text_after_a_special_token_without_the_dummy_prefix(tmp_path):
+    tok = tokenizer_folder(tmp_path, legacy=False)
+    assert tok.sp.id_to_piece(tok.encode_text("USER: hi", prefix=False)[0]) == "US"
+    assert tok.sp.id_to_piece(tok.encode_text("USER: hi")[0]) == "▁USER"  # a word start keeps it
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"add_eos_token": True}, "add_eos_token=true is not supported"),
+    ({"legacy": "no"}, 'legacy="no" is not supported'),
+    ({"add_bos_token": 1}, "add_bos_token=1 is not supported"),
+])
+def test_unsupported_tokenizer_settings_name_the_file_and_key(tmp_path, settings, message):
+    with pytest.raises(ValueError, match=re.escape(message)) as e:
+        tokenizer_folder(tmp_path, **settings)
+    assert "tokenizer_config.json" in str(e.value)
+
+
+def test_copy_tokenizer_takes_the_settings_files_beside_the_model(tmp_path):
+    (tmp_path / "a").mkdir()
+    tokenizer_folder(tmp_path / "a", legacy=False)
+    (tmp_path / "b").mkdir()
+    copy_tokenizer(str(tmp_path / "a" / "tokenizer.model"), str(tmp_path / "b"))
+    assert sorted(os.listdir(tmp_path / "b")) == ["tokenizer.model", "tokenizer_config.json"]
+    assert not Tokenizer(tmp_path / "b").legacy

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,8 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
 import checkpoint
+import data
+import distributed
 import formats
 import train
 from checkpoint import latest_state
@@ -30,6 +31,7 @@ from clip import CLIPVisionTower
 from demo import build_demo_inputs
 from llama import Llama
 from llava import LLaVA
+from tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared CPU
@@ -450,10 +452,10 @@ def test_lora_at_step_0_gives_the_base_models_logits(demo):
 
 def test_lora_flops_count_the_frozen_base_at_4n_and_the_adapters_at_6n(demo):
     base = base_llava(demo)
-    full, frozen = train.flops_per_step(train.set_stage(base, 2), 2)(1, 0, 0), train.flops_per_step(base, 1)(1, 0, 0)
+    full, frozen = distributed.flops_per_step(train.set_stage(base, 2), 2)(1, 0, 0), distributed.flops_per_step(base, 1)(1, 0, 0)
     train.set_stage(base, 2, lora_r=4)
     adapters = sum(v.numel() for k, v in base.state_dict().items() if is_adapter(k))
-    assert full == 6 * frozen // 4 and train.flops_per_step(base, 2)(1, 0, 0) == frozen + 6 * adapters
+    assert full == 6 * frozen // 4 and distributed.flops_per_step(base, 2)(1, 0, 0) == frozen + 6 * adapters
 
 
 @pytest.fixture(scope="module")
@@ -566,9 +568,19 @@ def test_a_diverged_run_stops_naming_the_step_and_keeps_nothing_non_finite(demo,
 
 
 def test_a_run_of_zero_steps_writes_nothing(demo, tmp_path):
-    with pytest.raises(SystemExit, match="fewer than one batch of 64"):
-        train.main(flags(demo, tmp_path / "out", 1, "batch_size=64"))
+    (tmp_path / "empty.json").write_text("[]")
+    args = flags(demo, tmp_path / "out", 1)
+    args[args.index("--data") + 1] = str(tmp_path / "empty.json")
+    with pytest.raises(SystemExit, match="empty.json: no usable samples"):
+        train.main(args)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_last_partial_batch_is_kept_as_a_shorter_step(demo, tmp_path):
+    train.main(flags(demo, tmp_path / "out", 1, "batch_size=12"))  # 32 samples: 12, 12, then 8
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[2]["tokens"] * 12 == records[0]["tokens"] * 8  # stage 1's samples are all of one length
 
 
 def test_grad_clip_0_trains_as_no_clipping(demo, tmp_path):
@@ -642,3 +654,77 @@ def test_a_full_disk_reported_by_torch_during_a_state_keeps_the_previous_one(dem
     with pytest.raises(SystemExit, match="step_0000003: PytorchStreamWriter failed writing file"):
         train.main(flags(demo, tmp_path, 1, "save_every=1", "--resume"))
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000002"] and not leftovers(tmp_path)
+
+
+def fixed_batch(demo, n=6):
+    """A tiny stage-2 model and n demo samples (answers of different lengths)."""
+    torch.manual_seed(0)
+    model = train.set_stage(base_parts(demo).train(), 2)
+    dataset = data.LLaVADataset(str(demo / "small2.json"), str(demo / "data" / "images"),
+                                Tokenizer(str(demo / "base" / "llm")), "vicuna_v1", model.config.num_image_tokens,
+                                model.config.image_size, True)
+    return model, [dataset[i] for i in range(n)]
+
+
+def direct_loss(model, samples, groups):
+    """The loss written out: per group, the sum of its answer tokens' losses over their count; the mean of those."""
+    means = []
+    for group in groups:
+        losses = torch.cat([model(s["input_ids"][None], s["pixel_values"], s["labels"][None])[1]
+                            for s in (samples[i] for i in group)])
+        means.append(losses.sum() / len(losses))
+    return torch.stack(means).mean()
+
+
+@pytest.mark.parametrize("loss_group, groups", [(0, [[0, 1, 2, 3, 4, 5]]), (2, [[0, 1], [2, 3], [4, 5]]),
+                                                (3, [[0, 1, 2], [3, 4, 5]])])
+def test_train_step_loss_and_gradient_equal_the_direct_form_for_any_micro_batch(demo, loss_group, groups):
+    model, samples = fixed_batch(demo)
+    assert len({int((s["labels"] != -100).sum()) for s in samples}) > 1  # unequal groups tell the forms apart
+    want = direct_loss(model, samples, groups)
+    want.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for micro in (1, 4, 6):  # micro-batches that cut through groups
+        for n, p in model.named_parameters():
+            p.grad = None
+            if p.requires_grad:
+                p.data.copy_(start[n])
+        trained = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD([{"params": trained, "lr_scale": 1.0}], lr=1.0)  # the weights move by -gradient
+        n_groups = len(groups)
+        micro_batches = [data.collate(samples[i:i + micro], 0) | {"group": torch.tensor(
+            [next(g for g, members in enumerate(groups) if j in members) for j in range(i, min(i + micro, 6))])}
+            for i in range(0, 6, micro)]
+        loss, *_ = train.train_step(model, optimizer, micro_batches, 1.0, 0.0, torch.device("cpu"),
+                                    n_groups=n_groups)
+        assert abs(loss - want.item()) <= 1e-5 * want.item(), (micro, loss, want.item())
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(start[n] - p.detach(), grads[n], atol=1e-6, rtol=1e-4)
+
+
+def test_the_two_loss_forms_differ_on_groups_of_unequal_answers(demo):
+    model, samples = fixed_batch(demo)
+    with torch.no_grad():
+        one = direct_loss(model, samples, [[0, 1, 2, 3, 4, 5]])
+        three = direct_loss(model, samples, [[0, 1], [2, 3], [4, 5]])
+    assert abs(one - three) > 1e-4
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_loss_groups_across_ranks_and_a_short_last_batch(demo, tmp_path):
+    rows = json.loads((demo / "small2.json").read_text())[:31]  # batches of 10: 10, 10, 10, then 1 (one rank idle)
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    args = flags(demo, tmp_path / "one", 2, "lr=1e-3", "batch_size=10", "loss_group=5")
+    args[args.index("--data") + 1] = str(tmp_path / "d.json")
+    one = train.main(args)
+    args[args.index("--out") + 1] = str(tmp_path / "two")
+    result = subprocess.run(torchrun(*args, "micro_batch_size=1"), cwd=REPO, capture_output=True, text=True,
+                            timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, fsdp = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(single) == len(fsdp) == 4
+    assert all(abs(a - b) <= 1e-4 * abs(a) for a, b in zip(single, fsdp)), (single, fsdp)
+    two = LLaVA.from_pretrained(str(tmp_path / "two")).state_dict()
+    assert all((v - two[k]).abs().max() <= 1e-4 for k, v in one.state_dict().items())
