@@ -51,7 +51,7 @@ class ChatSession:
         self.temperature, self.top_p, self.stats = temperature, top_p, stats
         weight = model.llm.norm.weight  # the compute dtype and device (never quantized)
         self.device, self.dtype = weight.device, weight.dtype
-        self.max_context = max_context or model.config.llm.max_position_embeddings
+        self.max_context = max_context or model.config.llm.context_len
         if (max_new_tokens or 0) > self.max_context // 2:  # leave room for the prompt in a short context
             note(f"--max-new-tokens {max_new_tokens} lowered to {self.max_context // 2} (context {self.max_context})")
         self.max_new_tokens = min(max_new_tokens or 512, self.max_context // 2)

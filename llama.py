@@ -7,6 +7,9 @@ LlamaForCausalLM names without "model.": LLaMA-2, Vicuna, TinyLlama and SmolLM f
     ids = torch.tensor([Tokenizer("vicuna-7b-v1.5").encode("Hello")], device="cuda")
     new_ids = list(generate(model, ids, max_new_tokens=20))   # one prompt; batches of prompts: inference.py
 
+Mistral (model_type "mistral") is this architecture with a sliding attention window: every token attends to at
+most `sliding_window` earlier tokens, which changes nothing while a sequence fits in the window, so such a model
+runs sequences up to the window and a longer KV cache is refused.
 Refused when a config asks for them: attention/MLP biases, activations but SiLU, RoPE scaling but "linear".
 """
 import os
@@ -38,6 +41,7 @@ class LlamaConfig:
     pad_token_id: int = 0  # LLaMA has no pad token; LLaVA pads with unk (id 0)
     rope_scaling_factor: float = 1.0  # "linear" RoPE scaling: positions divided by this factor
     head_dim: int = 0  # 0: hidden_size // num_attention_heads
+    sliding_window: int | None = None  # Mistral: attention spans this many tokens; None: the whole sequence
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -54,7 +58,9 @@ class LlamaConfig:
         """An HF LlamaConfig dict; `source` (the file) is named in every error."""
         if not isinstance(d, dict):
             raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
-        for key, allowed in [("model_type", "llama"), ("attention_bias", False), ("mlp_bias", False),
+        if d.get("model_type") not in (None, "llama", "mistral"):
+            raise ValueError(f"{source}: model_type={d['model_type']!r} is not supported (only 'llama', 'mistral')")
+        for key, allowed in [("attention_bias", False), ("mlp_bias", False),
                              ("hidden_act", "silu")]:
             if key in d and d[key] != allowed:
                 raise ValueError(f"{source}: {key}={d[key]!r} is not supported (only {allowed!r})")
@@ -73,15 +79,23 @@ class LlamaConfig:
                       tie_word_embeddings=get("tie_word_embeddings", False), bos_token_id=get("bos_token_id", 1),
                       eos_token_id=get("eos_token_id", 2), pad_token_id=get("pad_token_id", 0),
                       rope_scaling_factor=rope.get("factor", 1.0) if rope_type == "linear" else 1.0,
-                      head_dim=get("head_dim", 0))
+                      head_dim=get("head_dim", 0), sliding_window=d.get("sliding_window"))
         return cls(**typed_fields(cls, values, source))
 
     def to_hf(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "rope_scaling_factor"}
         scaling = {"type": "linear", "rope_type": "linear", "factor": self.rope_scaling_factor}
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        kind = ("MistralForCausalLM", "mistral") if self.sliding_window else ("LlamaForCausalLM", "llama")
+        if not self.sliding_window:
+            d.pop("sliding_window")
+        return {"architectures": [kind[0]], "model_type": kind[1], "hidden_act": "silu",
                 "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02, "use_cache": True,
                 "rope_scaling": scaling if self.rope_scaling_factor != 1.0 else None, **d}
+
+    @property
+    def context_len(self) -> int:
+        """The longest sequence the model runs exactly: its positions, and a sliding window's span."""
+        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
 
     @classmethod
     def from_name(cls, name: str) -> "LlamaConfig":
@@ -207,9 +221,12 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def check_cache_len(self, max_seq_len: int) -> None:
-        if not 0 < max_seq_len <= self.config.max_position_embeddings:
-            raise ValueError(f"KV cache length {max_seq_len} is not in 1..max_position_embeddings="
-                             f"{self.config.max_position_embeddings}")
+        c = self.config
+        if not 0 < max_seq_len <= c.context_len:
+            limit = f"sliding_window={c.sliding_window} (longer sequences need windowed attention, which this model " \
+                    "does not implement)" if c.context_len < c.max_position_embeddings else \
+                    f"max_position_embeddings={c.max_position_embeddings}"
+            raise ValueError(f"KV cache length {max_seq_len} is not in 1..{c.context_len}: {limit}")
 
     def setup_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None) -> None:
         """Preallocate the KV cache: forward(..., input_pos) then writes and reads positions < max_seq_len."""

@@ -91,11 +91,16 @@ def check_settings(config) -> None:
 
 
 def check_model(config, model_config) -> None:
-    """The recipe's projector type and tower input size against the model's: a mismatch is named, not trained on."""
+    """The recipe's projector type, tower input size and sample length against the model's: a mismatch is named, not
+    trained on."""
     for key, have in (("projector_type", model_config.projector_type), ("image_size", model_config.image_size)):
         if getattr(config, key) and getattr(config, key) != have:
             raise ValueError(f"--model/--vision-tower give {key} {have}, recipe {config.recipe} has "
                              f"{getattr(config, key)}: --set {key}={have} to train with it")
+    window = model_config.llm.sliding_window
+    if window and config.max_length > window:  # longer samples would need windowed attention, which llama.py lacks
+        raise ValueError(f"max_length {config.max_length} exceeds the LLM's sliding_window {window}: "
+                         f"--set max_length={window}")
 
 
 def is_llava_checkpoint(path) -> bool:

@@ -54,13 +54,16 @@ def make_tokenizer(out_dir, vocab_size=512):
     return path
 
 
-def make_llama_reference(out_dir, name, seed, shard=False, **config):
-    """A tiny perturbed LlamaForCausalLM (saved in HF layout) + input ids, logits and 20 greedy tokens."""
+def make_llama_reference(out_dir, name, seed, shard=False, mistral=False, **config):
+    """A tiny perturbed LlamaForCausalLM (or MistralForCausalLM; saved in HF layout) + input ids, logits and 20
+    greedy tokens."""
     import torch
+    import transformers
     from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+    prefix = "Mistral" if mistral else "Llama"
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(attn_implementation="eager", **config)).eval()
+    model_config = getattr(transformers, prefix + "Config")(attn_implementation="eager", **config)
+    model = getattr(transformers, prefix + "ForCausalLM")(model_config).eval()
     with torch.no_grad():  # weights far from init so that every norm, head and position matters
         for key, p in model.named_parameters():
             if p.ndim == 1:
@@ -94,6 +97,11 @@ def make_llama(out_dir):
                          num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
                          tie_word_embeddings=True, max_position_embeddings=64, rms_norm_eps=1e-6,
                          rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0})
+    # Mistral (LLaVA-1.6's LLM): rope_theta 1e6, GQA, a sliding window longer than every reference sequence
+    make_llama_reference(out_dir, "mistral_tiny", seed=2, mistral=True, vocab_size=256, hidden_size=32,
+                         intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                         max_position_embeddings=128, rms_norm_eps=1e-5, sliding_window=32,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
 
 # ---- clip ----
 # Tower: one tiny CLIPVisionModel (odd sizes, 3 layers) saved three ways with identical vision weights:

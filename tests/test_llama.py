@@ -13,7 +13,9 @@ from checkpoint import load_checkpoint
 from llama import Llama, LlamaConfig, generate, hf_to_llama_keys, llama_to_hf_keys, sample
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
-MODELS = ["llama_gqa", "llama_tied"]  # gqa: sharded, 2 KV heads; tied: tied head, head_dim 16 != 48/4, linear RoPE
+MODELS = ["llama_gqa", "llama_tied", "mistral_tiny"]
+# gqa: sharded, 2 KV heads; tied: tied head, head_dim 16 != 48/4, linear RoPE; mistral: MistralForCausalLM with
+# rope_theta 1e6, one KV head and a 32-token sliding window (every reference sequence fits in it)
 
 
 def load(name):
@@ -129,6 +131,19 @@ def test_cache_longer_than_max_position_embeddings_is_refused():
         model.setup_cache(1, 65)
     model.setup_cache(1, 64)  # every position up to the limit
     assert model.cache_len == 64
+
+
+def test_cache_longer_than_the_sliding_window_is_refused_naming_it():
+    model, _ = load("mistral_tiny")  # max_position_embeddings 128, sliding_window 32
+    model.setup_cache(1, 32)
+    with pytest.raises(ValueError, match="sliding_window=32"):
+        model.setup_cache(1, 33)
+
+
+def test_sliding_window_survives_the_hf_round_trip():
+    config = LlamaConfig.from_hf(json.loads(open(os.path.join(FIXTURES, "mistral_tiny", "model", "config.json")).read()))
+    assert config.sliding_window == 32 and config.context_len == 32 and config.rope_theta == 1e6
+    assert config.to_hf()["model_type"] == "mistral" and LlamaConfig.from_hf(config.to_hf()) == config
 
 
 def test_generate_past_the_cache_length_raises():
@@ -391,7 +406,7 @@ def test_unknown_preset_is_refused():
 @pytest.mark.parametrize("change, word", [
     ({"attention_bias": True}, "attention_bias"), ({"mlp_bias": True}, "mlp_bias"),
     ({"hidden_act": "gelu"}, "hidden_act"), ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "yarn"), ({"model_type": "mistral"}, "mistral"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "yarn"), ({"model_type": "gpt2"}, "gpt2"),
     ({"eos_token_id": [2, 3]}, "eos_token_id")])
 def test_unsupported_config_features_are_refused(change, word):
     with open(os.path.join(FIXTURES, "llama_gqa", "model", "config.json")) as f:

@@ -203,3 +203,16 @@ def test_cli_dry_run_prints_one_json_object_and_exits():
 def test_a_loss_group_that_does_not_divide_the_batch_is_refused():
     with pytest.raises(SystemExit, match="loss_group=5 must divide batch_size=16"):
         train.main(["--stage", "2", "--set", "loss_group=5", "--dry-run"])
+
+
+def test_samples_longer_than_the_llms_sliding_window_are_refused():
+    from types import SimpleNamespace
+    from llama import LlamaConfig
+    llm = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+                      num_key_value_heads=1, max_position_embeddings=4096, sliding_window=1024)
+    model_config = SimpleNamespace(projector_type="mlp2x_gelu", image_size=336, llm=llm)
+    config = train.TrainConfig(recipe="llava-v1.5", stage=2, **train.RECIPES["llava-v1.5"][2])
+    with pytest.raises(ValueError, match="max_length 2048 exceeds the LLM's sliding_window 1024"):
+        train_cli.check_model(config, model_config)
+    train_cli.check_model(train.TrainConfig(**{**train.RECIPES["llava-v1.5"][2], "max_length": 1024}),
+                          model_config)
