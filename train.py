@@ -58,6 +58,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # max global gradient norm; 0: none (the DeepSpeed scripts set no gradient_clipping)
     loss_group: int = 0  # 0: the token mean over the global batch; N: HF Trainer's mean of per-device token means
     projector_type: str = "mlp2x_gelu"  # "linear": the paper; "mlp2x_gelu": LLaVA-1.5
+    select_layer: int = -2  # CLIP hidden state fed to the projector: the penultimate (the paper; Table 8: -1 worse)
     image_size: int = 336  # the tower's input size in the recipe (ViT-L/14: 224, -336: 336); other: error; 0: any
     template: str = "vicuna_v1"  # conversation template (data.TEMPLATES): "plain" for stage-1 captions
     image_aspect_ratio: str = "square"  # "square": resize + centre-crop (CLIP's); "pad": pad to a square first
@@ -160,8 +161,8 @@ def build_model(config, lazy=False):
         model = formats.load_llava(config.model, config.vision_tower, device)
     else:
         llm, tower = Llama.from_pretrained(config.model, device), formats.load_clip(config.vision_tower, device)
-        model = LLaVA.from_parts(llm, tower, config.projector_type)
-    if config.projector is not None:
+        model = LLaVA.from_parts(llm, tower, config.projector_type, select_layer=config.select_layer)
+    if config.projector not in (None, train_cli.FRESH_PROJECTOR):
         formats.load_projector(model, config.projector)
     train_cli.check_model(config, model.config)
     # saved with the checkpoint: chat and evaluate render and preprocess the way it trained

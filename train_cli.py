@@ -10,6 +10,7 @@ import formats
 
 PATH_FIELDS = ("model", "vision_tower", "projector", "data", "image_folder", "tokenizer", "out", "resume")
 FLAGGED = ("recipe", "stage", "demo", *PATH_FIELDS)  # set by flags (or the demo), never by --set
+FRESH_PROJECTOR = "scratch"  # --projector value: stage 2 from a base LLM with a new projector, no stage 1
 KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
 BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
@@ -24,7 +25,8 @@ def make_parser(description, recipes):
                    help="override TrainConfig fields, e.g. --set lr=1e-4 micro_batch_size=8 (see --dry-run)")
     p.add_argument("--model", help="base LLM directory (HF LLaMA/Vicuna), or a LLaVA checkpoint to go on from")
     p.add_argument("--vision-tower", help="CLIP directory (HF layout); not needed with a LLaVA checkpoint")
-    p.add_argument("--projector", help="stage-1 output directory; required in stage 2 from a base LLM")
+    p.add_argument("--projector", help="stage-1 output directory; required in stage 2 from a base LLM, where "
+                   f"'{FRESH_PROJECTOR}' trains a fresh one instead (the paper's Table 8 ablation)")
     p.add_argument("--data", help="LLaVA JSON: a list of {id, image, conversations}")
     p.add_argument("--image-folder", help="folder the image paths in --data are relative to")
     p.add_argument("--tokenizer", help="tokenizer.model (default: the one in --model)")
@@ -93,7 +95,8 @@ def check_settings(config) -> None:
 def check_model(config, model_config) -> None:
     """The recipe's projector type, tower input size and sample length against the model's: a mismatch is named, not
     trained on."""
-    for key, have in (("projector_type", model_config.projector_type), ("image_size", model_config.image_size)):
+    for key, have in (("projector_type", model_config.projector_type), ("image_size", model_config.image_size),
+                      ("select_layer", model_config.select_layer)):
         if getattr(config, key) and getattr(config, key) != have:
             raise ValueError(f"--model/--vision-tower give {key} {have}, recipe {config.recipe} has "
                              f"{getattr(config, key)}: --set {key}={have} to train with it")
@@ -119,11 +122,12 @@ def check_inputs(config, world=1) -> None:
     for key, kind in (("data", "file"), ("image_folder", "dir"), ("model", "dir"), ("vision_tower", "dir"),
                       ("projector", "dir"), ("tokenizer", "file")):
         path = getattr(config, key)
-        if path is not None and not (os.path.isfile(path) if kind == "file" else os.path.isdir(path)):
+        if path is not None and not (key == "projector" and path == FRESH_PROJECTOR) and not (
+                os.path.isfile(path) if kind == "file" else os.path.isdir(path)):
             raise FileNotFoundError(f"--{key.replace('_', '-')}: no such {'file' if kind == 'file' else 'directory'}:"
                                     f" {path}")
-    if config.projector and not any(os.path.isfile(os.path.join(config.projector, f))
-                                    for f in ("projector.safetensors", "mm_projector.bin")):
+    if config.projector not in (None, FRESH_PROJECTOR) and not any(
+            os.path.isfile(os.path.join(config.projector, f)) for f in ("projector.safetensors", "mm_projector.bin")):
         raise FileNotFoundError(f"--projector: {config.projector} holds no projector.safetensors (stage-1 output) or "
                                 "mm_projector.bin")
     base = not is_llava_checkpoint(config.model)
@@ -131,4 +135,4 @@ def check_inputs(config, world=1) -> None:
         raise ValueError(f"--model {config.model} is a base LLM: give --vision-tower (a CLIP directory) too")
     if base and config.stage == 2 and config.projector is None:
         raise ValueError("stage 2 from a base LLM needs the stage-1 projector: give --projector <stage-1 output "
-                         "directory>")
+                         f"directory> (or --projector {FRESH_PROJECTOR} for a fresh one)")

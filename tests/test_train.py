@@ -26,6 +26,7 @@ import data
 import distributed
 import formats
 import train
+import train_cli
 from checkpoint import latest_state
 from clip import CLIPVisionTower
 from demo import build_demo_inputs
@@ -728,3 +729,26 @@ def test_two_processes_match_one_with_loss_groups_across_ranks_and_a_short_last_
     assert all(abs(a - b) <= 1e-4 * abs(a) for a, b in zip(single, fsdp)), (single, fsdp)
     two = LLaVA.from_pretrained(str(tmp_path / "two")).state_dict()
     assert all((v - two[k]).abs().max() <= 1e-4 for k, v in one.state_dict().items())
+
+
+def _stage2_config(demo, projector, *sets):
+    return train.make_config("demo", 2, list(sets), model=str(demo / "base" / "llm"),
+                             vision_tower=str(demo / "base" / "clip"), projector=projector)
+
+
+def test_projector_scratch_starts_stage_2_from_a_fresh_seeded_projector(demo):
+    fresh = train.build_model(_stage2_config(demo, "scratch")).projector.state_dict()
+    train_cli.check_inputs(_stage2_config(demo, "scratch"))  # accepted where a stage-1 folder is expected
+    again = train.build_model(_stage2_config(demo, "scratch")).projector.state_dict()
+    loaded = train.build_model(_stage2_config(demo, str(demo / "projector"))).projector.state_dict()
+    assert all(torch.equal(fresh[k], again[k]) for k in fresh)
+    assert not all(torch.equal(fresh[k], loaded[k]) for k in fresh)
+
+
+def test_select_layer_reaches_the_model_and_its_features(demo):
+    model = train.build_model(_stage2_config(demo, str(demo / "projector"), "select_layer=-1"))
+    pixels = torch.rand(1, 3, model.config.image_size, model.config.image_size)
+    assert model.config.select_layer == -1
+    penultimate = train.build_model(_stage2_config(demo, str(demo / "projector")))
+    with torch.no_grad():
+        assert not torch.equal(model.encode_images(pixels), penultimate.encode_images(pixels))

@@ -1,0 +1,32 @@
+"""The miniature experiments (demo.py scienceqa / ablations) end to end, a few training steps each: the plumbing."""
+import json
+
+import pytest
+
+import demo
+import scienceqa
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("miniature")
+
+
+@pytest.mark.slow
+def test_scienceqa_miniature_writes_the_score_files_result_and_prints_the_table_7_row(runs, capsys):
+    demo.main(["scienceqa", "--quick", "--images", "6", "--demo-dir", str(runs / "demo"), "--out", str(runs / "sqa")])
+    result = json.loads((runs / "sqa" / "result.json").read_text())
+    problems = scienceqa.load_scienceqa(str(runs / "sqa" / "scienceqa"), "test")
+    assert set(result) == set(scienceqa.score(problems, {})) and result["count"] == len(problems)
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("miniature ScienceQA")]
+    assert len(row) == 1 and all(column in row[0] for column in scienceqa.COLUMNS)
+
+
+@pytest.mark.slow
+def test_ablations_run_every_variant_and_print_one_table(runs, capsys):
+    demo.main(["ablations", "--quick", "--images", "6", "--demo-dir", str(runs / "demo"), "--out", str(runs / "sqa")])
+    for name in demo.ABLATIONS:
+        assert (runs / "sqa" / "ablations" / name / "result.json").is_file()
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(demo.ABLATIONS) and "90.92" in table[1]
+    assert json.loads((runs / "sqa" / "ablations" / "last-layer" / "stage1" / "config.json").read_text())["select_layer"] == -1
