@@ -128,6 +128,16 @@ def test_prompts_parse_as_their_own_task():
             assert ("\n\n" in context) == (task != "conversation")  # boxes only for detail and complex
 
 
+def test_built_in_examples_write_boxes_as_the_query_does():
+    # an example whose numbers look unlike the query's ("0.120" beside "0.12") shows the model two formats
+    for task in ("detail", "complex"):
+        for context, _ in gd.load_prompts()[task]["examples"]:
+            captions, boxes = context.split("\n\n")
+            parsed = [(line.split(": ")[0], *json.loads(line.split(": ")[1])) for line in boxes.splitlines()]
+            image = {"captions": captions.splitlines(), "boxes": parsed}
+            assert gd.image_context(image, with_boxes=True) == context
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # --prompts DIR: the original's playground/data/prompts layout
 
