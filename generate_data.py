@@ -3,9 +3,10 @@
 A chat model never sees the image: it reads the image's COCO captions and object boxes (the "symbolic
 representation") and writes one of three kinds of data from it: a multi-turn conversation, a detailed description,
 or a complex-reasoning question and answer. The prompts (a system message and few-shot examples per task) live
-under prompts/. Every finished (image, task) pair is appended to a JSONL file at once, so a run that costs money and
-hours can be killed at any point and resumed without paying twice; --export turns that file into the LLaVA JSON
-list that data.py trains on.
+under prompts/, laid out as the original's playground/data/prompts, so --prompts also takes the original's. Every
+finished (image, task) pair is appended to a JSONL file at once, so a run that costs money and hours can be killed
+at any point and resumed without paying twice; --export turns that file into the LLaVA JSON list that data.py
+trains on.
 
     python generate_data.py --captions captions_train2017.json --instances instances_train2017.json \
         --out runs/gen/instruct.jsonl --images 1000 --export runs/gen/llava_instruct.json
@@ -15,6 +16,7 @@ file; --retry-failed asks them again) or the key was refused, 3 when --max-cost 
 received is on disk).
 """
 import argparse
+import hashlib
 import json
 import os
 import queue
@@ -30,6 +32,7 @@ from fileio import append_jsonl, read_json, read_jsonl, repair_jsonl, write_text
 
 PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 TASKS = ("conversation", "detail", "complex")
+TASK_FOLDERS = {"conversation": "conversation", "detail": "detail_description", "complex": "complex_reasoning"}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -74,9 +77,12 @@ def load_coco(captions_path, instances_path=None):
 
 
 def image_context(image, with_boxes):
+    """The query: as the original's few-shot contexts write it, boxes rounded to 3 digits and printed as Python
+    prints a float ("person: [0.0, 0.24, 0.214, 1.0]")."""
     text = "\n".join(image["captions"])
     if with_boxes and image["boxes"]:
-        text += "\n\n" + "\n".join(f"{n}: [{a:.3f}, {b:.3f}, {c:.3f}, {d:.3f}]" for n, a, b, c, d in image["boxes"])
+        text += "\n\n" + "\n".join(f"{name}: [{', '.join(str(round(v, 3)) for v in box)}]"
+                                    for name, *box in image["boxes"])
     return text
 
 
@@ -89,7 +95,8 @@ def select_images(images, n, seed):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Prompts (prompts/<task>/system.txt, NNN_context.txt + NNN_reply.txt few-shot pairs) and reply parsing
+# Prompts, laid out as the original's playground/data/prompts: <folder>/<task folder>/system_message.txt and
+# few-shot pairs NNN_caps.txt (a context) + NNN_conv.txt (its reply); and reply parsing
 # ---------------------------------------------------------------------------------------------------------------------
 def _read_text(path):
     try:
@@ -99,16 +106,54 @@ def _read_text(path):
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
-def load_prompts(folder=PROMPTS):
-    prompts = {}
-    for task in TASKS:
-        d = os.path.join(folder, task)
-        stems = sorted(name[: -len("_context.txt")] for name in os.listdir(d) if name.endswith("_context.txt"))
-        prompts[task] = {"system": _read_text(os.path.join(d, "system.txt")),
-                         "examples": [(_read_text(os.path.join(d, f"{s}_context.txt")),
-                                       _read_text(os.path.join(d, f"{s}_reply.txt"))) for s in stems]}
-    lines = _read_text(os.path.join(folder, "detail_instructions.txt")).splitlines()
+def _example_order(stem):  # NNN order: numeric where the stem is a number (9 before 10), by name otherwise
+    return (not stem.isdigit(), int(stem) if stem.isdigit() else 0, stem)
+
+
+def load_task_prompts(folder, task):
+    """One task folder -> {"system", "examples": [(context, reply)] in NNN order}; ValueError naming the file."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder}: no such folder (the {task} prompts: system_message.txt and NNN_caps.txt + "
+                         "NNN_conv.txt pairs)")
+    names = set(os.listdir(folder))
+    if not names:
+        raise ValueError(f"{folder}: empty folder; expected system_message.txt and NNN_caps.txt + NNN_conv.txt pairs")
+    if "system_message.txt" not in names:
+        raise ValueError(f"{os.path.join(folder, 'system_message.txt')}: missing (the {task} task's system message)")
+    caps, conv = ({n[: -len(suffix)] for n in names if n.endswith(suffix)} for suffix in ("_caps.txt", "_conv.txt"))
+    unpaired = sorted([(s, "caps", "conv") for s in caps - conv] + [(s, "conv", "caps") for s in conv - caps])
+    if unpaired:
+        stem, has, lacks = unpaired[0]
+        raise ValueError(f"{os.path.join(folder, f'{stem}_{has}.txt')}: has no {stem}_{lacks}.txt beside it")
+    if not caps:
+        raise ValueError(f"{folder}: no few-shot example (NNN_caps.txt + NNN_conv.txt)")
+    examples = []
+    for stem in sorted(caps, key=_example_order):
+        conv_path = os.path.join(folder, f"{stem}_conv.txt")
+        example = (_read_text(os.path.join(folder, f"{stem}_caps.txt")), _read_text(conv_path))
+        try:  # an example in a format the replies are not parsed in would fail every pair of the run
+            parse_reply(task, example[1], "")
+        except ValueError as e:
+            raise ValueError(f"{conv_path}: not a {task} reply that this script can parse: {e}") from None
+        examples.append(example)
+    return {"system": _read_text(os.path.join(folder, "system_message.txt")), "examples": examples}
+
+
+def load_prompts(folder=PROMPTS, tasks=TASKS):
+    """folder/<TASK_FOLDERS[task]>/ for each task, and folder/detail_instructions.txt (one instruction a line; the
+    built-in list when the folder has none, as the original's has not). Each task gets a "fingerprint" of what its
+    requests and records depend on, which every record keeps."""
+    prompts = {task: load_task_prompts(os.path.join(folder, TASK_FOLDERS[task]), task) for task in tasks}
+    instructions = os.path.join(folder, "detail_instructions.txt")
+    prompts["detail_instructions_file"] = instructions if os.path.exists(instructions) else \
+        os.path.join(PROMPTS, "detail_instructions.txt")
+    lines = _read_text(prompts["detail_instructions_file"]).splitlines()
     prompts["detail_instructions"] = [line.strip() for line in lines if line.strip()]
+    if not prompts["detail_instructions"]:
+        raise ValueError(f"{prompts['detail_instructions_file']}: no instruction in it")
+    for task in tasks:
+        depends = {**prompts[task], "detail_instructions": prompts["detail_instructions"] if task == "detail" else []}
+        prompts[task]["fingerprint"] = hashlib.sha256(json.dumps(depends, sort_keys=True).encode()).hexdigest()[:16]
     return prompts
 
 
@@ -122,10 +167,12 @@ def build_messages(prompt, context):
 
 # a line starting "Question:" or "Answer:"; markdown emphasis around the word ("**Question:**") is tolerated
 QA_MARKER = re.compile(r"^\s*[*_#]*[ \t]*(Question|Answer)[ \t]*:[*_]*[ \t]*", re.IGNORECASE | re.MULTILINE)
+SEPARATOR = re.compile(r"^[ \t]*===[ \t]*$", re.MULTILINE)  # the original's few-shot replies put "===" between blocks
 
 
 def parse_qa(reply):
     """'Question: ...' / 'Answer: ...' blocks (each may span lines) -> [(question, answer), ...]; ValueError if not."""
+    reply = SEPARATOR.sub("", reply)
     marks = list(QA_MARKER.finditer(reply))
     if not marks or reply[: marks[0].start()].strip():
         raise ValueError("reply does not start with 'Question:'")
@@ -166,7 +213,8 @@ def generate_pair(client, prompts, image_id, image, task, seed, parse_retries):
     instruction = random.Random(f"{seed}-{image_id}").choice(prompts["detail_instructions"])
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
     record = {"id": f"{os.path.splitext(image['file_name'])[0]}_{task}", "image_id": image_id,
-              "image": image["file_name"], "task": task, "model": client.model}
+              "image": image["file_name"], "task": task, "model": client.model,
+              "prompts": prompts[task]["fingerprint"]}
     content, reason = "", ""
     try:
         for attempt in range(1, parse_retries + 2):
@@ -295,7 +343,9 @@ def main(argv=None):
     p.add_argument("--images", type=int, help="how many images (default: all captioned images)")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS))
     p.add_argument("--seed", type=int, default=0, help="image selection and detail instructions")
-    p.add_argument("--prompts", default=PROMPTS, help="prompt folder")
+    p.add_argument("--prompts", default=PROMPTS,
+                   help="folder laid out as the original's playground/data/prompts: conversation/,\n"
+                        "detail_description/, complex_reasoning/ (default: the built-in prompts/)")
     p.add_argument("--base-url", default="https://api.openai.com/v1", help="any OpenAI-compatible server")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
     p.add_argument("--model", default="gpt-4o")
@@ -334,7 +384,7 @@ def main(argv=None):
         p.error("--instances is required for the detail and complex tasks (they use the object boxes)")
     failed_path = args.failed or re.sub(r"(\.jsonl)?$", ".failed.jsonl", args.out, count=1)
     try:
-        images, prompts = load_coco(args.captions, args.instances), load_prompts(args.prompts)
+        images, prompts = load_coco(args.captions, args.instances), load_prompts(args.prompts, tasks)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     selected = select_images(images, args.images, args.seed)
@@ -358,13 +408,21 @@ def main(argv=None):
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
     try:
-        done = {(r["image_id"], r["task"]) for r in repair_jsonl(args.out)}
+        records = repair_jsonl(args.out)
+        done = {(r["image_id"], r["task"]) for r in records}
         failures = repair_jsonl(failed_path)
         failed_before = {(r["image_id"], r["task"]) for r in failures}
+        # the data of one file comes from one set of prompts: a run with others would mix them
+        other = [r for r in records if r["task"] in tasks and r.get("prompts") != prompts[r["task"]]["fingerprint"]]
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     except (KeyError, TypeError):
         raise SystemExit(f"error: {args.out} or {failed_path} holds records that this script did not write") from None
+    if other:
+        r = other[0]
+        raise SystemExit(f"error: {args.out}: holds records made with other prompts than {args.prompts} ({len(other)}; "
+                         f"{r['id']}: prompts {r.get('prompts')} there, {prompts[r['task']]['fingerprint']} now); "
+                         "generate into another --out, or use the prompts that made them")
     wanted = {(i, t) for i in selected for t in tasks}
     if args.retry_failed and any((r["image_id"], r["task"]) in wanted for r in failures):
         failures = [r for r in failures if (r["image_id"], r["task"]) not in wanted]
@@ -372,6 +430,7 @@ def main(argv=None):
         failed_before -= wanted
     skip = done | failed_before
     pairs = [(i, t) for i in selected for t in tasks if (i, t) not in skip]
+    print(f"prompts: {args.prompts} (detail instructions: {prompts['detail_instructions_file']})")
     print(f"{len(wanted)} pairs requested: {len(wanted & done)} already done, {len(wanted & skip) - len(wanted & done)}"
           f" failed before, {len(pairs)} to generate with {args.model} at {args.base_url}")
     try:

@@ -67,10 +67,11 @@ def all_pairs(n_images):
 def test_context_boxes_and_errors(tmp_path):
     cap, inst = make_coco(tmp_path, 2)
     images = gd.load_coco(cap, inst)
-    # [x, y, w, h] = [20, 10, 100, 50] on 200x100 -> x1 .1, y1 .1, x2 .6, y2 .6; the person box is clipped at 1
+    # [x, y, w, h] = [20, 10, 100, 50] on 200x100 -> x1 .1, y1 .1, x2 .6, y2 .6; the person box is clipped at 1;
+    # numbers are written as the original's few-shot contexts write them ("[0.0, 0.24, 0.214, 1.0]")
     assert gd.image_context(images[1], with_boxes=True) == (
         "img1 caption 0 of a cat\nimg1 caption 1 of a cat\nimg1 caption 2 of a cat\n\n"
-        "cat: [0.100, 0.100, 0.600, 0.600]\nperson: [0.750, 0.000, 1.000, 1.000]")
+        "cat: [0.1, 0.1, 0.6, 0.6]\nperson: [0.75, 0.0, 1.0, 1.0]")
     assert "cat:" not in gd.image_context(images[1], with_boxes=False)
     with open(cap) as f:
         data = json.load(f)
@@ -98,6 +99,11 @@ def test_parse_replies():
     turns = gd.parse_reply("conversation", reply_text, "")
     assert turns == [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A cat\non a mat."},
                      {"from": "human", "value": "Why?"}, {"from": "gpt", "value": "Sun."}]
+    # the original's few-shot format: markers on their own line, "===" between blocks
+    assert gd.parse_reply("conversation", "Question:\nWhat?\n===\nAnswer:\nA cat.\n\nOn a mat.\n===\nQuestion:\n"
+                          "Why?\n===\nAnswer:\nSun.", "") == [
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A cat.\n\nOn a mat."},
+        {"from": "human", "value": "Why?"}, {"from": "gpt", "value": "Sun."}]
     assert gd.parse_reply("complex", "**Question:** Why?\n**Answer:** Sun.", "") == [
         {"from": "human", "value": "<image>\nWhy?"}, {"from": "gpt", "value": "Sun."}]
     assert gd.parse_reply("detail", "  A cat.\n", "Describe it.") == [
@@ -122,7 +128,115 @@ def test_prompts_parse_as_their_own_task():
             assert ("\n\n" in context) == (task != "conversation")  # boxes only for detail and complex
 
 
+def test_built_in_examples_write_boxes_as_the_query_does():
+    # an example whose numbers look unlike the query's ("0.120" beside "0.12") shows the model two formats
+    for task in ("detail", "complex"):
+        for context, _ in gd.load_prompts()[task]["examples"]:
+            captions, boxes = context.split("\n\n")
+            parsed = [(line.split(": ")[0], *json.loads(line.split(": ")[1])) for line in boxes.splitlines()]
+            image = {"captions": captions.splitlines(), "boxes": parsed}
+            assert gd.image_context(image, with_boxes=True) == context
+
+
 # --------------------------------------------------------------------------------------------------------------------
+# --prompts DIR: the original's playground/data/prompts layout
+
+
+def write_task(folder, task_folder, system, pairs):
+    """folder/task_folder/system_message.txt and {stem: (caps, conv)} as stem_caps.txt + stem_conv.txt."""
+    d = folder / task_folder
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "system_message.txt").write_text(system + "\n")
+    for stem, (caps, conv) in pairs.items():
+        (d / f"{stem}_caps.txt").write_text(caps)
+        (d / f"{stem}_conv.txt").write_text(conv)
+    return d
+
+
+def test_a_prompts_folder_gives_the_original_few_shot_messages(tmp_path):
+    cap, inst = make_coco(tmp_path, 1)
+    prompts_dir = tmp_path / "paper"
+    write_task(prompts_dir, "complex_reasoning", "You are an AI visual assistant.", {
+        "001": ("Two dogs.\n\ndog: [0.0, 0.24, 0.214, 1.0]", "Question:\nWhy?\n===\nAnswer:\nPlay.\n"),
+        "000": ("A man with ties.\n\ntie: [0.574, 0.298, 0.752, 0.704]\n",
+                "Question:\nOdd?\n===\nAnswer:\nTen ties.")})
+    prompts = gd.load_prompts(str(prompts_dir), ("complex",))
+    image = {**gd.load_coco(cap, inst)[1], "boxes": [("dog", 0.12345, 0.0, 1 / 3, 1.0)]}
+    assert gd.build_messages(prompts["complex"], gd.image_context(image, with_boxes=True)) == [
+        {"role": "system", "content": "You are an AI visual assistant."},
+        {"role": "user", "content": "A man with ties.\n\ntie: [0.574, 0.298, 0.752, 0.704]"},
+        {"role": "assistant", "content": "Question:\nOdd?\n===\nAnswer:\nTen ties."},
+        {"role": "user", "content": "Two dogs.\n\ndog: [0.0, 0.24, 0.214, 1.0]"},
+        {"role": "assistant", "content": "Question:\nWhy?\n===\nAnswer:\nPlay."},
+        {"role": "user", "content": "img1 caption 0 of a cat\nimg1 caption 1 of a cat\nimg1 caption 2 of a cat\n\n"
+                                    "dog: [0.123, 0.0, 0.333, 1.0]"}]
+    # a folder without detail_instructions.txt (the original's has none) draws from the built-in list
+    assert prompts["detail_instructions"] == gd.load_prompts()["detail_instructions"]
+
+
+def test_few_shot_pairs_come_in_number_order(tmp_path):
+    pairs = {stem: (f"caps {stem}", f"Question: q{stem}\nAnswer: a") for stem in ("010", "002", "9", "000")}
+    write_task(tmp_path, "conversation", "S", pairs)
+    examples = gd.load_prompts(str(tmp_path), ("conversation",))["conversation"]["examples"]
+    assert [context for context, _ in examples] == ["caps 000", "caps 002", "caps 9", "caps 010"]
+
+
+@pytest.mark.parametrize("missing, message", [
+    ("001_conv.txt", r"conversation/001_caps.txt: has no 001_conv.txt beside it"),
+    ("001_caps.txt", r"conversation/001_conv.txt: has no 001_caps.txt beside it"),
+    ("system_message.txt", r"conversation/system_message.txt: missing")])
+def test_an_incomplete_task_folder_is_named(tmp_path, missing, message):
+    d = write_task(tmp_path, "conversation", "S", {s: ("c", "Question: q\nAnswer: a") for s in ("000", "001")})
+    (d / missing).unlink()
+    with pytest.raises(ValueError, match=message):
+        gd.load_prompts(str(tmp_path), ("conversation",))
+
+
+def test_an_empty_or_absent_task_folder_is_named(tmp_path):
+    (tmp_path / "conversation").mkdir()
+    with pytest.raises(ValueError, match=r"conversation: empty folder"):
+        gd.load_prompts(str(tmp_path), ("conversation",))
+    with pytest.raises(ValueError, match=r"detail_description: no such folder"):
+        gd.load_prompts(str(tmp_path), ("detail",))
+
+
+def test_an_example_reply_the_parser_cannot_read_is_named(tmp_path):
+    write_task(tmp_path, "conversation", "S", {"000": ("c", '{"question": "What?", "answer": "A cat."}')})
+    with pytest.raises(ValueError, match=r"conversation/000_conv.txt: not a conversation reply"):
+        gd.load_prompts(str(tmp_path), ("conversation",))
+
+
+def test_the_fingerprint_follows_the_prompts(tmp_path):
+    shutil.copytree(gd.PROMPTS, tmp_path / "p")
+    built_in = gd.load_prompts()
+    (tmp_path / "p" / "complex_reasoning" / "001_conv.txt").write_text("Question: Why?\nAnswer: Because.")
+    changed = gd.load_prompts(str(tmp_path / "p"))
+    assert changed["complex"]["fingerprint"] != built_in["complex"]["fingerprint"]
+    assert changed["conversation"]["fingerprint"] == built_in["conversation"]["fingerprint"]
+    (tmp_path / "p" / "detail_instructions.txt").write_text("Describe the following image in detail.\n")
+    assert gd.load_prompts(str(tmp_path / "p"))["detail"]["fingerprint"] != built_in["detail"]["fingerprint"]
+
+
+def test_a_resume_with_other_prompts_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    cap, inst = make_coco(tmp_path, 2)
+    out, other = tmp_path / "out.jsonl", tmp_path / "other"
+    example = ("A cat.", "Question:\nWhat?\n===\nAnswer:\nA cat.")
+    write_task(other, "conversation", "Talk about the photo.", {"000": example})
+    with FakeOpenAI(reply=reply) as server:
+        assert gd.main(cli(server, cap, inst, out, "--tasks", "conversation", "--images", "1")) == 0
+        built_in = gd.load_prompts()["conversation"]["fingerprint"]
+        assert {r["prompts"] for r in fileio.read_jsonl(str(out))} == {built_in}
+        flags = ("--tasks", "conversation", "--prompts", str(other))
+        with pytest.raises(SystemExit, match=r"out.jsonl: holds records made with other prompts than .*other"):
+            gd.main(cli(server, cap, inst, out, *flags))
+        n = len(server.requests)
+        assert gd.main(cli(server, cap, inst, tmp_path / "paper.jsonl", *flags)) == 0  # a new --out is fine
+        assert server.requests[n]["body"]["messages"][:3] == [
+            {"role": "system", "content": "Talk about the photo."}, {"role": "user", "content": example[0]},
+            {"role": "assistant", "content": example[1]}]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 def test_run_faults_headers_resume_export(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
@@ -227,7 +341,7 @@ def test_dry_run_needs_no_key_and_no_network(tmp_path, monkeypatch, capsys):
     assert gd.main(args + ["--dry-run", "--seed", "3"]) == 0
     printed = capsys.readouterr().out
     first = gd.select_images(gd.load_coco(cap, inst), None, 3)[0]
-    assert printed.count("--- system ---") == 3 and f"img{first} caption 0" in printed and "cat: [0.100" in printed
+    assert printed.count("--- system ---") == 3 and f"img{first} caption 0" in printed and "cat: [0.1, " in printed
     assert not out.exists()
     with pytest.raises(SystemExit, match="OPENAI_API_KEY"):
         gd.main(args)
@@ -432,9 +546,9 @@ def test_inputs_that_are_not_utf8_are_named(tmp_path):
     cap, inst = make_coco(tmp_path, 1)
     prompts = tmp_path / "prompts"
     shutil.copytree(gd.PROMPTS, prompts)
-    (prompts / "detail" / "system.txt").write_bytes("Décris l'image.".encode("latin-1"))
+    (prompts / "detail_description" / "system_message.txt").write_bytes("Décris l'image.".encode("latin-1"))
     args = ["--captions", cap, "--instances", inst, "--out", str(tmp_path / "o.jsonl"), "--dry-run"]
-    with pytest.raises(SystemExit, match=r"error: .*detail/system.txt: not UTF-8"):
+    with pytest.raises(SystemExit, match=r"error: .*detail_description/system_message.txt: not UTF-8"):
         gd.main(args + ["--prompts", str(prompts)])
     with open(cap, "rb") as f:
         captions = f.read()
