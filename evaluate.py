@@ -1,13 +1,17 @@
-"""Evaluate a LLaVA checkpoint the way the paper does. All modes answer greedily through the KV cache with the
-prompt data.render gives training for the same human turn, --batch-size questions at a time (inference.py); under
-`torchrun --nproc_per_node N evaluate.py ...` each process answers a share and rank 0 writes the files.
+"""Evaluate a LLaVA checkpoint the way the paper does. All modes answer through the KV cache with the prompt
+data.render gives training for the same human turn (in the checkpoint's template or --template), greedily unless
+--temperature is above 0, --batch-size questions at a time (inference.py); under `torchrun --nproc_per_node N
+evaluate.py ...` each process answers a share and rank 0 writes the files.
 
   judge  LLaVA-Bench: a text-only GPT-4 judge scores a reference answer and the model's answer 1-10 from the
-         image's captions/boxes; relative score = mean(model) / mean(reference) x 100.
+         image's captions (and boxes); relative score = mean(model) / mean(reference) x 100. With --rules, LLaVA's
+         rule.json and the request exactly as llava/eval/eval_gpt_review_bench.py wraps it.
   mc     ScienceQA-style multiple choice ("A. ..." options, answer with the letter): accuracy.
   demo   the demo's held-out questions (runs/demo/data/eval.json): exact-match accuracy.
 """
 import argparse
+import hashlib
+import json
 import os
 import re
 import sys
@@ -16,8 +20,9 @@ from collections import defaultdict
 from api import APIError, ask_all, client_from_env, client_source, complete_or_none
 from demo import demo_items, score_demo
 from distributed import process_group
-from fileio import (append_jsonl, check_unique, inside, number, read_jsonl, read_records, require, require_id,
-                    resume_jsonl, write_json)
+from fileio import (append_jsonl, check_unique, inside, number, read_json, read_jsonl, read_records, require,
+                    require_id, resume_jsonl, write_json)
+from data import get_template
 from inference import DTYPES, answer_batches, answer_file, answer_source, load_model, tally
 from quantize import QUANTIZE
 
@@ -35,14 +40,15 @@ def model_answers(args, items, model, tokenizer):
     """({question_id: reply} on rank 0 ({} on the others), batched, and what produced them); mc and judge keep them
     in the resumable answers.jsonl with that record beside it, the demo mode only in memory (keyed by the item
     itself: its ids need not be unique)."""
+    decoding = dict(template=args.template, temperature=args.temperature, seed=args.seed)
     if args.mode == "demo":
-        return {id(item): reply for batch in answer_batches(model, tokenizer, items, args.max_new_tokens,
-                                                             args.batch_size) for item, reply in batch}, None
+        batches = answer_batches(model, tokenizer, items, args.max_new_tokens, args.batch_size, **decoding)
+        return {id(item): reply for batch in batches for item, reply in batch}, None
     path = os.path.join(args.out, "answers.jsonl")
     # the mode is the prompt: mc adds the options and MC_INSTRUCTION to the question
-    source = answer_source(args.model, model, args.max_new_tokens, mode=args.mode, quantize=args.quantize)
+    source = answer_source(args.model, model, args.max_new_tokens, **decoding, mode=args.mode, quantize=args.quantize)
     there, new = answer_file(model, tokenizer, items, path, answer_record("llava"), args.max_new_tokens,
-                             args.batch_size, source=source)
+                             args.batch_size, source=source, **decoding)
     return ({r["question_id"]: r["text"] for r in read_jsonl(path)} if there + new else {}), source
 
 
@@ -118,7 +124,7 @@ def score_mc(items, predictions):
 # -----------------------------------------------------------------------------------------------------------------
 # judge mode (LLaVA-Bench)
 
-JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
+JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."  # the original's
 BOXES = "object bounding boxes (x1, y1, x2, y2) with coordinates from 0 to 1 (top left, bottom right)"
 JUDGE_RULE = (
     "We would like your feedback on the performance of two AI assistants answering the user question above. The user "
@@ -131,21 +137,52 @@ REFERENCE_SYSTEM = (
     "You are an AI visual assistant. You cannot see the image the user asks about, but you are given its description:"
     f" captions and {BOXES} when given. Answer the user's question as if you were looking at the image; do not "
     "mention the description.")
+BUILT_IN_RULE = {"role": "Assistant", "prompt": JUDGE_RULE}
+RULE_PREFIX = "llava_bench_"  # eval_gpt_review_bench.py judges a question by rule.json["llava_bench_" + category]
+PUBLISHED_JUDGE = "gpt-4-0314"  # the model eval_gpt_review_bench.py asks
+
+
+def caption_text(record):
+    """The captions (key "caption" or "captions"): a string as it is, a list one per line, as the original joins
+    them."""
+    captions = record.get("captions", record.get("caption", ""))
+    return captions if isinstance(captions, str) else "\n".join(captions)
 
 
 def context_text(record):
-    """Captions (a string or a list, key "caption" or "captions") and "category: [x1, y1, x2, y2]" box lines."""
-    captions = record.get("captions", record.get("caption", ""))
-    text = captions if isinstance(captions, str) else "\n".join(captions)
+    """The built-in rule's context: the captions and "category: [x1, y1, x2, y2]" box lines."""
     boxes = "\n".join(f"{box['category']}: {box['bbox']}" for box in record.get("instances", []))
-    return f"{text}\n\n{boxes}" if boxes else text
+    return f"{caption_text(record)}\n\n{boxes}" if boxes else caption_text(record)
 
 
-def judge_prompt(context, question, reference, prediction):
-    # the reference is Assistant 1 and the model Assistant 2, as in LLaVA's review files ("tuple": [ref, model])
+def load_rules(path, items):
+    """{category: {"role", "prompt"}} for the items' categories, from a file in LLaVA's rule.json format
+    ({"llava_bench_conv": {"role": "Assistant", "prompt": "..."}, ...}, keyed as eval_gpt_review_bench.py keys it).
+    A category without its key, or a rule without a string role and prompt, is an error naming the file and key."""
+    rules = read_json(path)
+    if not isinstance(rules, dict):
+        raise ValueError(f"{path}: must be a JSON object {{key: {{\"role\", \"prompt\"}}}}, as LLaVA's rule.json")
+    chosen = {}
+    for item in items:
+        key = RULE_PREFIX + str(item["category"])
+        if key not in rules:
+            raise ValueError(f"{path}: no rule {key!r} (for question_id {item['question_id']!r}, category "
+                             f"{item['category']!r}); the file has {', '.join(map(repr, rules)) or 'none'}")
+        rule = rules[key]
+        for field in ("role", "prompt"):
+            if not isinstance(rule, dict) or not isinstance(rule.get(field), str):
+                raise ValueError(f"{path}: rule {key!r} has no string {field!r}")
+        chosen[item["category"]] = {"role": rule["role"], "prompt": rule["prompt"]}
+    return chosen
+
+
+def judge_prompt(context, question, reference, prediction, rule=BUILT_IN_RULE):
+    """The judge's request, wrapped as eval_gpt_review_bench.py wraps it. The reference is answer 1 and the model
+    answer 2, as in LLaVA's review files ("tuple": [reference, model])."""
+    role = rule["role"]
     return (f"[Context]\n{context}\n\n[Question]\n{question}\n\n"
-            f"[Assistant 1]\n{reference}\n\n[End of Assistant 1]\n\n"
-            f"[Assistant 2]\n{prediction}\n\n[End of Assistant 2]\n\n[System]\n{JUDGE_RULE}\n\n")
+            f"[{role} 1]\n{reference}\n\n[End of {role} 1]\n\n"
+            f"[{role} 2]\n{prediction}\n\n[End of {role} 2]\n\n[System]\n{rule['prompt']}\n\n")
 
 
 def parse_scores(reply):
@@ -159,7 +196,8 @@ def parse_scores(reply):
 
 
 def judge_items(questions_path, context_path, image_folder):
-    contexts = {require(record, "image", f"{context_path}, line {n + 1}"): context_text(record)
+    """Items with the captions (what a rule.json judge sees) and the context (captions and boxes: the built-in's)."""
+    contexts = {require(record, "image", f"{context_path}, line {n + 1}"): record
                 for n, record in enumerate(read_records(context_path))}
     items = []
     for n, record in enumerate(read_records(questions_path)):
@@ -168,7 +206,8 @@ def judge_items(questions_path, context_path, image_folder):
         if name not in contexts:
             raise ValueError(f"{where}: image {name!r} has no entry in {context_path}")
         items.append({"question_id": require_id(record, "question_id", where), "text": require(record, "text", where),
-                      "category": record.get("category", "all"), "context": contexts[name],
+                      "category": record.get("category", "all"), "context": context_text(contexts[name]),
+                      "captions": caption_text(contexts[name]),
                       "image_path": image_file(image_folder, name, where)})
     check_unique([item["question_id"] for item in items], questions_path)
     return items
@@ -200,15 +239,18 @@ def reference_answers(items, path, client=None, out_path=None):
     return {item["question_id"]: refs[item["question_id"]] for item in items}
 
 
-def review_all(items, references, predictions, client, out_path, source, retries=2):
+def review_all(items, references, predictions, client, out_path, source, retries=2, rules=None):
     """Asks the judge about every item without a successful review in out_path. A reply without two scores is
     retried `retries` times, then recorded with "tuple": null and "failed": true (retried again on the next run).
-    source: what the answers and references came from (their own records); with the judge's settings it is what
-    the reviews depend on, and reviews of other answers, references or judges are refused (fileio.resume_jsonl)."""
+    source: what the answers, references and rules came from; with the judge's settings it is what the reviews
+    depend on, and reviews of other answers, references, rules or judges are refused (fileio.resume_jsonl).
+    rules: load_rules' {category: rule}, judged from the captions alone as eval_gpt_review_bench.py does; None:
+    the built-in rule, from captions and boxes."""
     reviewed = {r["question_id"] for r in resume_jsonl(out_path, client_source(client, **source)) if r.get("tuple")}
     for item in (item for item in items if item["question_id"] not in reviewed):
         qid = item["question_id"]
-        content = judge_prompt(item["context"], item["text"], references[qid], predictions[qid])
+        context, rule = (item["captions"], rules[item["category"]]) if rules else (item["context"], BUILT_IN_RULE)
+        content = judge_prompt(context, item["text"], references[qid], predictions[qid], rule)
         for attempt in range(retries + 1):
             try:
                 reply = client.complete([{"role": "system", "content": JUDGE_SYSTEM},
@@ -256,9 +298,14 @@ def main(argv=None):
         p.add_argument("--model", default="runs/demo/stage2", help="checkpoint directory (with tokenizer.model)")
         p.add_argument("--device", default=None)
         p.add_argument("--dtype", default=None, choices=DTYPES, help="default: bf16 on CUDA, fp32 elsewhere")
-        p.add_argument("--max-new-tokens", type=number(), default={"demo": 16, "mc": 16, "judge": 512}[name])
+        # judge: model_vqa.py's 1024, as LLaVA-Bench was answered
+        p.add_argument("--max-new-tokens", type=number(), default={"demo": 16, "mc": 16, "judge": 1024}[name])
         p.add_argument("--batch-size", type=number(), default=None, help="questions at a time (default 8 CPU, 32 CUDA)")
         p.add_argument("--quantize", choices=QUANTIZE, help="int8 weights for the LLM and projector (small machines)")
+        p.add_argument("--template", default=None, help="conversation template (the original's --conv-mode), e.g. "
+                       "vicuna_v1; default: the checkpoint's")
+        p.add_argument("--temperature", type=number(float, low=0), default=0.0, help="0 (default): greedy")
+        p.add_argument("--seed", type=number(int, low=0), default=0, help="sampling seed (+ rank)")
         p.add_argument("--out", default=f"runs/eval/{name}", help="output folder (answers, reviews, summary)")
     modes["demo"].add_argument("--data", default="runs/demo/data", help="folder with eval.json and images/")
     modes["demo"].add_argument("--limit", type=number(), default=None)
@@ -270,7 +317,9 @@ def main(argv=None):
     judge.add_argument("--references", default=None, help="reference answers JSONL; default: generate them")
     judge.add_argument("--base-url", default="https://api.openai.com/v1")
     judge.add_argument("--api-key-env", default="OPENAI_API_KEY")
-    judge.add_argument("--judge-model", default="gpt-4")
+    judge.add_argument("--judge-model", default="gpt-4", help=f"the published scores: {PUBLISHED_JUDGE}")
+    judge.add_argument("--rules", default=None, help="LLaVA's llava/eval/table/rule.json (or a file in its format): "
+                       "judge as the published scores were; default: this project's rule, not comparable with them")
     judge.add_argument("--reference-model", default=None, help="text-only model for references (default: judge's)")
     judge.add_argument("--judge-max-tokens", type=number(), default=1024)
     judge.add_argument("--retries", type=number(low=0), default=2, help="re-asks for a judge reply without two scores")
@@ -282,14 +331,17 @@ def main(argv=None):
     if not os.path.isdir(args.model):
         sys.exit(f"error: no checkpoint folder {args.model} (the demo's: train it first, run `python train.py`)")
     # read the inputs (and the judge's key) before spending minutes on loading the model
-    judge_client = ref_client = None
+    judge_client = ref_client = rules = None
     try:
+        if args.template is not None:
+            get_template(args.template)  # an unknown name is refused before the model loads
         if args.mode == "demo":
             items = demo_items(args.data, args.limit)
         elif args.mode == "mc":
             items = mc_items(args.questions, args.images)
         else:
             items = judge_items(args.questions, args.context, args.images)
+            rules = load_rules(args.rules, items) if args.rules else None
             # temperature 0.2: LLaVA's review script; low for the references too, so reruns vary little
             settings = dict(temperature=0.2, max_tokens=args.judge_max_tokens, max_wait=args.max_wait)
             judge_client = client_from_env(args.base_url, args.api_key_env, args.judge_model, **settings)
@@ -306,7 +358,7 @@ def main(argv=None):
             predictions, source = model_answers(args, items, model, tokenizer)
         if rank != 0:  # the others only answered: rank 0 judges, scores and writes
             return
-        summary = run(args, items, predictions, source, judge_client, ref_client)
+        summary = run(args, items, predictions, source, judge_client, ref_client, rules)
     except KeyboardInterrupt:  # every answer and review so far is on disk (appended as it came)
         print(f"\ninterrupted: what was answered so far is in {args.out}; re-run the same command to continue",
               file=sys.stderr)
@@ -320,9 +372,9 @@ def main(argv=None):
                  f"failed: {os.path.join(args.out, 'reviews.jsonl')}); the same command asks them again")
 
 
-def run(args, items, predictions, source, judge_client, ref_client):
+def run(args, items, predictions, source, judge_client, ref_client, rules=None):
     """(Judge,) print and return the summary of the model's answers {question_id: reply} (demo: {id(item): reply})
-    that `source` produced (model_answers)."""
+    that `source` produced (model_answers); a judge's summary says who judged, by which rules, in "judged_by"."""
     if args.mode in ("demo", "mc"):
         if args.mode == "demo":
             summary = score_demo(items, lambda item: predictions[id(item)])
@@ -332,15 +384,27 @@ def run(args, items, predictions, source, judge_client, ref_client):
             print(f"{key:>24}: {s['accuracy']:5.1f}% ({s['correct']}/{s['total']}, {s['unparsed']} unparseable)")
     else:
         references = reference_answers(items, args.references, ref_client, os.path.join(args.out, "references.jsonl"))
+        # the rules by file and digest: reviews by other rule texts are not continued (the texts go in the summary)
+        used = {"file": os.path.abspath(args.rules), "sha256": hashlib.sha256(
+            json.dumps(rules, sort_keys=True).encode()).hexdigest()} if rules else "built-in"
         inputs = {"answers": source, "references": os.path.abspath(args.references) if args.references
-                  else client_source(ref_client)}
+                  else client_source(ref_client), "rules": used}
         reviews = review_all(items, references, predictions, judge_client, os.path.join(args.out, "reviews.jsonl"),
-                             inputs, args.retries)
+                             inputs, args.retries, rules)
         summary = summarize_reviews(reviews)
         for key, s in summary.items():
             scores = f"reference {s['reference']:.2f}, model {s['model']:.2f}, relative {s['relative']:.1f}%" \
                 if s["n"] else "no scored reviews"
             print(f"{key:>12}: {scores} (n={s['n']}, failed={s['failed']})")
+        summary["judged_by"] = {**client_source(judge_client), "rules": used}
+        if rules:
+            summary["judged_by"]["rule_texts"] = rules
+        print(f"judged by {judge_client.model} with {args.rules or 'the built-in rule'}")
+        if not rules:
+            print("note: the built-in rule is this project's, not LLaVA's rule.json: these relative scores are not "
+                  "comparable with published ones (judge with --rules llava/eval/table/rule.json for that)")
+        elif judge_client.model != PUBLISHED_JUDGE:
+            print(f"note: the published scores were judged by {PUBLISHED_JUDGE}; another judge scores differently")
     return summary
 
 

@@ -46,11 +46,12 @@ def default_batch_size(device) -> int:
     return 32 if torch.device(device).type == "cuda" else 8  # a CPU's matmuls stop gaining from more rows sooner
 
 
-def prompt_ids(model, tokenizer, question, image_path=None) -> list:
-    """The single-turn prompt, token-for-token what training rendered for the same human turn."""
+def prompt_ids(model, tokenizer, question, image_path=None, template=None) -> list:
+    """The single-turn prompt, token-for-token what training rendered for the same human turn; in `template` (a
+    data.TEMPLATES name) where given, else the checkpoint's (the original's eval scripts pick theirs by --conv-mode)."""
     cfg = model.config
     turn = {"from": "human", "value": with_image(question) if image_path is not None else question}
-    return render([turn], cfg.template, tokenizer, cfg.num_image_tokens, for_generation=True)[0]
+    return render([turn], template or cfg.template, tokenizer, cfg.num_image_tokens, for_generation=True)[0]
 
 
 def pixel_values(model, image_path):
@@ -75,10 +76,10 @@ def generate_llava(model, input_ids, pixel_values=None, **kwargs):
 
 
 @torch.no_grad()
-def answer(model, tokenizer, question, image_path=None, max_new_tokens=128):
+def answer(model, tokenizer, question, image_path=None, max_new_tokens=128, template=None):
     """Greedy single-turn answer (batch 1)."""
     device = model.llm.norm.weight.device
-    ids = torch.tensor([prompt_ids(model, tokenizer, question, image_path)], device=device)  # (1, T)
+    ids = torch.tensor([prompt_ids(model, tokenizer, question, image_path, template)], device=device)  # (1, T)
     model.llm.setup_cache(1, ids.shape[1] + max_new_tokens)
     out = list(generate_llava(model, ids, pixel_values(model, image_path), max_new_tokens=max_new_tokens,
                               eos_id=tokenizer.eos_id))
@@ -184,8 +185,11 @@ def generate_batch(llm, prompts, *, max_new_tokens: int, temperature=0.0, top_p=
 # -------------------------------------------------------------------------------------- many questions, many ranks
 
 @torch.no_grad()
-def answer_batches(model, tokenizer, items, max_new_tokens=128, batch_size=None):
+def answer_batches(model, tokenizer, items, max_new_tokens=128, batch_size=None, *, template=None, temperature=0.0,
+                   seed=0):
     """Yields [(item, reply), ...] a batch at a time; replies equal answer()'s (greedy, the same prompts).
+    template: as prompt_ids. temperature > 0 samples instead, from a generator seeded with seed + rank: a run
+    repeats with the same seed, batch size and number of processes (a row's draws depend on the rows beside it).
 
     Items are sorted by prompt length, longest first, so that a batch wastes little padding and the first batch
     sets up the largest KV cache, which the others reuse (generate_batch). Under torchrun each rank answers every
@@ -194,7 +198,8 @@ def answer_batches(model, tokenizer, items, max_new_tokens=128, batch_size=None)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = model.llm.norm.weight.device
     batch_size = batch_size or default_batch_size(device)
-    prompts = [prompt_ids(model, tokenizer, item["text"], item.get("image_path")) for item in items]
+    prompts = [prompt_ids(model, tokenizer, item["text"], item.get("image_path"), template) for item in items]
+    generator = torch.Generator(device).manual_seed(seed + rank) if temperature > 0 else None
     context = model.config.llm.max_position_embeddings
     for item, prompt in zip(items, prompts):  # all checked before any is answered: none dies mid-run
         if len(prompt) + max_new_tokens > context:
@@ -209,7 +214,8 @@ def answer_batches(model, tokenizer, items, max_new_tokens=128, batch_size=None)
             batch = mine[start:start + batch_size]
             embeds = [model.embed(torch.tensor([prompts[i]], device=device),
                                   pixel_values(model, items[i].get("image_path")))[0] for i in batch]  # (T_i, D)
-            out = generate_batch(model.llm, embeds, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id)
+            out = generate_batch(model.llm, embeds, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
+                                 temperature=temperature, generator=generator)
             answered = [(i, reply_text(tokenizer, tokens)) for i, tokens in zip(batch, out)]
             if world > 1:
                 gathered = [None] * world if rank == 0 else None
@@ -220,22 +226,26 @@ def answer_batches(model, tokenizer, items, max_new_tokens=128, batch_size=None)
         model.llm.reset_cache()
 
 
-def answer_source(model_path, model, max_new_tokens, **prompt) -> dict:
+def answer_source(model_path, model, max_new_tokens, template=None, temperature=0.0, seed=0, **prompt) -> dict:
     """What a checkpoint's answers depend on, for the record beside an answer file (answer_file's source): the
-    folder and a fingerprint of its weights, the template and dtype it answers with, max_new_tokens and the
-    caller's prompt settings (prompt format, quantize, ...). Not the batch size: batches answer as batch 1 does."""
+    folder and a fingerprint of its weights, the template and dtype it answers with, max_new_tokens, the temperature
+    (and the seed when it samples; greedy answers do not depend on it) and the caller's prompt settings (prompt
+    format, quantize, ...). Not the batch size: greedy batches answer as batch 1 does."""
     return {"model": os.path.abspath(model_path), "fingerprint": fingerprint(model_path),
-            "template": model.config.template, "dtype": str(model.llm.norm.weight.dtype).removeprefix("torch."),
-            "max_new_tokens": max_new_tokens, **prompt}
+            "template": template or model.config.template,
+            "dtype": str(model.llm.norm.weight.dtype).removeprefix("torch."), "max_new_tokens": max_new_tokens,
+            "temperature": float(temperature), "seed": seed if temperature > 0 else None, **prompt}
 
 
-def answer_file(model, tokenizer, items, out_path, record, max_new_tokens=128, batch_size=None, *, source):
+def answer_file(model, tokenizer, items, out_path, record, max_new_tokens=128, batch_size=None, *, source,
+                **decoding):
     """Answer every item whose question_id is not yet in the JSONL file out_path and append record(item, reply)
     for each, a batch at a time, so that an interrupted run asks nothing twice. The file is opened with
     fileio.resume_jsonl: a torn last line is cut, and answers that another `source` (answer_source: checkpoint,
     settings) produced are refused. At the end the file is rewritten in the items' order, so it reads as a batch-1
     run wrote it. Under torchrun only rank 0 reads and writes the file, and tells the others what is left to do (or
-    its error). Returns (answers that were there, new answers) on rank 0, (0, 0) elsewhere."""
+    its error). decoding: answer_batches' template, temperature and seed, the ones `source` records. Returns
+    (answers that were there, new answers) on rank 0, (0, 0) elsewhere."""
     check_unique([item["question_id"] for item in items], out_path)  # the file is keyed by id
     rank = dist.get_rank() if dist.is_initialized() else 0
     done = [None]
@@ -250,7 +260,7 @@ def answer_file(model, tokenizer, items, out_path, record, max_new_tokens=128, b
         raise done[0]
     todo = [item for item in items if item["question_id"] not in done[0]]
     new, bar = 0, tqdm(total=len(todo), desc=os.path.basename(out_path), disable=rank != 0 or not todo)
-    for batch in answer_batches(model, tokenizer, todo, max_new_tokens, batch_size):
+    for batch in answer_batches(model, tokenizer, todo, max_new_tokens, batch_size, **decoding):
         for item, reply in batch:
             append_jsonl(out_path, record(item, reply))
         new += len(batch)

@@ -5,8 +5,8 @@ and grade, alone and in an ensemble with a text-only GPT-4 (92.53 % with GPT-4 a
             list as the original converter writes (LLaVA's scripts/convert_sqa_to_llava.py and its base prompt),
             for every prompt format it defines; QCM-LEA (lecture, solution, "The answer is X.") is the paper's
   answer    a checkpoint's answers in LLaVA's answer-file format (JSONL question_id, prompt, text, answer_id,
-            model_id), asked as llava/eval/model_vqa_science.py asks; resumable, batched, and spread over the
-            processes of a torchrun launch (rank 0 writes the file)
+            model_id), asked as llava/eval/model_vqa_science.py asks (its --single-pred-prompt, --conv-mode and
+            --temperature too); resumable, batched, and spread over the processes of a torchrun launch
   score     parses answers as llava/eval/eval_science_qa.py does and writes the Table 7 columns, defined as in
             ScienceQA's tools/evaluate_acc.py (NAT/SOC/LAN by subject, TXT/IMG/NO by context, G1-6/G7-12 by grade)
   gpt4      the text-only GPT-4 baseline (chain of thought ending in "The answer is X."), resumable, same format
@@ -55,6 +55,8 @@ OUTPUT_FORMATS = {
 }
 PROMPT_FORMATS = [f"{i}-{o}" for i in INPUT_FORMATS for o in OUTPUT_FORMATS]
 DEFAULT_FORMAT = "QCM-LEA"  # the paper's: reasoning first, then the answer (scripts/finetune_sqa.sh)
+# model_vqa_science.py --single-pred-prompt (LLaVA-1.5's scripts/v1_5/eval/sqa.sh): this line after the question
+SINGLE_PRED_PROMPT = "Answer with the option's letter from the given choices directly."
 COLUMNS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg")
 GRADES_1_6 = {f"grade{g}" for g in range(1, 7)}
 GRADES_7_12 = {f"grade{g}" for g in range(7, 13)}
@@ -170,11 +172,13 @@ def vqa_answer_record(model_id):
                                "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}}
 
 
-def model_items(root, split, problems, prompt_format):
-    """The converted human turn, with <image> removed and put first, as model_vqa_science.py asks it."""
+def model_items(root, split, problems, prompt_format, single_pred_prompt=False):
+    """The converted human turn, with <image> removed and put first, as model_vqa_science.py asks it; with
+    single_pred_prompt, "\n" + SINGLE_PRED_PROMPT after the question (and after the image's line in "prompt")."""
     items = []
     for record in convert(problems, prompt_format):
         question = record["conversations"][0]["value"].replace("<image>", "").strip()
+        question += "\n" + SINGLE_PRED_PROMPT if single_pred_prompt else ""
         image = os.path.join(root, "images", split, record["image"]) if "image" in record else None
         if image and not os.path.isfile(image):
             raise FileNotFoundError(f"{image}: image of pid {record['id']} not found")
@@ -344,6 +348,13 @@ def main(argv=None):
     commands["answer"].add_argument("--batch-size", type=number(), default=None, help="questions at a time (default 8 "
                                     "CPU, 32 CUDA)")
     commands["answer"].add_argument("--quantize", choices=("int8",), help="int8 weights for the LLM and projector")
+    commands["answer"].add_argument("--single-pred-prompt", action="store_true", help=f"ask with {SINGLE_PRED_PROMPT!r}"
+                                    " after the question (LLaVA-1.5's protocol)")
+    commands["answer"].add_argument("--template", default=None, help="conversation template (model_vqa_science's "
+                                    "--conv-mode), e.g. vicuna_v1 or llava_v1; default: the checkpoint's")
+    commands["answer"].add_argument("--temperature", type=number(float, low=0), default=0.0,
+                                    help="0 (default): greedy; above 0: sampled (the paper's script: 0.2)")
+    commands["answer"].add_argument("--seed", type=number(int, low=0), default=0, help="sampling seed (+ rank)")
     for name in ("answer", "gpt4"):
         commands[name].add_argument("--limit", type=number(), default=None, help="only the first N problems")
     commands["score"].add_argument("--answers", required=True, help="answer file (JSONL)")
@@ -382,17 +393,21 @@ def run(args):
         print(f"{args.out}: {len(records)} samples ({args.split}, {args.prompt_format})")
     elif args.command == "answer":
         from distributed import process_group  # torch only where a model runs
+        from data import get_template
         from inference import answer_file, answer_source, load_model
-        items = model_items(args.root, args.split, problems, args.prompt_format)[:args.limit]
+        items = model_items(args.root, args.split, problems, args.prompt_format, args.single_pred_prompt)[:args.limit]
         if not os.path.isdir(args.model):
             raise FileNotFoundError(f"{args.model}: no checkpoint folder")
+        if args.template is not None:
+            get_template(args.template)  # an unknown name is refused before the model loads
         record = vqa_answer_record(os.path.basename(os.path.normpath(args.model)))
+        decoding = dict(template=args.template, temperature=args.temperature, seed=args.seed)
         with process_group(args.device) as (rank, world, device):  # under torchrun: each rank a share, rank 0 writes
             model, tokenizer = load_model(args.model, device, args.dtype, args.quantize)
-            source = answer_source(args.model, model, args.max_new_tokens, prompt_format=args.prompt_format,
-                                   quantize=args.quantize)
+            source = answer_source(args.model, model, args.max_new_tokens, **decoding, prompt_format=args.prompt_format,
+                                   single_pred_prompt=args.single_pred_prompt, quantize=args.quantize)
             there, new = answer_file(model, tokenizer, items, args.out, record, args.max_new_tokens, args.batch_size,
-                                     source=source)
+                                     source=source, **decoding)
         if rank == 0:
             print(f"{args.out}: {there} answers were there, {new} new ({world} process{'es' * (world > 1)})")
     elif args.command == "score":

@@ -130,6 +130,61 @@ def test_judge_scores_retries_and_relative_score(tmp_path):
         assert summary["all"]["relative"] == pytest.approx(100 * 21 / 32)
 
 
+RULES = {  # a small file in the format of LLaVA's llava/eval/table/rule.json
+    "llava_bench_conv": {"role": "Assistant", "prompt": "Rate the conversation.\nTwo scores first."},
+    "llava_bench_detail": {"role": "Assistant", "prompt": "Rate the description."},
+    "llava_bench_complex": {"role": "Assistant", "prompt": "Rate the reasoning."},
+    "conv": {"role": "Assistant", "prompt": "not this one: the bench's keys are prefixed"}}
+
+
+def write_rules(tmp_path, rules=RULES):
+    (tmp_path / "rule.json").write_text(json.dumps(rules))
+    return str(tmp_path / "rule.json")
+
+
+def test_rules_requests_are_wrapped_as_eval_gpt_review_bench_wraps_them(tmp_path):
+    q, ctx, refs = bench_files(tmp_path)
+    items = evaluate.judge_items(q, ctx, str(tmp_path))
+    rules = evaluate.load_rules(write_rules(tmp_path), items)
+    predictions = {item["question_id"]: "model says " + item["text"][:2] for item in items}
+    server, _ = judge_server()
+    with server:
+        client = ChatClient(server.url, "sk-test", "gpt-4-0314", max_retries=0)
+        evaluate.review_all(items[:3], evaluate.reference_answers(items, refs), predictions, client,
+                            str(tmp_path / "reviews.jsonl"), SOURCE, retries=0, rules=rules)
+    system = {"role": "system", "content": "You are a helpful and precise assistant for checking the quality of the "
+                                           "answer."}
+    # written out from eval_gpt_review_bench.py: a caption string as it is, a caption list one per line, no boxes
+    assert server.requests[0]["body"]["messages"] == [system, {"role": "user", "content": (
+        "[Context]\nA red bus with two people.\n\n[Question]\nQ1 what colour is the bus?\n\n"
+        "[Assistant 1]\nreference 1\n\n[End of Assistant 1]\n\n[Assistant 2]\nmodel says Q1\n\n"
+        "[End of Assistant 2]\n\n[System]\nRate the conversation.\nTwo scores first.\n\n")}]
+    assert server.requests[2]["body"]["messages"] == [system, {"role": "user", "content": (
+        "[Context]\nA man irons.\nA taxi.\n\n[Question]\nQ3 describe the image.\n\n"
+        "[Assistant 1]\nreference 3\n\n[End of Assistant 1]\n\n[Assistant 2]\nmodel says Q3\n\n"
+        "[End of Assistant 2]\n\n[System]\nRate the description.\n\n")}]
+    body = server.requests[0]["body"]
+    assert (body["model"], body["temperature"]) == ("gpt-4-0314", 0.7)  # the client's (main() asks at 0.2)
+
+
+def test_the_role_of_a_rule_names_the_answers():
+    rule = {"role": "Reviewer", "prompt": "P."}
+    assert evaluate.judge_prompt("C", "Q", "R", "M", rule) == (
+        "[Context]\nC\n\n[Question]\nQ\n\n[Reviewer 1]\nR\n\n[End of Reviewer 1]\n\n[Reviewer 2]\nM\n\n"
+        "[End of Reviewer 2]\n\n[System]\nP.\n\n")
+
+
+def test_a_rule_file_without_a_category_s_key_is_named(tmp_path):
+    q, ctx, _ = bench_files(tmp_path)
+    items = evaluate.judge_items(q, ctx, str(tmp_path))
+    path = write_rules(tmp_path, {k: v for k, v in RULES.items() if k != "llava_bench_complex"})
+    with pytest.raises(ValueError, match=r"rule.json: no rule 'llava_bench_complex' \(for question_id 4, category "
+                                         r"'complex'\); the file has 'llava_bench_conv', 'llava_bench_detail', 'conv'"):
+        evaluate.load_rules(path, items)
+    with pytest.raises(ValueError, match=r"rule.json: rule 'llava_bench_conv' has no string 'prompt'"):
+        evaluate.load_rules(write_rules(tmp_path, {**RULES, "llava_bench_conv": {"role": "Assistant"}}), items)
+
+
 def test_generated_references_resume(tmp_path):
     q, ctx, _ = bench_files(tmp_path)
     items = evaluate.judge_items(q, ctx, str(tmp_path))
@@ -451,19 +506,21 @@ def test_demo_cli_writes_summary(tiny_checkpoint, tmp_path, capsys):
     assert f"({summary['all']['correct']}/3" in capsys.readouterr().out
 
 
-def test_judge_and_mc_cli(tiny_checkpoint, tmp_path, monkeypatch):
+def test_judge_and_mc_cli(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     from fileio import read_jsonl
     q, ctx, refs = bench_files(tmp_path)
     monkeypatch.setenv("EVAL_TEST_KEY", "sk-test")
     out = tmp_path / "bench"
     server, calls = judge_server()
     with server:
-        with pytest.raises(SystemExit, match=r"error: 1 of 4 reviews failed .*reviews.jsonl") as e:
+        with pytest.raises(SystemExit, match=r"error: 1 of 4 reviews failed .*reviews.jsonl"):
             evaluate.main(["judge", "--model", tiny_checkpoint, "--questions", q, "--context", ctx, "--images",
                            str(tmp_path), "--references", refs, "--out", str(out), "--base-url", server.url,
                            "--api-key-env", "EVAL_TEST_KEY", "--max-new-tokens", "4"])
         assert server.requests[0]["body"]["model"] == "gpt-4" and server.requests[0]["body"]["temperature"] == 0.2
+    assert "not comparable with published ones" in capsys.readouterr().out  # the built-in rule
     summary = json.loads((out / "summary.json").read_text())  # written all the same, counting the failure
+    assert summary["judged_by"] == {"api_model": "gpt-4", "temperature": 0.2, "max_tokens": 1024, "rules": "built-in"}
     assert summary["all"]["relative"] == pytest.approx(100 * 16 / 27) and summary["all"]["failed"] == 1
     assert [r["question_id"] for r in read_jsonl(str(out / "answers.jsonl"))] == [1, 2, 3, 4]
 
@@ -481,6 +538,56 @@ def test_judge_and_mc_cli(tiny_checkpoint, tmp_path, monkeypatch):
     assert summary["all"]["total"] == 2
     evaluate.main(args)  # resumed: nothing answered again
     assert len(read_jsonl(str(tmp_path / "sqa" / "answers.jsonl"))) == 2
+
+
+def judge_cli(tiny_checkpoint, tmp_path, server, *flags):
+    q, ctx, refs = bench_files(tmp_path)
+    evaluate.main(["judge", "--model", tiny_checkpoint, "--questions", q, "--context", ctx, "--images", str(tmp_path),
+                   "--references", refs, "--out", str(tmp_path / "bench"), "--base-url", server.url,
+                   "--api-key-env", "EVAL_TEST_KEY", "--max-new-tokens", "4", *flags])
+
+
+def test_judge_cli_with_rules_records_them_and_the_judge(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EVAL_TEST_KEY", "sk-test")
+    with FakeOpenAI(reply=lambda messages: "8 7\nBoth fine.") as server:
+        judge_cli(tiny_checkpoint, tmp_path, server, "--rules", write_rules(tmp_path), "--judge-model", "gpt-4-0314")
+        assert server.requests[0]["body"]["messages"][1]["content"].endswith(
+            "[System]\nRate the conversation.\nTwo scores first.\n\n")
+    out = capsys.readouterr().out
+    assert "judged by gpt-4-0314 with " + str(tmp_path / "rule.json") in out and "note:" not in out
+    summary = json.loads((tmp_path / "bench" / "summary.json").read_text())
+    used = summary["judged_by"].pop("rules")
+    assert summary["judged_by"] == {"api_model": "gpt-4-0314", "temperature": 0.2, "max_tokens": 1024, "rule_texts": {
+        k.removeprefix("llava_bench_"): v for k, v in RULES.items() if k.startswith("llava_bench_")}}
+    assert used["file"] == str(tmp_path / "rule.json") and len(used["sha256"]) == 64
+    assert json.loads((tmp_path / "bench" / "reviews.jsonl.source.json").read_text())["rules"] == used
+    with FakeOpenAI() as server:  # reviews by other rules are not continued
+        write_rules(tmp_path, {**RULES, "llava_bench_conv": {"role": "Assistant", "prompt": "Other."}})
+        with pytest.raises(SystemExit, match=r"reviews.jsonl: .*rules.sha256 '[0-9a-f]{64}' there, '[0-9a-f]{64}' now"):
+            judge_cli(tiny_checkpoint, tmp_path, server, "--rules", str(tmp_path / "rule.json"))
+        with pytest.raises(SystemExit, match=r"reviews.jsonl: .*rules nothing there, 'built-in' now"):
+            judge_cli(tiny_checkpoint, tmp_path, server)
+        assert not server.requests
+
+
+def test_judge_cli_refuses_a_rule_file_without_a_key_before_the_model_loads(tmp_path, monkeypatch):
+    q, ctx, refs = bench_files(tmp_path)
+    monkeypatch.setenv("EVAL_TEST_KEY", "sk-test")
+    monkeypatch.setattr(evaluate, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    rules = write_rules(tmp_path, {"llava_bench_conv": RULES["llava_bench_conv"]})
+    with pytest.raises(SystemExit, match=r"^error: .*rule.json: no rule 'llava_bench_detail'"):
+        evaluate.main(["judge", "--model", str(tmp_path), "--questions", q, "--context", ctx, "--references", refs,
+                       "--images", str(tmp_path), "--api-key-env", "EVAL_TEST_KEY", "--rules", rules])
+
+
+def test_judge_answers_with_up_to_1024_new_tokens_by_default(tiny_checkpoint, tmp_path, monkeypatch):
+    q, ctx, refs = bench_files(tmp_path)
+    monkeypatch.setenv("EVAL_TEST_KEY", "sk-test")
+    monkeypatch.setattr(inference, "generate_batch", lambda *a, **kw: pytest.fail("answered"))
+    # the tiny model has 1024 positions: 1024 new tokens do not fit beside any prompt
+    with pytest.raises(SystemExit, match=r"max_new_tokens \(1024\) need \d+ positions, more than the model's 1024"):
+        evaluate.main(["judge", "--model", tiny_checkpoint, "--questions", q, "--context", ctx, "--references", refs,
+                       "--images", str(tmp_path), "--api-key-env", "EVAL_TEST_KEY", "--out", str(tmp_path / "o")])
 
 
 def test_demo_accuracy_on_the_demo_format(tmp_path, monkeypatch):

@@ -123,7 +123,47 @@ def test_answer_source_names_the_checkpoint_and_the_settings(tiny):
     folder, model, _, _ = tiny
     assert inference.answer_source(folder, model, 6, prompt_format="QCM-LEA") == {
         "model": os.path.abspath(folder), "fingerprint": fingerprint(folder), "template": model.config.template,
-        "dtype": "float32", "max_new_tokens": 6, "prompt_format": "QCM-LEA"}
+        "dtype": "float32", "max_new_tokens": 6, "temperature": 0.0, "seed": None, "prompt_format": "QCM-LEA"}
+
+
+def test_answer_source_records_the_template_temperature_and_seed_it_samples_with(tiny):
+    folder, model, _, _ = tiny
+    source = inference.answer_source(folder, model, 6, template="llava_v1", temperature=0.2, seed=3)
+    assert (source["template"], source["temperature"], source["seed"]) == ("llava_v1", 0.2, 3)
+    assert inference.answer_source(folder, model, 6, seed=3)["seed"] is None  # greedy answers do not depend on it
+
+
+def test_the_template_chosen_reaches_the_rendered_prompt(tiny, monkeypatch):
+    from data import render, with_image
+    _, model, tokenizer, items = tiny
+    expected = render([{"from": "human", "value": with_image(items[0]["text"])}], "llava_v1", tokenizer,
+                      model.config.num_image_tokens, for_generation=True)[0]
+    assert inference.prompt_ids(model, tokenizer, items[0]["text"], items[0]["image_path"], "llava_v1") == expected
+    assert tokenizer.decode([t for t in expected if t >= 0]).startswith("A chat between a curious human")
+    assert model.config.template == "vicuna_v1" and inference.prompt_ids(
+        model, tokenizer, items[0]["text"], items[0]["image_path"]) != expected  # the checkpoint's: "curious user"
+    seen, real = [], inference.generate_batch
+    monkeypatch.setattr(inference, "generate_batch", lambda llm, prompts, **kw: (seen.extend(prompts),
+                                                                                   real(llm, prompts, **kw))[1])
+    for _ in inference.answer_batches(model, tokenizer, items[:1], 2, template="llava_v1"):
+        pass
+    with torch.no_grad():
+        embeds = model.embed(torch.tensor([expected]), inference.pixel_values(model, items[0]["image_path"]))[0]
+    assert len(seen) == 1 and torch.equal(seen[0], embeds)
+
+
+def replies(model, tokenizer, items, **decoding):
+    return [reply for batch in inference.answer_batches(model, tokenizer, items, 12, 4, **decoding)
+            for _, reply in sorted(batch, key=lambda pair: pair[0]["question_id"])]
+
+
+def test_sampling_repeats_with_its_seed_and_differs_with_another(tiny, singles):
+    _, model, tokenizer, items = tiny
+    first = replies(model, tokenizer, items, temperature=1.0, seed=5)
+    assert replies(model, tokenizer, items, temperature=1.0, seed=5) == first
+    assert replies(model, tokenizer, items, temperature=1.0, seed=6) != first
+    assert sorted(first) != sorted(singles)  # sampled, not greedy
+    assert sorted(replies(model, tokenizer, items, seed=5)) == sorted(singles)  # temperature 0: greedy, seed unused
 
 
 def test_answer_file_refuses_answers_made_with_other_settings(tiny, tmp_path, monkeypatch):
@@ -134,6 +174,23 @@ def test_answer_file_refuses_answers_made_with_other_settings(tiny, tmp_path, mo
     monkeypatch.setattr(inference, "generate_batch", lambda *a, **kw: pytest.fail("answered"))
     with pytest.raises(ValueError, match="max_new_tokens 4 there, 6 now"):
         inference.answer_file(model, tokenizer, items, path, record, 6, source=six)
+    assert len(read_jsonl(path)) == 2
+
+
+@pytest.mark.parametrize("before, after, differs", [
+    ({}, {"template": "llava_v1"}, "template 'vicuna_v1' there, 'llava_v1' now"),
+    ({}, {"temperature": 0.2, "seed": 1}, "seed None there, 1 now; temperature 0.0 there, 0.2 now"),
+    ({"temperature": 0.2, "seed": 1}, {"temperature": 0.2, "seed": 2}, "seed 1 there, 2 now")])
+def test_answers_of_another_template_temperature_or_seed_are_not_continued(tiny, tmp_path, monkeypatch, before,
+                                                                           after, differs):
+    folder, model, tokenizer, items = tiny
+    path = str(tmp_path / "answers.jsonl")
+    inference.answer_file(model, tokenizer, items[:2], path, record, 4,
+                          source=inference.answer_source(folder, model, 4, **before), **before)
+    monkeypatch.setattr(inference, "generate_batch", lambda *a, **kw: pytest.fail("answered"))
+    with pytest.raises(ValueError, match=differs):
+        inference.answer_file(model, tokenizer, items, path, record, 4,
+                              source=inference.answer_source(folder, model, 4, **after), **after)
     assert len(read_jsonl(path)) == 2
 
 
@@ -238,7 +295,8 @@ def test_generate_batch_from_embeddings_equals_token_ids():
     prompts = mixed_prompts(model.config.vocab_size)
     with torch.no_grad():
         embeds = [model.embed_tokens(torch.tensor(p)) for p in prompts]  # (T_i, C) each
-    assert inference.generate_batch(model, embeds, max_new_tokens=8) == inference.generate_batch(model, prompts, max_new_tokens=8)
+    assert inference.generate_batch(model, embeds, max_new_tokens=8) == \
+        inference.generate_batch(model, prompts, max_new_tokens=8)
 
 
 def test_generate_batch_reuses_a_large_enough_cache_and_refuses_an_empty_prompt():

@@ -247,6 +247,52 @@ def test_model_items_ask_like_model_vqa_science(tmp_path):
     assert items[1]["image_path"] is None and items[1]["prompt"] == items[1]["text"]
 
 
+def test_single_pred_prompt_follows_the_question_as_model_vqa_science_adds_it(tmp_path):
+    root = write_release(tmp_path, {"7": MAP, "8": problem()}, {"test": ["7", "8"]})
+    items = scienceqa.model_items(root, "test", scienceqa.load_scienceqa(root, "test"), "CQM-A", True)
+    question = ("Context: N/A\nQuestion: Which of these states is farthest north?\n"
+                "Options: (A) West Virginia (B) Louisiana (C) Arizona (D) Oklahoma\n"
+                "Answer with the option's letter from the given choices directly.")
+    assert (items[0]["text"], items[0]["prompt"]) == (question, "<image>\n" + question)
+    assert items[1]["text"] == items[1]["prompt"] == ("Context: N/A\nQuestion: Which is it?\nOptions: (A) x (B) y\n"
+                                                      "Answer with the option's letter from the given choices "
+                                                      "directly.")
+
+
+def test_answer_asks_with_the_chosen_template_and_temperature_and_records_them(tiny_checkpoint, tmp_path,
+                                                                               monkeypatch):
+    import inference
+    root, answers = str(tmp_path / "sqa"), str(tmp_path / "answers.jsonl")
+    scienceqa.main(["demo", "--root", root, "--images", "4"])
+    templates, sampling = [], []
+    real_ids, real_batch = inference.prompt_ids, inference.generate_batch
+    monkeypatch.setattr(inference, "prompt_ids", lambda *a: (templates.append(a[4]), real_ids(*a))[1])
+    monkeypatch.setattr(inference, "generate_batch", lambda llm, prompts, **kw: (
+        sampling.append((kw["temperature"], kw["generator"].initial_seed())), real_batch(llm, prompts, **kw))[1])
+    ask = ["answer", "--model", tiny_checkpoint, "--root", root, "--out", answers, "--max-new-tokens", "2",
+           "--limit", "3", "--prompt-format", "CQM-A", "--single-pred-prompt", "--template", "llava_v1"]
+    scienceqa.main(ask + ["--temperature", "0.2", "--seed", "7"])
+    assert templates == ["llava_v1"] * 3 and sampling == [(0.2, 7)]
+    assert all(r["prompt"].endswith("\n" + scienceqa.SINGLE_PRED_PROMPT) for r in map(json.loads, open(answers)))
+    recorded = json.load(open(answers + ".source.json"))
+    assert {k: recorded[k] for k in ("template", "temperature", "seed", "single_pred_prompt", "prompt_format")} == {
+        "template": "llava_v1", "temperature": 0.2, "seed": 7, "single_pred_prompt": True, "prompt_format": "CQM-A"}
+    with pytest.raises(SystemExit, match=r"seed 7 there, None now; temperature 0.2 there, 0.0 now"):
+        scienceqa.main(ask)  # greedy answers do not continue a sampled file
+    with pytest.raises(SystemExit, match=r"single_pred_prompt True there, False now"):
+        scienceqa.main(ask[:-3] + ["--template", "llava_v1", "--temperature", "0.2", "--seed", "7"])
+    assert len(open(answers).read().splitlines()) == 3
+
+
+def test_an_unknown_template_is_refused_before_the_model_loads(tiny_checkpoint, tmp_path, monkeypatch):
+    import inference
+    root = write_release(tmp_path / "sqa", {"1": problem()}, {"test": ["1"]})
+    monkeypatch.setattr(inference, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit, match=r"error: unknown template 'llava_v9'; known: .*vicuna_v1"):
+        scienceqa.main(["answer", "--model", tiny_checkpoint, "--root", root, "--out", str(tmp_path / "a.jsonl"),
+                        "--template", "llava_v9"])
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # GPT-4 and the ensemble
 
@@ -316,7 +362,9 @@ def test_gpt4_more_shots_than_the_train_split_has_is_refused(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("args", [["gpt4", "--shots", "-1"], ["gpt4", "--workers", "0"], ["answer", "--batch-size",
-                                  "0", "--model", "m"], ["answer", "--max-new-tokens", "-3", "--model", "m"]])
+                                  "0", "--model", "m"], ["answer", "--max-new-tokens", "-3", "--model", "m"],
+                                  ["answer", "--temperature", "-0.1", "--model", "m"], ["answer", "--seed", "-1",
+                                                                                       "--model", "m"]])
 def test_numbers_out_of_range_are_refused_by_the_parser(tmp_path, capsys, args):
     with pytest.raises(SystemExit) as e:
         scienceqa.main([*args, "--root", str(tmp_path), "--out", str(tmp_path / "o")])
@@ -482,8 +530,8 @@ def test_demo_trains_with_the_scienceqa_recipe(tiny_checkpoint, tmp_path):
     train = subprocess.run(
         [sys.executable, "train.py", "--recipe", "scienceqa", "--stage", "2", "--model", tiny_checkpoint, "--data",
          data, "--image-folder", os.path.join(root, "images", "train"), "--out", run_dir, "--set", "epochs=1",
-         "batch_size=4", "num_workers=0", "threads=1", "grad_checkpointing=false", "projector_type=mlp2x_gelu",
-         "image_size=64"], cwd=ROOT_DIR, capture_output=True, text=True, timeout=600)
+         "batch_size=4", "loss_group=4", "num_workers=0", "threads=1", "grad_checkpointing=false",
+         "projector_type=mlp2x_gelu", "image_size=64"], cwd=ROOT_DIR, capture_output=True, text=True, timeout=600)
     assert train.returncode == 0, train.stderr[-3000:]
     answers = str(tmp_path / "answers.jsonl")
     scienceqa.main(["answer", "--model", run_dir, "--root", root, "--out", answers, "--max-new-tokens", "3",
