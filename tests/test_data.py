@@ -477,7 +477,8 @@ V0_SHOT = (
     "flexible and can be adapted to different situations and needs, while non-renewable sources are more rigid and "
     "inflexible.\n6. Sustainability: Renewable energy sources are more sustainable over the long term, while "
     "non-renewable sources are not, and their depletion can lead to economic and social instability.\n###")
-V0_TURNS = "Human: <image>\nWhat is in the picture?###Assistant: A red circle on the left.###Human: How many?###Assistant:"
+V0_TURNS = ("Human: <image>\nWhat is in the picture?###Assistant: A red circle on the left.###Human: How many?"
+            "###Assistant:")
 
 
 @pytest.mark.parametrize("name, prompt", [("llava_v0", V0 + "###" + V0_TURNS), ("vicuna_v0", V0 + V0_SHOT + V0_TURNS)])
