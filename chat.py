@@ -138,9 +138,9 @@ class ChatSession:
                     # hold back a tail that may be the start of the stop text ("#", "##")
                     held = next((k for k in range(len(stop) - 1, 0, -1) if text.endswith(stop[:k])), 0)
                     upto = at if at >= 0 else len(text) - held
-                    out.write(text[shown:upto])
+                    new, shown = text[shown:upto], max(shown, upto)  # counted as shown even if Ctrl-C cuts the write
+                    out.write(new)
                     out.flush()
-                    shown = max(shown, upto)
                 generated.append(token)  # after printing: a stopped answer keeps exactly what was shown
                 if at >= 0:
                     break

@@ -302,15 +302,21 @@ def add_delta(key, delta, base, source) -> torch.Tensor:
     return out
 
 
-def apply_delta(base, delta, out) -> None:
+def apply_delta(base, delta, out, vision_tower=None) -> None:
     """Write base + delta to `out`, as the original's apply_delta: every tensor of the delta plus the base's tensor
     of the same name; embed_tokens / lm_head with more rows than the base's: the first rows plus the base, the extra
     rows (the added tokens) the delta's own; tensors only in the delta (model.mm_projector.*) copied. One delta shard
     at a time, each written as a safetensors shard (a pickle base is read whole, safetensors only tensor by tensor);
-    with the delta's config.json and tokenizer files. Files appear in `out` only once all are written."""
+    with the delta's config.json and tokenizer files. Files appear in `out` only once all are written.
+    vision_tower: a local CLIP folder written as mm_vision_tower (the release names a hub id), so that every command
+    loads the result without --vision-tower."""
     base_tensors, base_files = read_tensors(base, "meta", skip=lambda key: "rotary_emb.inv_freq" in key)
     shards, seen = tensor_shards(delta), set()
     config = read_json(os.path.join(delta, "config.json"))  # read first: a wrong folder is found before any work
+    if vision_tower is not None:
+        if not os.path.isfile(os.path.join(vision_tower, "config.json")):
+            raise FileNotFoundError(f"{vision_tower}: no config.json (a CLIP checkpoint folder is needed)")
+        config["mm_vision_tower"] = os.path.abspath(vision_tower)
     if not os.path.isfile(os.path.join(delta, "tokenizer.model")):
         raise FileNotFoundError(f"{delta}: no tokenizer.model (the delta's tokenizer has its added tokens)")
 
@@ -482,10 +488,12 @@ def main(argv=None):
     a = sub.add_parser("apply-delta", help="base + delta (LLaVA-13b-delta-v0 and the like) -> a checkpoint folder")
     a.add_argument("--base", required=True, help="the LLaMA folder (transformers layout) the delta was made against")
     a.add_argument("--delta", required=True, help="the delta folder (config.json, pytorch_model*.bin, tokenizer)")
-    a.add_argument("--out", required=True, help="the folder to write (chat.py --model OUT --vision-tower CLIP)")
+    a.add_argument("--out", required=True, help="the folder to write")
+    a.add_argument("--vision-tower", help="local CLIP folder to name in the written config.json (default: the "
+                                          "delta's mm_vision_tower, a hub id: then pass --vision-tower when loading)")
     args = p.parse_args(argv)
     try:
-        apply_delta(args.base, args.delta, args.out)
+        apply_delta(args.base, args.delta, args.out, args.vision_tower)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {args.out}")

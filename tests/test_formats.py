@@ -670,13 +670,15 @@ def v0(tmp_path_factory):
     (out / "pytorch_model.bin.index.json").write_text(json.dumps(
         {"weight_map": {k: name for name, part in shards.items() for k in part}}))
     config = {**{k: v for k, v in llm.items() if k != "max_position_embeddings"}, "max_sequence_length": 2048,
-              "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "mm_vision_tower": clip_dir,
+              "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava",
+              "mm_vision_tower": "openai/clip-vit-large-patch14",
               "mm_hidden_size": 32, "mm_use_im_start_end": True, "mm_vision_select_layer": -2, "use_mm_proj": True,
               "sep_image_conv_front": False, "tune_mm_mlp_adapter": False, "torch_dtype": "float16"}
     (out / "config.json").write_text(json.dumps(config))
     shutil.copy(TOKENIZER, out / "tokenizer.model")
     (out / "added_tokens.json").write_text(json.dumps(V0_ADDED))
-    formats.main(["apply-delta", "--base", str(root / "base"), "--delta", str(out), "--out", str(root / "LLaVA-7b")])
+    formats.main(["apply-delta", "--base", str(root / "base"), "--delta", str(out), "--out", str(root / "LLaVA-7b"),
+                  "--vision-tower", clip_dir])
     return {"base": base_sd, "delta": delta, "out": root / "LLaVA-7b", "root": root}
 
 
@@ -720,7 +722,7 @@ def test_apply_delta_names_a_tensor_of_another_shape(v0, tmp_path):
 
 
 def test_applied_v0_release_loads_with_its_settings(v0):
-    model = formats.load_llava(v0["out"])  # its config names the local CLIP folder
+    model = formats.load_llava(v0["out"])  # apply-delta --vision-tower wrote the local CLIP folder in its config
     c = model.config
     assert (c.mm_use_im_start_end, c.template, c.projector_type, c.llm.vocab_size) == (True, "llava_v0", "linear", 515)
 
