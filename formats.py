@@ -21,7 +21,7 @@ import torch
 
 from checkpoint import load_checkpoint, load_strict, read_index, write_output
 from clip import CLIP_MEAN, CLIP_STD, CLIPVisionConfig, CLIPVisionTower, tower_to_clip_keys
-from data import IMAGE_TOKEN, TEMPLATES
+from data import IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN, TEMPLATES
 from fileio import read_json, save_tensors, write_bytes, write_json
 from llava import FORMAT as OWN, LLaVA, LLaVAConfig
 from tokenizer import FILES as TOKENIZER_FILES, Tokenizer
@@ -319,6 +319,12 @@ def apply_delta(base, delta, out, vision_tower=None) -> None:
         config["mm_vision_tower"] = os.path.abspath(vision_tower)
     if not os.path.isfile(os.path.join(delta, "tokenizer.model")):
         raise FileNotFoundError(f"{delta}: no tokenizer.model (the delta's tokenizer has its added tokens)")
+    # LLaVA-13b-delta-v0-science_qa has no added_tokens.json: the original's loaders add <im_patch>, <im_start> and
+    # <im_end> after the pieces, in this order (as its training did), when the config has mm_use_im_start_end
+    added, pieces = None, Tokenizer(delta).vocab_size
+    if config.get("mm_use_im_start_end") and not os.path.isfile(os.path.join(delta, "added_tokens.json")):
+        if pieces + 3 <= config.get("vocab_size", 0):  # the embedding rows they index
+            added = {token: pieces + k for k, token in enumerate(("<im_patch>", IM_START_TOKEN, IM_END_TOKEN))}
 
     def write(folder):
         weight_map = {}
@@ -340,6 +346,8 @@ def apply_delta(base, delta, out, vision_tower=None) -> None:
         if len(shards) > 1:
             write_json(os.path.join(folder, "model.safetensors.index.json"), {"metadata": {}, "weight_map": weight_map})
         write_json(os.path.join(folder, "config.json"), config)
+        if added:
+            write_json(os.path.join(folder, "added_tokens.json"), added)
         for name in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(delta, name)):
                 with open(os.path.join(delta, name), "rb") as f:

@@ -44,11 +44,30 @@ class Tokenizer:
             self.sp_bare = self.sp if self.legacy else spm.SentencePieceProcessor(model_proto=proto + BARE)
         except (RuntimeError, OSError) as e:  # sentencepiece's own message names neither the file nor the cause
             raise ValueError(f"{file}: not a sentencepiece model ({e})") from None
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.sp.unk_id()  # LLaVA pads with unk
         self.vocab_size = self.sp.get_piece_size()
         self.added_file = os.path.join(os.path.dirname(file), "added_tokens.json")
         self.added = read_added_tokens(self.added_file, self.vocab_size)  # {token: id}, ids after the pieces
+        # bos and eos by name, special_tokens_map.json over tokenizer_config.json as transformers reads them: LLaVA
+        # v0's tokenizer names "</s>" its bos, so the original's prompts for those weights start with id 2
+        names_file = os.path.join(os.path.dirname(file), "special_tokens_map.json")
+        names = read_json(names_file) if os.path.isfile(names_file) else {}
+        if not isinstance(names, dict):
+            raise ValueError(f"{names_file}: expected a JSON object")
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        for attr, key in (("bos_id", "bos_token"), ("eos_id", "eos_token")):
+            source, token = (names_file, names[key]) if key in names else (config, settings.get(key))
+            token = token.get("content") if isinstance(token, dict) else token  # an AddedToken's fields
+            if token not in (None, ""):  # "": how early LLaMA conversions wrote a token they left unset
+                setattr(self, attr, self.piece_id(token, f"{source}: {key}"))
+
+    def piece_id(self, token, where) -> int:
+        """The id of a token named in a settings file (a sentencepiece piece or an added token)."""
+        known = isinstance(token, str) and (token in self.added or self.sp.piece_to_id(token) != self.sp.unk_id()
+                                            or token == self.sp.id_to_piece(self.sp.unk_id()))
+        if not known:
+            raise ValueError(f"{where}={json.dumps(token)} is neither a piece of tokenizer.model nor an added token")
+        return self.added.get(token, self.sp.piece_to_id(token))
 
     def token_id(self, token: str) -> int:
         """The id of an added token (added_tokens.json beside tokenizer.model: LLaVA v0's <im_start>, <im_end>)."""

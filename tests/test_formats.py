@@ -676,7 +676,9 @@ def v0(tmp_path_factory):
               "sep_image_conv_front": False, "tune_mm_mlp_adapter": False, "torch_dtype": "float16"}
     (out / "config.json").write_text(json.dumps(config))
     shutil.copy(TOKENIZER, out / "tokenizer.model")
-    (out / "added_tokens.json").write_text(json.dumps(V0_ADDED))
+    (out / "added_tokens.json").write_text(json.dumps({**V0_ADDED, "[PAD]": 515}))  # [PAD] past the rows, as released
+    (out / "special_tokens_map.json").write_text(json.dumps(  # bos "</s>": the prompts start with id 2
+        {"bos_token": "</s>", "eos_token": "</s>", "pad_token": "[PAD]", "unk_token": "<unk>"}))
     formats.main(["apply-delta", "--base", str(root / "base"), "--delta", str(out), "--out", str(root / "LLaVA-7b"),
                   "--vision-tower", clip_dir])
     return {"base": base_sd, "delta": delta, "out": root / "LLaVA-7b", "root": root}
@@ -706,8 +708,17 @@ def test_apply_delta_keeps_the_added_rows_and_the_projector_of_the_delta(v0):
 def test_apply_delta_copies_config_and_tokenizer(v0):
     assert sorted(os.listdir(v0["out"])) == ["added_tokens.json", "config.json", "model-00001-of-00002.safetensors",
                                               "model-00002-of-00002.safetensors", "model.safetensors.index.json",
-                                              "tokenizer.model"]
-    assert Tokenizer(str(v0["out"])).token_id("<im_start>") == 513
+                                              "special_tokens_map.json", "tokenizer.model"]
+    tokenizer = Tokenizer(str(v0["out"]))
+    assert tokenizer.token_id("<im_start>") == 513 and tokenizer.bos_id == 2
+
+
+def test_apply_delta_adds_the_image_tokens_a_delta_lacks(v0, tmp_path):  # LLaVA-13b-delta-v0-science_qa has none
+    delta = shutil.copytree(v0["root"] / "delta", tmp_path / "delta")
+    os.remove(delta / "added_tokens.json")
+    formats.apply_delta(v0["root"] / "base", delta, tmp_path / "out")
+    # the original's loaders add them in this order after the pieces, as its training did
+    assert json.load(open(tmp_path / "out" / "added_tokens.json")) == V0_ADDED
 
 
 def test_apply_delta_names_a_tensor_of_another_shape(v0, tmp_path):

@@ -161,3 +161,22 @@ def test_a_missing_added_token_names_the_file(tmp_path):
 def test_added_token_ids_must_follow_the_pieces(tmp_path, added):
     with pytest.raises(ValueError, match=r"added_tokens\.json: "):
         Tokenizer(added_tokens_folder(tmp_path, added))
+
+
+V0_NAMES = {"bos_token": "</s>", "eos_token": "</s>", "pad_token": "[PAD]", "unk_token": "<unk>"}  # LLaVA v0's
+
+
+def test_special_tokens_map_names_the_bos_as_transformers_reads_it(tmp_path):
+    """LLaVA v0's special_tokens_map.json names "</s>" its bos, and wins over tokenizer_config.json's "<s>"."""
+    folder = added_tokens_folder(tmp_path, {**V0_ADDED, "[PAD]": 515})
+    (folder / "special_tokens_map.json").write_text(json.dumps(V0_NAMES))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": {"__type": "AddedToken", "content": "<s>"}}))
+    # recorded from transformers 4.37.2: LlamaTokenizer.from_pretrained(folder)("a <im_start>...").input_ids
+    assert Tokenizer(folder).encode("a <im_start><im_patch><im_end>\nb") == [2, 264, 449, 513, 512, 514, 449, 13, 465]
+
+
+def test_an_unknown_special_token_names_file_and_key(tmp_path):
+    folder = added_tokens_folder(tmp_path, V0_ADDED)
+    (folder / "special_tokens_map.json").write_text(json.dumps({**V0_NAMES, "eos_token": "<eos>"}))
+    with pytest.raises(ValueError, match=r"special_tokens_map\.json: eos_token=\"<eos>\" is neither a piece"):
+        Tokenizer(folder)
