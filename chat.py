@@ -17,7 +17,7 @@ import time
 import torch
 
 from clip import preprocess
-from data import IMAGE_TOKEN, TEMPLATES, render, with_image
+from data import IMAGE_TOKEN, TEMPLATES, get_template, render, with_image
 from demo import DEMO_QUESTIONS
 from distributed import default_dtype
 from fileio import inside, number, read_json, write_json
@@ -89,7 +89,8 @@ class ChatSession:
         turns = self.turns
         while True:
             ids, _ = render(self.conversation(message, turns), self.template, self.tokenizer,
-                            self.model.config.num_image_tokens, for_generation=True)
+                            self.model.config.num_image_tokens, for_generation=True,
+                            image_start_end=self.model.config.mm_use_im_start_end)
             if len(ids) + self.max_new_tokens <= self.max_context:
                 break
             if not turns:  # the history stays as it was: the user can write a shorter message
@@ -123,24 +124,36 @@ class ChatSession:
             self.model.llm.grow_cache(min(chunks * self.cache_chunk, self.max_context))
         pixel_values = self.pixel_values if IMAGE_TOKEN_INDEX in new_ids else None
         eos, stream, generated = self.tokenizer.eos_id, self.tokenizer.stream(), []
+        stop, text, shown = get_template(self.template).stop, "", 0  # v0 models end a reply with "###", not </s>
         start, first, interrupted = time.perf_counter(), None, False
         try:
             for token in generate_llava(self.model, torch.tensor([new_ids], device=self.device), pixel_values,
                                         max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                                         top_p=self.top_p, eos_id=eos, start_pos=reuse, generator=self.generator):
                 first = first or time.perf_counter()
+                at = -1
                 if token != eos:
-                    out.write(stream.push(token))
+                    text += stream.push(token)
+                    at = text.find(stop) if stop else -1
+                    # hold back a tail that may be the start of the stop text ("#", "##")
+                    held = next((k for k in range(len(stop) - 1, 0, -1) if text.endswith(stop[:k])), 0)
+                    upto = at if at >= 0 else len(text) - held
+                    new, shown = text[shown:upto], max(shown, upto)  # counted as shown even if Ctrl-C cuts the write
+                    out.write(new)
                     out.flush()
                 generated.append(token)  # after printing: a stopped answer keeps exactly what was shown
+                if at >= 0:
+                    break
         except KeyboardInterrupt:
             interrupted = True
         end = time.perf_counter()
-        out.write(stream.flush() + "\n")  # flush: bytes of a character the answer stopped inside
+        text += stream.flush()  # bytes of a character the answer stopped inside
+        out.write((text[shown:] if not stop or stop not in text else "") + "\n")
         out.flush()
         if generated:  # generate had fed every yielded token but the last one
             self.cached_ids = ids + generated[:-1]
-        answer = self.tokenizer.decode([t for t in generated if t != eos]).replace(IMAGE_TOKEN, "").strip()
+        answer = self.tokenizer.decode([t for t in generated if t != eos])
+        answer = (answer.split(stop)[0] if stop else answer).replace(IMAGE_TOKEN, "").strip()
         if interrupted:
             note("(answer stopped; the partial answer stays in the conversation)" if answer else
                  "(answer stopped before any text; the message was dropped)")

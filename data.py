@@ -15,6 +15,8 @@ from llava import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from tokenizer import Tokenizer
 
 IMAGE_TOKEN = "<image>"  # the placeholder text in LLaVA's JSON (the original's DEFAULT_IMAGE_TOKEN)
+# LLaVA v0 (the paper's release, mm_use_im_start_end): tokens added to the tokenizer around an image's features
+IM_START_TOKEN, IM_END_TOKEN = "<im_start>", "<im_end>"
 
 
 def with_image(text: str) -> str:
@@ -27,8 +29,13 @@ def with_image(text: str) -> str:
 
 @dataclass(frozen=True)
 class Template:
-    style: str  # "plain" (stage 1), "two" (vicuna: USER/ASSISTANT, " " then "</s>"), "llama_2" ([INST] ... [/INST])
+    style: str  # "plain" (stage 1), "two" (vicuna: USER/ASSISTANT, " " then "</s>"), "llama_2" ([INST] ... [/INST]),
+    # "single" (v0: "###" after the system prompt and after every message, roles Human/Assistant)
     system: str = ""
+    examples: tuple = ()  # few-shot (human, assistant) messages before the conversation (conv_vicuna_v0's one)
+
+    # v0 models end a reply with "###", not with </s>: the original stops there and cuts the text at it
+    stop = property(lambda self: "###" if self.style == "single" else "")
 
 
 LLAMA_2_SYSTEM = (
@@ -37,6 +44,23 @@ LLAMA_2_SYSTEM = (
     "Please ensure that your responses are socially unbiased and positive in nature.\n\nIf a question does not make "
     "any sense, or is not factually coherent, explain why instead of answering something not correct. If you don't "
     "know the answer to a question, please don't share false information.")
+V0_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+             "detailed, and polite answers to the human's questions.")
+V0_EXAMPLE_QUESTION = "What are the key differences between renewable and non-renewable energy sources?"
+V0_EXAMPLE_ANSWER = (
+    "Renewable energy sources are those that can be replenished naturally in a relatively short amount of time, such "
+    "as solar, wind, hydro, geothermal, and biomass. Non-renewable energy sources, on the other hand, are finite and "
+    "will eventually be depleted, such as coal, oil, and natural gas. Here are some key differences between renewable "
+    "and non-renewable energy sources:\n1. Availability: Renewable energy sources are virtually inexhaustible, while "
+    "non-renewable energy sources are finite and will eventually run out.\n2. Environmental impact: Renewable energy "
+    "sources have a much lower environmental impact than non-renewable sources, which can lead to air and water "
+    "pollution, greenhouse gas emissions, and other negative effects.\n3. Cost: Renewable energy sources can be more "
+    "expensive to initially set up, but they typically have lower operational costs than non-renewable sources.\n"
+    "4. Reliability: Renewable energy sources are often more reliable and can be used in more remote locations than "
+    "non-renewable sources.\n5. Flexibility: Renewable energy sources are often more flexible and can be adapted to "
+    "different situations and needs, while non-renewable sources are more rigid and inflexible.\n6. Sustainability: "
+    "Renewable energy sources are more sustainable over the long term, while non-renewable sources are not, and "
+    "their depletion can lead to economic and social instability.\n")
 TEMPLATES = {
     # stage 1 of the original: "<image>" + caption + "\n"; the human instruction text is dropped
     "plain": Template("plain"),
@@ -46,6 +70,9 @@ TEMPLATES = {
     # conv_llava_v1: the prompt the original's CLI and eval scripts use with llava-v1.5 checkpoints ("human")
     "llava_v1": Template("two", "A chat between a curious human and an artificial intelligence assistant. "
                                 "The assistant gives helpful, detailed, and polite answers to the human's questions."),
+    # conv_vicuna_v0 and conv_llava_v0: the paper's release (LLaVA-13b-delta-v0); the original's CLI picks llava_v0
+    "vicuna_v0": Template("single", V0_SYSTEM, ((V0_EXAMPLE_QUESTION, V0_EXAMPLE_ANSWER),)),
+    "llava_v0": Template("single", V0_SYSTEM),
     "llama_2": Template("llama_2", LLAMA_2_SYSTEM),
     "llava_llama_2": Template("llama_2", "You are a helpful language and vision assistant. You are able to understand "
                                          "the visual content that the user provides, and assist the user with a "
@@ -103,6 +130,13 @@ def _pieces(conversation, template: Template, for_generation):
         pieces = [("bos", "", False), ("text", IMAGE_TOKEN, False)]  # the instruction text is dropped, as the original
         return pieces if for_generation else pieces + [("text", turns[1] + "\n", True)]
     pieces = [("bos", "", False)]
+    if template.style == "single":  # conv.get_prompt(): one text, every message followed by "###"
+        if not for_generation:  # its preprocess trains on another text ("### Human: ...\n") with length arithmetic
+            raise ValueError("the v0 templates render chat prompts only; the original trained them on another text")
+        messages = [m for pair in template.examples for m in pair] + [move_image_to_front(t) for t in turns] + [""]
+        roles = ("Human", "Assistant")
+        text = "".join(f"{roles[k % 2]}: {m}###" if m else "Assistant:" for k, m in enumerate(messages))
+        return pieces + [("text", template.system + "###" + text, False)]
     for i in range(0, len(turns), 2):
         question = move_image_to_front(turns[i])
         if template.style == "two":
@@ -121,11 +155,17 @@ def _pieces(conversation, template: Template, for_generation):
     return pieces
 
 
-def render(conversation, template, tokenizer: Tokenizer, n_image_tokens: int, for_generation=False):
-    """(input_ids, labels) lists. Each <image> becomes n_image_tokens x IMAGE_TOKEN_INDEX (label -100).
+def render(conversation, template, tokenizer: Tokenizer, n_image_tokens: int, for_generation=False,
+           image_start_end=False):
+    """(input_ids, labels) lists. Each <image> becomes n_image_tokens x IMAGE_TOKEN_INDEX (label -100), between
+    the <im_start> and <im_end> ids with image_start_end (LLaVA v0's mm_use_im_start_end: the original wrote that
+    many <im_patch> tokens there and replaced their embeddings by the features, keeping the start and end ones).
     for_generation: the conversation ends with a human turn and the ids end with the open assistant turn."""
     template = get_template(template) if isinstance(template, str) else template
     check_turns(conversation, for_generation)
+    image = [IMAGE_TOKEN_INDEX] * n_image_tokens
+    if image_start_end:
+        image = [tokenizer.token_id(IM_START_TOKEN)] + image + [tokenizer.token_id(IM_END_TOKEN)]
     input_ids, labels = [], []
     start, bare = True, False  # at a chunk's start: its dummy prefix, none after a special token if not legacy
     for n, (kind, text, labelled) in enumerate(_pieces(conversation, template, for_generation)):
@@ -136,7 +176,7 @@ def render(conversation, template, tokenizer: Tokenizer, n_image_tokens: int, fo
             ids = []
             for j, part in enumerate(text.split(IMAGE_TOKEN)):
                 if j > 0:  # tokenizer_image_token encodes each chunk after an image on its own: a dummy prefix
-                    ids += [IMAGE_TOKEN_INDEX] * n_image_tokens
+                    ids += image
                     start, bare = True, False
                 if part:
                     # a continuation starts with " " (see above): the dummy prefix stands for that space

@@ -11,18 +11,20 @@ detect_format(path) names a checkpoint folder's layout, one of FORMATS; load_lla
 a folder of any of them (the own layouts through LLaVA.from_pretrained and CLIPVisionTower.from_pretrained). Pickle
 files go through torch.load(weights_only=True): tensors only, never code.
 """
+import argparse
 import json
 import os
 import pickle
+import sys
 
 import torch
 
-from checkpoint import load_checkpoint, load_strict
+from checkpoint import load_checkpoint, load_strict, read_index, write_output
 from clip import CLIP_MEAN, CLIP_STD, CLIPVisionConfig, CLIPVisionTower, tower_to_clip_keys
-from data import IMAGE_TOKEN, TEMPLATES
+from data import IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN, TEMPLATES
 from fileio import read_json, save_tensors, write_bytes, write_json
 from llava import FORMAT as OWN, LLaVA, LLaVAConfig
-from tokenizer import Tokenizer
+from tokenizer import FILES as TOKENIZER_FILES, Tokenizer
 
 FORMATS = (OWN, "llava-hf", "llava-original", "llama", "clip")
 # transformers fills fields missing from a sub-config with its class defaults; llava-1.5-7b-hf relies on that
@@ -186,14 +188,30 @@ def llava_to_hf_config(c: dict, vocab_size: int, image_token: int, dtype: str) -
 
 
 def original_config(d: dict, vision: dict, source="config.json") -> dict:
-    """The original release's config.json (a LLaMA config with "mm_*" fields) + its tower's -> our config dict."""
-    for key, allowed in [("mm_use_im_start_end", False), ("mm_patch_merge_type", "flat")]:
+    """The original release's config.json (a LLaMA config with "mm_*" fields) + its tower's -> our config dict.
+    v0 (the paper's release: use_mm_proj, a linear projector, no mm_projector_type) also has mm_use_im_start_end."""
+    for key, allowed in [("mm_patch_merge_type", "flat"), ("sep_image_conv_front", False)]:
         if d.get(key, allowed) != allowed:
             raise ValueError(f"{source}: {key}={d[key]!r} is not supported (only {allowed!r})")
+    if "mm_hidden_size" in d and d["mm_hidden_size"] != vision.get("hidden_size", d["mm_hidden_size"]):
+        raise ValueError(f"{source}: mm_hidden_size={d['mm_hidden_size']!r}, but the vision tower's hidden_size is "
+                         f"{vision['hidden_size']}")
     return {"format": OWN, "llm": {**d, "model_type": "llama"}, "vision": vision,
             "projector_type": d.get("mm_projector_type", "linear"), "select_layer": d.get("mm_vision_select_layer", -2),
             "select_feature": d.get("mm_vision_select_feature", "patch"),
-            "image_aspect_ratio": d.get("image_aspect_ratio", "square")}
+            "image_aspect_ratio": d.get("image_aspect_ratio", "square"),
+            "mm_use_im_start_end": d.get("mm_use_im_start_end", False)}
+
+
+def original_template(path, d: dict) -> str:
+    """The template for an original release. Its CLI (serve/cli.py) picks one by the model's name (the folder, or
+    parent_checkpoint-N): llava_llama_2, mistral_instruct, chatml_direct, llava_v1 or mpt when the name says
+    "llama-2", "mistral", "v1.6-34b", "v1" or "mpt", else llava_v0. Releases from LLaVA-1.5 on (their config names
+    mm_projector_type) keep vicuna_v1, the template they were trained with; earlier ones get llava_v0 by that rule."""
+    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
+    name = (f"{parts[-2]}_{parts[-1]}" if parts[-1].startswith("checkpoint-") else parts[-1]).lower()
+    later = any(word in name for word in ("llama-2", "mistral", "v1.6-34b", "v1", "mpt"))
+    return "vicuna_v1" if later or "mm_projector_type" in d else "llava_v0"
 
 
 def load_llava(path, vision_tower=None, device="cpu", dtype=torch.float32) -> LLaVA:
@@ -223,7 +241,8 @@ def load_llava(path, vision_tower=None, device="cpu", dtype=torch.float32) -> LL
             tensors.update({name: tower[k] for name, k in names.items()})
             files.update({name: tower_files[k] for name, k in names.items()})
         vision = clip_vision_config(read_json(os.path.join(vision_tower, "config.json")))
-        config, keys = original_config(d, vision, config_file), (original_to_llava_keys, llava_to_original_keys)
+        config = {**original_config(d, vision, config_file), "template": original_template(path, d)}
+        keys = (original_to_llava_keys, llava_to_original_keys)
     else:
         raise ValueError(f"{config_file}: a {kind} checkpoint, not LLaVA (base checkpoints: LLaVA.from_parts)")
     with torch.device("meta"):  # no memory until the checkpoint tensors are assigned
@@ -250,6 +269,91 @@ def load_projector(model, path) -> None:
     to_projector = lambda sd: {k.removeprefix("projector."): v for k, v in to_ours(sd).items()}  # noqa: E731
     load_strict(model.projector, tensors, files, to_projector,
                 lambda sd: to_file({"projector." + k: v for k, v in sd.items()}), device=w.device, dtype=w.dtype)
+
+
+# ------------------------------------------------------------------------------------------------- v0 deltas
+# The paper's weights (LLaVA-13b-delta-v0, LLaVA-7b-delta-v0, LLaVA-13b-delta-v0-science_qa) were released as
+# differences to LLaMA: the original's llava/model/apply_delta.py adds the base to every shared tensor.
+GROWN = ("model.embed_tokens.weight", "lm_head.weight")  # rows added for <im_patch>, <im_start>, <im_end>
+
+
+def tensor_shards(path) -> list:
+    """A checkpoint folder's tensor files, in order, and the reader of each (safetensors first, as read_tensors)."""
+    names = set(os.listdir(path))
+    pickles = not names & {"model.safetensors", "model.safetensors.index.json"}
+    single = "pytorch_model.bin" if pickles else "model.safetensors"
+    index = os.path.join(path, single + ".index.json")
+    shards = sorted(set(read_index(index).values())) if os.path.isfile(index) else [os.path.join(path, single)]
+    for shard in shards:
+        if not os.path.isfile(shard):
+            raise FileNotFoundError(f"{path}: no {os.path.basename(shard)} (nor {single}.index.json)")
+    return [(shard, read_bin if pickles else None) for shard in shards]
+
+
+def add_delta(key, delta, base, source) -> torch.Tensor:
+    """delta + base in the delta's dtype (the base is cast to it first, as the original loads both in float16): one
+    rounding, as the original's in-place add. A grown table keeps the delta's own extra rows."""
+    if base.shape != delta.shape and not (key in GROWN and base.dim() == 2 and base.shape[1] == delta.shape[1]
+                                          and base.shape[0] < delta.shape[0]):
+        raise ValueError(f"{source}: {key!r} has shape {tuple(delta.shape)} in the delta but {tuple(base.shape)} in "
+                         "the base: a delta made against another model?")
+    out = delta.clone()
+    out[:base.shape[0]] = (delta[:base.shape[0]].float() + base.to(delta.dtype).float()).to(delta.dtype)
+    return out
+
+
+def apply_delta(base, delta, out, vision_tower=None) -> None:
+    """Write base + delta to `out`, as the original's apply_delta: every tensor of the delta plus the base's tensor
+    of the same name; embed_tokens / lm_head with more rows than the base's: the first rows plus the base, the extra
+    rows (the added tokens) the delta's own; tensors only in the delta (model.mm_projector.*) copied. One delta shard
+    at a time, each written as a safetensors shard (a pickle base is read whole, safetensors only tensor by tensor);
+    with the delta's config.json and tokenizer files. Files appear in `out` only once all are written.
+    vision_tower: a local CLIP folder written as mm_vision_tower (the release names a hub id), so that every command
+    loads the result without --vision-tower."""
+    base_tensors, base_files = read_tensors(base, "meta", skip=lambda key: "rotary_emb.inv_freq" in key)
+    shards, seen = tensor_shards(delta), set()
+    config = read_json(os.path.join(delta, "config.json"))  # read first: a wrong folder is found before any work
+    if vision_tower is not None:
+        if not os.path.isfile(os.path.join(vision_tower, "config.json")):
+            raise FileNotFoundError(f"{vision_tower}: no config.json (a CLIP checkpoint folder is needed)")
+        config["mm_vision_tower"] = os.path.abspath(vision_tower)
+    if not os.path.isfile(os.path.join(delta, "tokenizer.model")):
+        raise FileNotFoundError(f"{delta}: no tokenizer.model (the delta's tokenizer has its added tokens)")
+    # LLaVA-13b-delta-v0-science_qa has no added_tokens.json: the original's loaders add <im_patch>, <im_start> and
+    # <im_end> after the pieces, in this order (as its training did), when the config has mm_use_im_start_end
+    added, pieces = None, Tokenizer(delta).vocab_size
+    if config.get("mm_use_im_start_end") and not os.path.isfile(os.path.join(delta, "added_tokens.json")):
+        if pieces + 3 <= config.get("vocab_size", 0):  # the embedding rows they index
+            added = {token: pieces + k for k, token in enumerate(("<im_patch>", IM_START_TOKEN, IM_END_TOKEN))}
+
+    def write(folder):
+        weight_map = {}
+        for n, (shard, read) in enumerate(shards, 1):
+            tensors, _ = load_checkpoint(shard, read=read, skip=lambda key: "rotary_emb.inv_freq" in key)
+            for key, value in tensors.items():
+                if key in base_tensors:
+                    found = base_tensors[key]
+                    tensors[key] = add_delta(key, value, found if torch.is_tensor(found) else found[:], shard)
+                elif not key.startswith("model.mm_projector."):
+                    raise ValueError(f"{shard}: {key!r} is in the delta but not in the base {base}")
+            name = "model.safetensors" if len(shards) == 1 else f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+            save_tensors(os.path.join(folder, name), {k: v.contiguous() for k, v in tensors.items()})
+            weight_map.update(dict.fromkeys(tensors, name))
+            seen.update(tensors)
+            del tensors
+        if missing := sorted(set(base_tensors) - seen):
+            raise ValueError(f"{base_files[missing[0]]}: {missing[0]!r} of the base is not in the delta {delta}")
+        if len(shards) > 1:
+            write_json(os.path.join(folder, "model.safetensors.index.json"), {"metadata": {}, "weight_map": weight_map})
+        write_json(os.path.join(folder, "config.json"), config)
+        if added:
+            write_json(os.path.join(folder, "added_tokens.json"), added)
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(delta, name)):
+                with open(os.path.join(delta, name), "rb") as f:
+                    write_bytes(os.path.join(folder, name), f.read())
+
+    write_output(out, write, sum(os.path.getsize(shard) for shard, _ in shards))
 
 
 # ------------------------------------------------------------------------------------------- export to llava-hf
@@ -384,3 +488,24 @@ def export_hf(model, path, tokenizer=None) -> None:
     if tokenizer:
         with open(file, "rb") as f:
             write_bytes(os.path.join(path, "tokenizer.model"), f.read())
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Checkpoint layouts: apply the paper's released LLaVA delta to LLaMA.")
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("apply-delta", help="base + delta (LLaVA-13b-delta-v0 and the like) -> a checkpoint folder")
+    a.add_argument("--base", required=True, help="the LLaMA folder (transformers layout) the delta was made against")
+    a.add_argument("--delta", required=True, help="the delta folder (config.json, pytorch_model*.bin, tokenizer)")
+    a.add_argument("--out", required=True, help="the folder to write")
+    a.add_argument("--vision-tower", help="local CLIP folder to name in the written config.json (default: the "
+                                          "delta's mm_vision_tower, a hub id: then pass --vision-tower when loading)")
+    args = p.parse_args(argv)
+    try:
+        apply_delta(args.base, args.delta, args.out, args.vision_tower)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

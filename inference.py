@@ -18,7 +18,7 @@ from tqdm import tqdm
 import formats
 from checkpoint import fingerprint
 from clip import preprocess
-from data import render, with_image
+from data import get_template, render, with_image
 from distributed import default_device, default_dtype
 from fileio import append_jsonl, check_unique, repair_jsonl, resume_jsonl, write_text
 from images import load_image
@@ -51,7 +51,8 @@ def prompt_ids(model, tokenizer, question, image_path=None, template=None) -> li
     data.TEMPLATES name) where given, else the checkpoint's (the original's eval scripts pick theirs by --conv-mode)."""
     cfg = model.config
     turn = {"from": "human", "value": with_image(question) if image_path is not None else question}
-    return render([turn], template or cfg.template, tokenizer, cfg.num_image_tokens, for_generation=True)[0]
+    return render([turn], template or cfg.template, tokenizer, cfg.num_image_tokens, for_generation=True,
+                  image_start_end=cfg.mm_use_im_start_end)[0]
 
 
 def pixel_values(model, image_path):
@@ -63,8 +64,10 @@ def pixel_values(model, image_path):
                                                                                                   weight.dtype)
 
 
-def reply_text(tokenizer, tokens) -> str:
-    return tokenizer.decode(tokens[:-1] if tokens and tokens[-1] == tokenizer.eos_id else tokens).strip()
+def reply_text(tokenizer, tokens, stop="") -> str:
+    """The reply, cut at the template's stop text (v0's "###": its models end a reply there, not with </s>)."""
+    text = tokenizer.decode(tokens[:-1] if tokens and tokens[-1] == tokenizer.eos_id else tokens)
+    return (text.split(stop)[0] if stop else text).strip()
 
 
 def generate_llava(model, input_ids, pixel_values=None, **kwargs):
@@ -84,7 +87,7 @@ def answer(model, tokenizer, question, image_path=None, max_new_tokens=128, temp
     out = list(generate_llava(model, ids, pixel_values(model, image_path), max_new_tokens=max_new_tokens,
                               eos_id=tokenizer.eos_id))
     model.llm.reset_cache()  # a 7B cache is ~0.5 MB per position: do not keep it between questions
-    return reply_text(tokenizer, out)
+    return reply_text(tokenizer, out, get_template(model.config.template).stop)
 
 
 def answer_fn(model, tokenizer, max_new_tokens):
@@ -200,12 +203,13 @@ def answer_batches(model, tokenizer, items, max_new_tokens=128, batch_size=None,
     batch_size = batch_size or default_batch_size(device)
     prompts = [prompt_ids(model, tokenizer, item["text"], item.get("image_path"), template) for item in items]
     generator = torch.Generator(device).manual_seed(seed + rank) if temperature > 0 else None
-    context = model.config.llm.max_position_embeddings
+    stop = get_template(template or model.config.template).stop
+    context = model.config.llm.context_len
     for item, prompt in zip(items, prompts):  # all checked before any is answered: none dies mid-run
         if len(prompt) + max_new_tokens > context:
             raise ValueError(f"question_id {item.get('question_id')!r}: its prompt ({len(prompt)} tokens) and "
                              f"max_new_tokens ({max_new_tokens}) need {len(prompt) + max_new_tokens} positions, more "
-                             f"than the model's {context} (max_position_embeddings)")
+                             f"than the model's context of {context}")
     order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))  # stable: ties keep the items' order
     mine = order[rank::world]
     rounds = -(-len(order[::world]) // batch_size)  # rank 0 has the most items
@@ -216,7 +220,7 @@ def answer_batches(model, tokenizer, items, max_new_tokens=128, batch_size=None,
                                   pixel_values(model, items[i].get("image_path")))[0] for i in batch]  # (T_i, D)
             out = generate_batch(model.llm, embeds, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
                                  temperature=temperature, generator=generator)
-            answered = [(i, reply_text(tokenizer, tokens)) for i, tokens in zip(batch, out)]
+            answered = [(i, reply_text(tokenizer, tokens, stop)) for i, tokens in zip(batch, out)]
             if world > 1:
                 gathered = [None] * world if rank == 0 else None
                 dist.gather_object(answered, gathered, dst=0)

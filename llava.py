@@ -31,6 +31,7 @@ class LLaVAConfig:
     image_aspect_ratio: str = "pad"  # "pad": pad to a square with the mean colour first (LLaVA-1.5); "square"
     template: str = "vicuna_v1"  # conversation template (data.py) the model was trained with
     image_token_index: int | None = None  # llava-hf vocabulary id of <image>, kept for export_hf
+    mm_use_im_start_end: bool = False  # v0 (the paper's release): features between <im_start> and <im_end> ids
 
     def __post_init__(self):
         for name, allowed in [("projector_type", PROJECTORS), ("select_feature", ("patch", "cls_patch")),

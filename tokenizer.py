@@ -6,6 +6,7 @@
 """
 import json
 import os
+import re
 import shutil
 
 import sentencepiece as spm
@@ -43,12 +44,46 @@ class Tokenizer:
             self.sp_bare = self.sp if self.legacy else spm.SentencePieceProcessor(model_proto=proto + BARE)
         except (RuntimeError, OSError) as e:  # sentencepiece's own message names neither the file nor the cause
             raise ValueError(f"{file}: not a sentencepiece model ({e})") from None
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.sp.unk_id()  # LLaVA pads with unk
         self.vocab_size = self.sp.get_piece_size()
+        self.added_file = os.path.join(os.path.dirname(file), "added_tokens.json")
+        self.added = read_added_tokens(self.added_file, self.vocab_size)  # {token: id}, ids after the pieces
+        # bos and eos by name, special_tokens_map.json over tokenizer_config.json as transformers reads them: LLaVA
+        # v0's tokenizer names "</s>" its bos, so the original's prompts for those weights start with id 2
+        names_file = os.path.join(os.path.dirname(file), "special_tokens_map.json")
+        names = read_json(names_file) if os.path.isfile(names_file) else {}
+        if not isinstance(names, dict):
+            raise ValueError(f"{names_file}: expected a JSON object")
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        for attr, key in (("bos_id", "bos_token"), ("eos_id", "eos_token")):
+            source, token = (names_file, names[key]) if key in names else (config, settings.get(key))
+            token = token.get("content") if isinstance(token, dict) else token  # an AddedToken's fields
+            if token not in (None, ""):  # "": how early LLaMA conversions wrote a token they left unset
+                setattr(self, attr, self.piece_id(token, f"{source}: {key}"))
+
+    def piece_id(self, token, where) -> int:
+        """The id of a token named in a settings file (a sentencepiece piece or an added token)."""
+        known = isinstance(token, str) and (token in self.added or self.sp.piece_to_id(token) != self.sp.unk_id()
+                                            or token == self.sp.id_to_piece(self.sp.unk_id()))
+        if not known:
+            raise ValueError(f"{where}={json.dumps(token)} is neither a piece of tokenizer.model nor an added token")
+        return self.added.get(token, self.sp.piece_to_id(token))
+
+    def token_id(self, token: str) -> int:
+        """The id of an added token (added_tokens.json beside tokenizer.model: LLaVA v0's <im_start>, <im_end>)."""
+        if token not in self.added:
+            raise KeyError(f"{self.added_file}: no added token {token!r} (has: {', '.join(self.added) or 'none'})")
+        return self.added[token]
 
     def encode(self, text: str, bos=True, eos=False) -> list:
-        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+        """Added tokens written in the text are their ids, and each chunk around them is encoded on its own, as the
+        HF slow tokenizer does (legacy: with the dummy prefix; not legacy: bare after an added token)."""
+        if not self.added:
+            return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+        ids = [self.bos_id] * bos
+        for n, chunk in enumerate(re.split("(" + "|".join(map(re.escape, self.added)) + ")", text)):
+            ids += [self.added[chunk]] if n % 2 else self.encode_text(chunk, n == 0 or self.legacy) if chunk else []
+        return ids + [self.eos_id] * eos
 
     def encode_text(self, text: str, prefix=True) -> list:
         """Pieces of a text chunk: with sentencepiece's dummy prefix (a word start), or bare (non-legacy, after a
@@ -60,6 +95,20 @@ class Tokenizer:
 
     def stream(self) -> "StreamDecoder":
         return StreamDecoder(self)
+
+
+def read_added_tokens(file, vocab_size) -> dict:
+    """added_tokens.json ({token: id}, transformers' file for tokens added after the sentencepiece pieces), or {}.
+    The ids must follow the pieces: vocab_size, vocab_size + 1, ... (the rows the model's embeddings grew by)."""
+    if not os.path.isfile(file):
+        return {}
+    added = read_json(file)
+    if not isinstance(added, dict) or not all(isinstance(k, str) and k and type(v) is int for k, v in added.items()):
+        raise ValueError(f"{file}: expected a JSON object {{token: integer id}}")
+    if sorted(added.values()) != list(range(vocab_size, vocab_size + len(added))):
+        raise ValueError(f"{file}: ids {sorted(added.values())} do not follow the tokenizer's {vocab_size} pieces "
+                         f"({vocab_size}..{vocab_size + len(added) - 1} expected)")
+    return added
 
 
 def copy_tokenizer(file, folder):

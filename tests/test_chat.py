@@ -315,3 +315,22 @@ def test_a_setting_out_of_range_is_refused_by_the_command_line(flag, value, mess
     with pytest.raises(SystemExit) as exit:
         chat.main([flag, value, "--prompt", "hi"])
     assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_v0_reply_ends_at_its_stop_text(tiny, monkeypatch):
+    """v0 models end a reply with "###" (the template's separator), not </s>: generation stops there, and neither
+    the "#"s nor what follows them are shown or kept."""
+    tmp, model, tokenizer = tiny
+    session = chat.ChatSession(LLaVA.from_pretrained(str(tmp / "model")), tokenizer, "llava_v0", max_new_tokens=30,
+                               max_context=256)
+    tokens, fed = tokenizer.encode("Red.\n###Human: and more", bos=False), []
+
+    def generate(*args, **kwargs):
+        for token in tokens:
+            fed.append(token)
+            yield token
+    monkeypatch.setattr(chat, "generate_llava", generate)
+    out = io.StringIO()
+    assert session.reply("What colour?", out=out) == "Red."
+    assert out.getvalue() == "Red.\n\n" and len(fed) < len(tokens)
+    assert session.conversation()[-1] == gpt("Red.")

@@ -455,3 +455,60 @@ def test_a_leading_gpt_turn_is_dropped_and_counted(tmp_path, demo, tok):
     assert ds.dropped_first_turn == 1 and not ds.skipped
     assert ds[0]["input_ids"].tolist() == ds[1]["input_ids"].tolist()
     assert ds.lengths == [-10, -5]  # the original counts the words of every turn, the dropped one too
+
+
+# ------------------------------------------------------------------------------------------- v0 templates
+# conv_llava_v0 / conv_vicuna_v0 of the original's llava/conversation.py (SeparatorStyle.SINGLE), written out as
+# its get_prompt() returns them: system + "###", then "Role: message###" per message, the open turn "Assistant:"
+V0 = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+      "detailed, and polite answers to the human's questions.")
+V0_SHOT = (
+    "###Human: What are the key differences between renewable and non-renewable energy sources?###Assistant: "
+    "Renewable energy sources are those that can be replenished naturally in a relatively short amount of time, "
+    "such as solar, wind, hydro, geothermal, and biomass. Non-renewable energy sources, on the other hand, are finite "
+    "and will eventually be depleted, such as coal, oil, and natural gas. Here are some key differences between "
+    "renewable and non-renewable energy sources:\n1. Availability: Renewable energy sources are virtually "
+    "inexhaustible, while non-renewable energy sources are finite and will eventually run out.\n2. Environmental "
+    "impact: Renewable energy sources have a much lower environmental impact than non-renewable sources, which can "
+    "lead to air and water pollution, greenhouse gas emissions, and other negative effects.\n3. Cost: Renewable "
+    "energy sources can be more expensive to initially set up, but they typically have lower operational costs than "
+    "non-renewable sources.\n4. Reliability: Renewable energy sources are often more reliable and can be used in "
+    "more remote locations than non-renewable sources.\n5. Flexibility: Renewable energy sources are often more "
+    "flexible and can be adapted to different situations and needs, while non-renewable sources are more rigid and "
+    "inflexible.\n6. Sustainability: Renewable energy sources are more sustainable over the long term, while "
+    "non-renewable sources are not, and their depletion can lead to economic and social instability.\n###")
+V0_TURNS = ("Human: <image>\nWhat is in the picture?###Assistant: A red circle on the left.###Human: How many?"
+            "###Assistant:")
+
+
+@pytest.mark.parametrize("name, prompt", [("llava_v0", V0 + "###" + V0_TURNS), ("vicuna_v0", V0 + V0_SHOT + V0_TURNS)])
+def test_v0_templates_render_the_original_prompt_string(tok, name, prompt):
+    conversation = turns("What is in the picture?\n<image>", "A red circle on the left.", "How many?")
+    ids, labels = render(conversation, name, tok, N_IMG, for_generation=True)
+    assert ids == reference_ids(tok, prompt) and set(labels) == {IGNORE_INDEX}
+
+
+def test_v0_templates_stop_at_their_separator():
+    assert data.TEMPLATES["llava_v0"].stop == "###" and data.TEMPLATES["vicuna_v1"].stop == ""
+
+
+def test_v0_templates_refuse_training_samples(tok):  # the original trained them on another text
+    with pytest.raises(ValueError, match="chat prompts only"):
+        render(turns("<image>\nWhat?", "A circle."), "llava_v0", tok, N_IMG)
+
+
+def test_image_start_end_equals_transformers_4_37_on_the_originals_prompt(tmp_path):
+    """LLaVA v0 (mm_use_im_start_end): "<im_start><image><im_end>\\n" + question through the original's
+    tokenizer_image_token and the slow LlamaTokenizer of transformers 4.37 with added_tokens.json, ids recorded."""
+    shutil.copy(os.path.join(os.path.dirname(__file__), "fixtures", "tokenizer.model"), tmp_path / "tokenizer.model")
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<im_patch>": 512, "<im_start>": 513, "<im_end>": 514}))
+    ids, _ = render(turns("<image>\nWhat is it?"), data.Template("single", "A chat between."), Tokenizer(tmp_path), 3,
+                    for_generation=True, image_start_end=True)
+    assert ids == [1, 277, 266, 300, 397, 451, 467, 450, 400, 468, 38, 38, 38, 492, 471, 472, 269, 469, 449, 513,
+                   -200, -200, -200, 514, 449, 13, 483, 300, 268, 443, 481, 38, 38, 38, 470, 338, 455, 458, 451, 269,
+                   451, 469]
+
+
+def test_image_start_end_needs_the_added_tokens(tok):
+    with pytest.raises(KeyError, match="<im_start>"):
+        render(turns("<image>\nWhat?"), "llava_v0", tok, N_IMG, for_generation=True, image_start_end=True)

@@ -15,6 +15,7 @@ import formats
 from clip import CLIPVisionConfig, tower_to_clip_keys
 from data import TEMPLATES, Template, render
 from tokenizer import Tokenizer
+from llama import Llama, LlamaConfig
 from llava import IMAGE_TOKEN_INDEX, LLaVA, LLaVAConfig
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -349,9 +350,20 @@ def test_original_release_without_a_tower_folder_says_what_to_pass(model, tmp_pa
         formats.load_llava(tmp_path / "llava")
 
 
-def test_original_release_with_image_start_end_tokens_is_refused():
-    with pytest.raises(ValueError, match="mm_use_im_start_end"):
-        formats.original_config({"mm_use_im_start_end": True}, {}, "config.json")
+@pytest.mark.parametrize("change, message", [({"sep_image_conv_front": True}, "sep_image_conv_front=True"),
+                                             ({"mm_hidden_size": 64}, "mm_hidden_size=64, but the vision tower's")])
+def test_original_release_settings_the_model_cannot_follow_are_refused(change, message):
+    with pytest.raises(ValueError, match=re.escape(f"config.json: {message}")):
+        formats.original_config(change, {"hidden_size": 32}, "config.json")
+
+
+@pytest.mark.parametrize("path, config, template", [
+    ("LLaVA-13b-v0", {}, "llava_v0"), ("runs/LLaVA-7b-v0-science_qa/checkpoint-500", {}, "llava_v0"),
+    ("LLaVA-Lightning-7B-v1-1", {}, "vicuna_v1"), ("llava-llama-2-13b-chat-lightning-preview", {}, "vicuna_v1"),
+    ("checkpoints/llava-v1.5-7b", {"mm_projector_type": "mlp2x_gelu"}, "vicuna_v1"),
+    ("my-finetune", {"mm_projector_type": "mlp2x_gelu"}, "vicuna_v1")])
+def test_original_release_template_follows_the_originals_name_rule(path, config, template):
+    assert formats.original_template(path, config) == template
 
 
 def test_original_stage_1_projector_loads(model, tmp_path):
@@ -510,7 +522,15 @@ def original_ids(text, tokenizer, n_image_tokens=3):
     return ids
 
 
-@pytest.mark.parametrize("name", sorted(TEMPLATES))
+JINJA = sorted(name for name, t in TEMPLATES.items() if t.style in formats.CHAT_TEMPLATES)  # v0's: none
+
+
+def test_v0_templates_have_no_chat_template():  # their models have the linear projector, which llava-hf lacks
+    with pytest.raises(ValueError, match="'llava_v0' \\(style 'single'\\) has no chat template"):
+        formats.chat_template("llava_v0")
+
+
+@pytest.mark.parametrize("name", JINJA)
 def test_chat_template_renders_the_prompt_of_its_conversation_template(name):
     tokenizer = Tokenizer(TOKENIZER)
     chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}]
@@ -520,7 +540,7 @@ def test_chat_template_renders_the_prompt_of_its_conversation_template(name):
     assert original_ids(text, tokenizer) == ids
 
 
-@pytest.mark.parametrize("name", sorted(TEMPLATES))
+@pytest.mark.parametrize("name", JINJA)
 def test_chat_template_renders_a_conversation_as_training_does(name):
     tokenizer = Tokenizer(TOKENIZER)
     turns = [("human", "Describe <image> briefly."), ("gpt", "A red circle."), ("human", "Where?"), ("gpt", "Left.")]
@@ -606,3 +626,134 @@ def test_load_projector_refuses_another_projector_type(model, tmp_path):
     linear = LLaVAConfig(**{**model.config.__dict__, "projector_type": "linear"})
     with pytest.raises(ValueError, match="projector_type"):
         formats.load_projector(LLaVA(linear), tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- v0 deltas
+
+V0_ADDED = {"<im_patch>": 512, "<im_start>": 513, "<im_end>": 514}  # LLaVA v0's tokens, after the 512 pieces
+
+
+@pytest.fixture(scope="module")
+def v0(tmp_path_factory):
+    """A tiny LLaMA base, a LLaVA v0 model grown from it (3 added tokens, linear projector, <im_start>/<im_end>) and
+    its delta stored as the paper's release is: float16 pickle shards of model - base (with the rotary buffer
+    transformers 4.28 saved), a v0 config.json, the tokenizer with added_tokens.json. Applied by the command line."""
+    root = tmp_path_factory.mktemp("v0")
+    torch.manual_seed(0)
+    base = Llama(LlamaConfig.from_name("tiny"))
+    with torch.no_grad():
+        base.norm.weight.uniform_(0.5, 1.5)
+    base.save_pretrained(root / "base")
+    clip_dir = os.path.join(FIXTURES, "clip_tiny")
+    llm = {**base.config.to_hf(), "vocab_size": 515}
+    model = LLaVA(LLaVAConfig.from_dict({"format": "llava-minimal", "llm": llm, "vision": CLIPVisionConfig.from_hf(
+        json.load(open(os.path.join(clip_dir, "config.json")))).to_hf(), "projector_type": "linear"}))
+    base_sd = {k: v.half() for k, v in base.state_dict().items()}
+    delta = {}
+    for key, value in formats.llava_to_original_keys(model.state_dict()).items():
+        name = key.removeprefix("model.") if not key.startswith("lm_head.") else key
+        if key.startswith("model.vision_tower."):
+            continue
+        value = value.half().clone()
+        if name in base_sd:  # the target minus the base, the added rows as they are
+            value[:base_sd[name].shape[0]] -= base_sd[name]
+        delta[key] = value
+    out = root / "delta"
+    out.mkdir()
+    keys = sorted(delta)
+    shards = {"pytorch_model-00001-of-00002.bin": keys[:len(keys) // 2],
+              "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2:]}
+    delta["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    shards["pytorch_model-00001-of-00002.bin"].append("model.layers.0.self_attn.rotary_emb.inv_freq")
+    for name, part in shards.items():
+        torch.save({k: delta[k] for k in part}, out / name)
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"weight_map": {k: name for name, part in shards.items() for k in part}}))
+    config = {**{k: v for k, v in llm.items() if k != "max_position_embeddings"}, "max_sequence_length": 2048,
+              "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava",
+              "mm_vision_tower": "openai/clip-vit-large-patch14",
+              "mm_hidden_size": 32, "mm_use_im_start_end": True, "mm_vision_select_layer": -2, "use_mm_proj": True,
+              "sep_image_conv_front": False, "tune_mm_mlp_adapter": False, "torch_dtype": "float16"}
+    (out / "config.json").write_text(json.dumps(config))
+    shutil.copy(TOKENIZER, out / "tokenizer.model")
+    (out / "added_tokens.json").write_text(json.dumps({**V0_ADDED, "[PAD]": 515}))  # [PAD] past the rows, as released
+    (out / "special_tokens_map.json").write_text(json.dumps(  # bos "</s>": the prompts start with id 2
+        {"bos_token": "</s>", "eos_token": "</s>", "pad_token": "[PAD]", "unk_token": "<unk>"}))
+    formats.main(["apply-delta", "--base", str(root / "base"), "--delta", str(out), "--out", str(root / "LLaVA-7b"),
+                  "--vision-tower", clip_dir])
+    return {"base": base_sd, "delta": delta, "out": root / "LLaVA-7b", "root": root}
+
+
+def applied(v0):
+    return load_file(v0["out"] / "model-00001-of-00002.safetensors") | load_file(
+        v0["out"] / "model-00002-of-00002.safetensors")
+
+
+def test_apply_delta_adds_the_base_to_every_shared_tensor(v0):
+    out = applied(v0)
+    for name, base in v0["base"].items():
+        key = name if name.startswith("lm_head.") else "model." + name
+        rows = base.shape[0]
+        assert torch.equal(out[key][:rows], v0["delta"][key][:rows] + base), key  # float16, as the original adds
+
+
+def test_apply_delta_keeps_the_added_rows_and_the_projector_of_the_delta(v0):
+    out = applied(v0)
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert out[key].shape[0] == 515 and torch.equal(out[key][512:], v0["delta"][key][512:])
+    assert torch.equal(out["model.mm_projector.weight"], v0["delta"]["model.mm_projector.weight"])
+    assert not any("inv_freq" in k for k in out)  # recomputed from the config, never read
+
+
+def test_apply_delta_copies_config_and_tokenizer(v0):
+    assert sorted(os.listdir(v0["out"])) == ["added_tokens.json", "config.json", "model-00001-of-00002.safetensors",
+                                              "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+                                              "special_tokens_map.json", "tokenizer.model"]
+    tokenizer = Tokenizer(str(v0["out"]))
+    assert tokenizer.token_id("<im_start>") == 513 and tokenizer.bos_id == 2
+
+
+def test_apply_delta_adds_the_image_tokens_a_delta_lacks(v0, tmp_path):  # LLaVA-13b-delta-v0-science_qa has none
+    delta = shutil.copytree(v0["root"] / "delta", tmp_path / "delta")
+    os.remove(delta / "added_tokens.json")
+    formats.apply_delta(v0["root"] / "base", delta, tmp_path / "out")
+    # the original's loaders add them in this order after the pieces, as its training did
+    assert json.load(open(tmp_path / "out" / "added_tokens.json")) == V0_ADDED
+
+
+def test_apply_delta_names_a_tensor_of_another_shape(v0, tmp_path):
+    shutil.copytree(v0["root"] / "base", tmp_path / "base")
+    sd = load_file(tmp_path / "base" / "model.safetensors")
+    sd["model.layers.1.mlp.up_proj.weight"] = sd["model.layers.1.mlp.up_proj.weight"][:-1]
+    save_file(sd, tmp_path / "base" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight' has shape \(176, 64\) in the "
+                                         r"delta but \(175, 64\) in the base"):
+        formats.apply_delta(tmp_path / "base", v0["root"] / "delta", tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")  # nothing half-written
+
+
+def test_applied_v0_release_loads_with_its_settings(v0):
+    model = formats.load_llava(v0["out"])  # apply-delta --vision-tower wrote the local CLIP folder in its config
+    c = model.config
+    assert (c.mm_use_im_start_end, c.template, c.projector_type, c.llm.vocab_size) == (True, "llava_v0", "linear", 515)
+
+
+def test_v0_logits_equal_the_originals_input_construction(v0):
+    """The original v0 model: the prompt holds <im_start>, one <im_patch> per feature and <im_end>; the embeddings
+    of the <im_patch> positions are replaced by the image features, those of <im_start>/<im_end> kept."""
+    model, tok = formats.load_llava(v0["out"]), Tokenizer(str(v0["out"]))
+    n, pixel_values = model.config.num_image_tokens, torch.randn(1, 3, 30, 30)
+    ids, _ = render([{"from": "human", "value": "<image>\nWhat is it?"}], "llava_v0", tok, n, for_generation=True,
+                    image_start_end=True)
+    text = (TEMPLATES["llava_v0"].system + "###Human: <im_start>" + "<im_patch>" * n + "<im_end>\nWhat is it?"
+            "###Assistant:")
+    original_ids = torch.tensor(tok.encode(text))
+    assert ids == [IMAGE_TOKEN_INDEX if i == 512 else i for i in original_ids.tolist()]
+    with torch.no_grad():
+        embeds = model.llm.embed_tokens(original_ids)  # (T, D)
+        features = model.projector(model.vision_tower(pixel_values, -2, "patch"))[0]  # (n, D)
+        s = int((original_ids == 513).nonzero())
+        embeds = torch.cat([embeds[:s + 1], features, embeds[s + n + 1:]])
+        expected = model.llm(inputs_embeds=embeds[None])
+        logits, _ = model(torch.tensor([ids]), pixel_values)
+    assert torch.allclose(logits, expected, atol=1e-5, rtol=0)

@@ -311,3 +311,10 @@ def test_generate_batch_reuses_a_large_enough_cache_and_refuses_an_empty_prompt(
     assert model.layers[0].self_attn.k_cache is cache
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         inference.generate_batch(model, [[5], []], max_new_tokens=2)
+
+
+def test_reply_text_ends_at_the_templates_stop(tiny):  # v0 models end a reply with "###", not </s>
+    tokenizer = tiny[2]
+    tokens = tokenizer.encode("A red circle.\n###Human: and more", bos=False)
+    assert inference.reply_text(tokenizer, tokens, "###") == "A red circle."
+    assert inference.reply_text(tokenizer, tokens + [tokenizer.eos_id]) == "A red circle.\n###Human: and more"

@@ -112,7 +112,8 @@ def test_stage_1_projector_learns_through_a_frozen_llm(model):
 # ----------------------------------------------------------------------------------------- own checkpoints
 
 def changed_settings(model):
-    config = LLaVAConfig(**{**model.config.__dict__, "template": "plain", "image_aspect_ratio": "square"})
+    config = LLaVAConfig(**{**model.config.__dict__, "template": "plain", "image_aspect_ratio": "square",
+                            "mm_use_im_start_end": True})
     changed = LLaVA(config)
     changed.load_state_dict(model.state_dict())
     return changed
@@ -163,6 +164,7 @@ def test_integer_tensor_where_a_weight_belongs_names_key_and_file(model, tmp_pat
 
 @pytest.mark.parametrize("change, message", [({"select_layer": "-2"}, r"select_layer is '-2', expected int"),
                                              ({"image_token_index": 1.0}, r"image_token_index is 1\.0"),
+                                             ({"mm_use_im_start_end": 1}, r"mm_use_im_start_end is 1, expected bool"),
                                              ({"llm": None}, r"not a llava-minimal config")])
 def test_own_config_value_of_the_wrong_type_names_file_and_key(model, tmp_path, change, message):
     model.save_pretrained(tmp_path)

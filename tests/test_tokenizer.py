@@ -128,3 +128,55 @@ def test_copy_tokenizer_takes_the_settings_files_beside_the_model(tmp_path):
     copy_tokenizer(str(tmp_path / "a" / "tokenizer.model"), str(tmp_path / "b"))
     assert sorted(os.listdir(tmp_path / "b")) == ["tokenizer.model", "tokenizer_config.json"]
     assert not Tokenizer(tmp_path / "b").legacy
+
+
+def added_tokens_folder(tmp_path, added):
+    shutil.copy(FIXTURE, tmp_path / "tokenizer.model")
+    (tmp_path / "added_tokens.json").write_text(json.dumps(added))
+    return tmp_path
+
+
+V0_ADDED = {"<im_patch>": 512, "<im_start>": 513, "<im_end>": 514}  # LLaVA v0's, after LLaMA's pieces
+
+
+def test_added_tokens_encode_to_their_ids(tmp_path):
+    tok = Tokenizer(added_tokens_folder(tmp_path, V0_ADDED))
+    assert tok.encode("<im_start>", bos=False) == [513] and tok.token_id("<im_end>") == 514
+    # each chunk around them on its own, with its dummy prefix, as transformers' (legacy) slow tokenizer splits them
+    assert tok.encode("a <im_start><im_patch><im_end>\nb") == [1, *tok.sp.encode("a "), 513, 512, 514,
+                                                              *tok.sp.encode("\nb")]
+
+
+def test_added_token_ids_decode_to_nothing(tmp_path):  # as skip_special_tokens: they are never text
+    tok = Tokenizer(added_tokens_folder(tmp_path, V0_ADDED))
+    assert tok.decode(tok.encode("hi <im_start>", bos=False)) == "hi "
+
+
+def test_a_missing_added_token_names_the_file(tmp_path):
+    with pytest.raises(KeyError, match=r"added_tokens\.json: no added token '<im_start>'"):
+        Tokenizer(FIXTURES).token_id("<im_start>")
+
+
+@pytest.mark.parametrize("added", [{"<im_start>": 600}, {"<a>": 512, "<b>": 512}, {"<a>": "512"}, ["<a>"]])
+def test_added_token_ids_must_follow_the_pieces(tmp_path, added):
+    with pytest.raises(ValueError, match=r"added_tokens\.json: "):
+        Tokenizer(added_tokens_folder(tmp_path, added))
+
+
+V0_NAMES = {"bos_token": "</s>", "eos_token": "</s>", "pad_token": "[PAD]", "unk_token": "<unk>"}  # LLaVA v0's
+
+
+def test_special_tokens_map_names_the_bos_as_transformers_reads_it(tmp_path):
+    """LLaVA v0's special_tokens_map.json names "</s>" its bos, and wins over tokenizer_config.json's "<s>"."""
+    folder = added_tokens_folder(tmp_path, {**V0_ADDED, "[PAD]": 515})
+    (folder / "special_tokens_map.json").write_text(json.dumps(V0_NAMES))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": {"__type": "AddedToken", "content": "<s>"}}))
+    # recorded from transformers 4.37.2: LlamaTokenizer.from_pretrained(folder)("a <im_start>...").input_ids
+    assert Tokenizer(folder).encode("a <im_start><im_patch><im_end>\nb") == [2, 264, 449, 513, 512, 514, 449, 13, 465]
+
+
+def test_an_unknown_special_token_names_file_and_key(tmp_path):
+    folder = added_tokens_folder(tmp_path, V0_ADDED)
+    (folder / "special_tokens_map.json").write_text(json.dumps({**V0_NAMES, "eos_token": "<eos>"}))
+    with pytest.raises(ValueError, match=r"special_tokens_map\.json: eos_token=\"<eos>\" is neither a piece"):
+        Tokenizer(folder)
