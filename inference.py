@@ -209,7 +209,7 @@ def answer_batches(model, tokenizer, items, max_new_tokens=128, batch_size=None,
         if len(prompt) + max_new_tokens > context:
             raise ValueError(f"question_id {item.get('question_id')!r}: its prompt ({len(prompt)} tokens) and "
                              f"max_new_tokens ({max_new_tokens}) need {len(prompt) + max_new_tokens} positions, more "
-                             f"than the model's context of {context}")
+                             f"than the model's {context} (max_position_embeddings, or a shorter sliding_window)")
     order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))  # stable: ties keep the items' order
     mine = order[rank::world]
     rounds = -(-len(order[::world]) // batch_size)  # rank 0 has the most items

@@ -204,7 +204,7 @@ def test_answer_file_refuses_repeated_ids(tiny, tmp_path, monkeypatch):
 
 def test_a_prompt_longer_than_the_context_is_refused_before_answering(tiny, monkeypatch):
     _, model, tokenizer, items = tiny
-    context = model.config.llm.max_position_embeddings
+    context = model.config.llm.context_len
     longest = max(items, key=lambda item: len(inference.prompt_ids(model, tokenizer, item["text"], item["image_path"])))
     n = len(inference.prompt_ids(model, tokenizer, longest["text"], longest["image_path"]))
     monkeypatch.setattr(inference, "generate_batch", lambda *a, **kw: pytest.fail("answered"))
