@@ -16,13 +16,11 @@ import time
 
 import torch
 
-from clip import preprocess
 from data import IMAGE_TOKEN, TEMPLATES, get_template, render, with_image
 from demo import DEMO_QUESTIONS
 from distributed import default_dtype
 from fileio import inside, number, read_json, write_json
-from images import load_image
-from inference import DTYPES, generate_llava, load_model
+from inference import DTYPES, generate_llava, image_input, image_tokens, load_model
 from llava import IMAGE_TOKEN_INDEX
 from quantize import QUANTIZE
 
@@ -60,7 +58,7 @@ class ChatSession:
         # turn needs more, in steps of cache_chunk up to max_context (a 7B cache is ~0.5 MB per position)
         self.cache_chunk = cache_chunk
         model.llm.setup_cache(1, min(cache_chunk, self.max_context), device=self.device, dtype=self.dtype)
-        self.image_path, self.pixel_values = None, None
+        self.image_path, self.pixel_values, self.image_sizes, self.image_tokens = None, None, None, 0
         self.cached_ids = []  # ids at cache positions 0..len-1; later positions hold stale entries, never attended
         self.reset()
 
@@ -71,9 +69,9 @@ class ChatSession:
 
     def set_image(self, path):
         """Load and preprocess an image; on a bad path it raises and the conversation stays as it was."""
-        config = self.model.config
-        pixel_values = preprocess(load_image(path), config.image_size, config.image_aspect_ratio == "pad")  # (1,3,S,S)
+        pixel_values, self.image_sizes = image_input(self.model, path)  # (1, 3, S, S); anyres: (1 + tiles, 3, S, S)
         self.image_path, self.pixel_values = os.path.abspath(path), pixel_values.to(self.device, self.dtype)
+        self.image_tokens = image_tokens(self.model.config, path)
         self.cached_ids = []  # another image has the same placeholder ids: nothing in the cache is valid any more
         self.reset()
 
@@ -89,7 +87,7 @@ class ChatSession:
         turns = self.turns
         while True:
             ids, _ = render(self.conversation(message, turns), self.template, self.tokenizer,
-                            self.model.config.num_image_tokens, for_generation=True,
+                            self.image_tokens, for_generation=True,
                             image_start_end=self.model.config.mm_use_im_start_end)
             if len(ids) + self.max_new_tokens <= self.max_context:
                 break
@@ -127,8 +125,9 @@ class ChatSession:
         stop, text, shown = get_template(self.template).stop, "", 0  # v0 models end a reply with "###", not </s>
         start, first, interrupted = time.perf_counter(), None, False
         try:
+            image_sizes = self.image_sizes if pixel_values is not None else None
             for token in generate_llava(self.model, torch.tensor([new_ids], device=self.device), pixel_values,
-                                        max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                        image_sizes, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                                         top_p=self.top_p, eos_id=eos, start_pos=reuse, generator=self.generator):
                 first = first or time.perf_counter()
                 at = -1

@@ -4,7 +4,9 @@ Module names are Hugging Face's CLIPVisionModel names, so a CLIPVisionModel fold
 CLIPModel, such as openai/clip-vit-large-patch14-336, and `.bin` files: formats.load_clip). LLaVA reads the hidden
 states of the penultimate layer (`select_layer=-2`) and drops the CLS token: the layers after the selected one are
 never computed and `post_layernorm` is unused (kept so that checkpoints load strictly and save back unchanged).
+LLaVA-1.6 ("anyres") sees an image as an overview plus tower-sized tiles of a larger grid: preprocess_anyres.
 """
+import math
 import os
 from dataclasses import dataclass
 
@@ -209,8 +211,7 @@ def preprocess(images, image_size: int, pad_to_square=False) -> torch.Tensor:
     images.bounded); images beyond images.MAX_ASPECT_RATIO raise ValueError."""
     images = [images] if isinstance(images, Image.Image) else list(images)
     S = image_size
-    mean, std = np.array(CLIP_MEAN, np.float32), np.array(CLIP_STD, np.float32)
-    out = np.empty((len(images), S, S, 3), np.float32)
+    out = np.empty((len(images), S, S, 3), np.uint8)
     for i, image in enumerate(images):
         check_aspect_ratio(image.size, getattr(image, "filename", "") or f"image {i}")
         image = bounded(to_rgb(image), S, pad_to_square)
@@ -221,7 +222,59 @@ def preprocess(images, image_size: int, pad_to_square=False) -> torch.Tensor:
         w, h = (S, long) if w <= h else (long, S)
         image = image.resize((w, h), Image.BICUBIC)
         top, left = (h - S) // 2, (w - S) // 2
-        pixels = np.asarray(image.crop((left, top, left + S, top + S)))  # (S, S, 3) uint8; crop first: no big copy
-        # rescale in float64 then normalise in float32, the processor's exact order of rounding
-        out[i] = ((pixels.astype(np.float64) * (1 / 255)).astype(np.float32) - mean) / std
+        out[i] = np.asarray(image.crop((left, top, left + S, top + S)))  # (S, S, 3); crop first: no big copy
+    return normalize(out)
+
+
+def normalize(pixels: np.ndarray) -> torch.Tensor:
+    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32 with CLIP's statistics: rescaled in float64 then normalised in
+    float32, the processor's exact order of rounding."""
+    mean, std = np.array(CLIP_MEAN, np.float32), np.array(CLIP_STD, np.float32)
+    out = ((pixels.astype(np.float64) * (1 / 255)).astype(np.float32) - mean) / std
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()  # (B, 3, S, S)
+
+
+# ---- LLaVA-1.6 "anyres": the image at the best grid resolution cut into tower-sized tiles, after an overview ----
+# Sizes are (width, height) and so are grid_pinpoints, as the original's llava/mm_utils.py reads them (transformers'
+# LlavaNext configs list (height, width): formats.py swaps them). Bit-exact with LlavaNextImageProcessor (PIL).
+
+def select_best_resolution(size, resolutions) -> tuple:
+    """The resolution that keeps the most of the image's pixels when it is fitted inside, ties to the least waste."""
+    w, h = size
+    best, best_kept, best_waste = None, 0, float("inf")
+    for width, height in resolutions:
+        scale = min(width / w, height / h)
+        kept = min(int(w * scale) * int(h * scale), w * h)  # a resolution above the image's keeps only its pixels
+        if kept > best_kept or kept == best_kept and width * height - kept < best_waste:
+            best, best_kept, best_waste = (width, height), kept, width * height - kept
+    return best
+
+
+def anyres_grid(size, grid_pinpoints, tile: int) -> tuple:
+    """(columns, rows) of tiles for an image of size (w, h): its best resolution cut into tile x tile squares."""
+    width, height = select_best_resolution(size, grid_pinpoints)
+    return width // tile, height // tile
+
+
+def anyres_tiles(image: Image.Image, tile: int, grid_pinpoints) -> list:
+    """[the whole image resized to tile x tile] + the tiles, row by row, of the image fitted (aspect kept, bicubic)
+    and centred on black at the best of grid_pinpoints (each a multiple of `tile`)."""
+    width, height = select_best_resolution(image.size, grid_pinpoints)
+    w, h = image.size
+    scale_w, scale_h = width / w, height / h
+    if scale_w < scale_h:  # the side that fills its target first; the other rounded up, within the target
+        size = (width, min(math.ceil(h * scale_w), height))
+    else:
+        size = (min(math.ceil(w * scale_h), width), height)
+    canvas = Image.new("RGB", (width, height), (0, 0, 0))
+    canvas.paste(image.resize(size, Image.BICUBIC), ((width - size[0]) // 2, (height - size[1]) // 2))
+    tiles = [canvas.crop((x, y, x + tile, y + tile)) for y in range(0, height, tile) for x in range(0, width, tile)]
+    return [image.resize((tile, tile), Image.BICUBIC)] + tiles
+
+
+def preprocess_anyres(image: Image.Image, image_size: int, grid_pinpoints) -> torch.Tensor:
+    """One PIL image -> (1 + rows * cols, 3, S, S) float32: the overview, then the tiles (anyres_tiles), normalised.
+    No reduction of large images: memory is the input's plus about the target width times the input height."""
+    check_aspect_ratio(image.size, getattr(image, "filename", "") or "image")
+    tiles = anyres_tiles(to_rgb(image), image_size, grid_pinpoints)
+    return normalize(np.stack([np.asarray(t) for t in tiles]))  # (1 + n, 3, S, S)

@@ -3,6 +3,7 @@ grouping. A conversation is LLaVA's JSON list of turns, [{"from": "human" | "gpt
 turns it into (input_ids, labels) exactly as the original LLaVA training code tokenized its prompt string, but builds
 the labels piece by piece: the assistant replies and their end token get labels, everything else IGNORE_INDEX.
 """
+import itertools
 from collections import Counter
 from dataclasses import dataclass
 
@@ -155,20 +156,21 @@ def _pieces(conversation, template: Template, for_generation):
     return pieces
 
 
-def render(conversation, template, tokenizer: Tokenizer, n_image_tokens: int, for_generation=False,
-           image_start_end=False):
-    """(input_ids, labels) lists. Each <image> becomes n_image_tokens x IMAGE_TOKEN_INDEX (label -100), between
-    the <im_start> and <im_end> ids with image_start_end (LLaVA v0's mm_use_im_start_end: the original wrote that
-    many <im_patch> tokens there and replaced their embeddings by the features, keeping the start and end ones).
-    for_generation: the conversation ends with a human turn and the ids end with the open assistant turn."""
+def render(conversation, template, tokenizer: Tokenizer, n_image_tokens, for_generation=False, image_start_end=False):
+    """(input_ids, labels) lists. Each <image> becomes n_image_tokens x IMAGE_TOKEN_INDEX (label -100); a list
+    gives one count per image, in order (LLaVA-1.6's counts depend on each image's size: LLaVAConfig.image_tokens).
+    image_start_end puts them between the <im_start> and <im_end> ids (LLaVA v0's mm_use_im_start_end: the original
+    wrote that many <im_patch> tokens there and replaced their embeddings by the features, keeping the start and end
+    ones). for_generation: the conversation ends with a human turn and the ids end with the open assistant turn."""
     template = get_template(template) if isinstance(template, str) else template
     check_turns(conversation, for_generation)
-    image = [IMAGE_TOKEN_INDEX] * n_image_tokens
-    if image_start_end:
-        image = [tokenizer.token_id(IM_START_TOKEN)] + image + [tokenizer.token_id(IM_END_TOKEN)]
+    pieces = _pieces(conversation, template, for_generation)
+    counts = image_counts(pieces, n_image_tokens)
+    start_end = ([tokenizer.token_id(IM_START_TOKEN)], [tokenizer.token_id(IM_END_TOKEN)]) if image_start_end \
+        else ([], [])
     input_ids, labels = [], []
     start, bare = True, False  # at a chunk's start: its dummy prefix, none after a special token if not legacy
-    for n, (kind, text, labelled) in enumerate(_pieces(conversation, template, for_generation)):
+    for n, (kind, text, labelled) in enumerate(pieces):
         if kind == "bos" or kind == "eos":
             ids = [tokenizer.bos_id if kind == "bos" else tokenizer.eos_id] if n or tokenizer.add_bos else []
             start, bare = True, n > 0 and not tokenizer.legacy  # the first bos is not in the text
@@ -176,7 +178,7 @@ def render(conversation, template, tokenizer: Tokenizer, n_image_tokens: int, fo
             ids = []
             for j, part in enumerate(text.split(IMAGE_TOKEN)):
                 if j > 0:  # tokenizer_image_token encodes each chunk after an image on its own: a dummy prefix
-                    ids += image
+                    ids += start_end[0] + [IMAGE_TOKEN_INDEX] * next(counts) + start_end[1]
                     start, bare = True, False
                 if part:
                     # a continuation starts with " " (see above): the dummy prefix stands for that space
@@ -185,6 +187,17 @@ def render(conversation, template, tokenizer: Tokenizer, n_image_tokens: int, fo
         input_ids += ids
         labels += ids if labelled else [IGNORE_INDEX] * len(ids)
     return input_ids, labels
+
+
+def image_counts(pieces, n_image_tokens):
+    """An iterator over the placeholder count of each <image> in the rendered pieces; a list of counts must have
+    one per image."""
+    if not isinstance(n_image_tokens, (list, tuple)):
+        return itertools.repeat(n_image_tokens)
+    images = sum(text.count(IMAGE_TOKEN) for kind, text, _ in pieces if kind == "text")
+    if images != len(n_image_tokens):
+        raise ValueError(f"{len(n_image_tokens)} image token counts for {images} images in the conversation")
+    return iter(n_image_tokens)
 
 
 def truncate(input_ids, labels, max_length, n_image_tokens):

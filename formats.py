@@ -3,7 +3,8 @@
   llava-original  the haotian-liu/LLaVA release (liuhaotian/llava-v1.5-7b): a LLaMA config.json with "mm_*" fields,
                   keys model.* / lm_head.weight / model.mm_projector.*, safetensors or pickle .bin shards, and no CLIP
                   weights (the tower comes from `vision_tower=`, a CLIP folder); its stage-1 output mm_projector.bin
-  llava-hf        transformers' LlavaForConditionalGeneration (llava-hf/llava-1.5-7b-hf), old and new key names; and
+  llava-hf        transformers' LlavaForConditionalGeneration (llava-hf/llava-1.5-7b-hf) and, for LLaVA-1.6 ("anyres"),
+                  LlavaNextForConditionalGeneration (llava-hf/llava-v1.6-vicuna-7b-hf), old and new key names; and
                   export_hf, which writes one that transformers' AutoProcessor and model load from the folder alone
   clip            full CLIPModel checkpoints (openai/clip-vit-large-patch14-336: the text tower is never read), the
                   transformers-5 CLIPVisionModel without "vision_model.", pickle pytorch_model.bin
@@ -12,6 +13,7 @@ a folder of any of them (the own layouts through LLaVA.from_pretrained and CLIPV
 files go through torch.load(weights_only=True): tensors only, never code.
 """
 import argparse
+import ast
 import json
 import os
 import pickle
@@ -23,7 +25,7 @@ from checkpoint import load_checkpoint, load_strict, read_index, write_output
 from clip import CLIP_MEAN, CLIP_STD, CLIPVisionConfig, CLIPVisionTower, tower_to_clip_keys
 from data import IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN, TEMPLATES
 from fileio import read_json, save_tensors, write_bytes, write_json
-from llava import FORMAT as OWN, LLaVA, LLaVAConfig
+from llava import FORMAT as OWN, MERGE_TYPES, LLaVA, LLaVAConfig
 from tokenizer import FILES as TOKENIZER_FILES, Tokenizer
 
 FORMATS = (OWN, "llava-hf", "llava-original", "llama", "clip")
@@ -31,6 +33,10 @@ FORMATS = (OWN, "llava-hf", "llava-original", "llama", "clip")
 LLAMA_HF_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                          num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6)
 SELECT_STRATEGY = {"patch": "default", "cls_patch": "full"}  # ours -> llava-hf vision_feature_select_strategy
+# llava-hf model_type -> (model, processor, image processor) classes that export_hf names
+LLAVA_HF_CLASSES = {"llava": ("LlavaForConditionalGeneration", "LlavaProcessor", "LlavaImageProcessor"),
+                    "llava_next": ("LlavaNextForConditionalGeneration", "LlavaNextProcessor",
+                                   "LlavaNextImageProcessor")}
 # read by nobody: the CLIP text tower and contrastive heads, and the position_ids buffer (positions are 0..N)
 CLIP_SKIPPED = ("text_model.", "visual_projection.", "text_projection.", "logit_scale",
                 "vision_model.embeddings.position_ids", "embeddings.position_ids")
@@ -49,7 +55,7 @@ def detect_format(path) -> str:
         return "llava-original"
     if kind in ("clip", "clip_vision_model"):  # a full CLIPModel has a text_config too
         return "clip"
-    if "text_config" in d or kind == "llava" or "LlavaForConditionalGeneration" in architectures:
+    if "text_config" in d or kind in ("llava", "llava_next") or "LlavaForConditionalGeneration" in architectures:
         return "llava-hf"
     if kind == "llama" or "LlamaForCausalLM" in architectures:
         return "llama"
@@ -127,10 +133,10 @@ HF_PREFIXES = [("language_model.model.", "llm."), ("language_model.lm_head.", "l
 HF_PUBLISHED = [("llm.lm_head.", "language_model.lm_head."), ("llm.", "language_model.model."),  # llava-1.5-*-hf
                 ("vision_tower.", "vision_tower.vision_model."), ("projector.0.", "multi_modal_projector.linear_1."),
                 ("projector.2.", "multi_modal_projector.linear_2.")]
-ORIGINAL_PREFIXES = [("model.mm_projector.", "projector."),
+ORIGINAL_PREFIXES = [("model.image_newline", "image_newline"), ("model.mm_projector.", "projector."),
                      ("model.vision_tower.vision_tower.vision_model.", "vision_tower."),
                      ("model.", "llm."), ("lm_head.", "llm.lm_head.")]
-ORIGINAL_PUBLISHED = [("projector.", "model.mm_projector."),
+ORIGINAL_PUBLISHED = [("image_newline", "model.image_newline"), ("projector.", "model.mm_projector."),
                       ("vision_tower.", "model.vision_tower.vision_tower.vision_model."),
                       ("llm.lm_head.", "lm_head."), ("llm.", "model.")]
 
@@ -143,7 +149,7 @@ def rename(key, prefixes):
 
 
 def hf_to_llava_keys(sd: dict) -> dict:
-    new = ("model.language_model.", "model.vision_tower.", "model.multi_modal_projector.")
+    new = ("model.language_model.", "model.vision_tower.", "model.multi_modal_projector.", "model.image_newline")
     return {rename(k.removeprefix("model.") if k.startswith(new) else k, HF_PREFIXES): v for k, v in sd.items()}
 
 
@@ -172,16 +178,33 @@ def llava_hf_config(d: dict, source="config.json", do_pad=True) -> dict:
     return {"format": OWN, "llm": {**LLAMA_HF_DEFAULTS, **d.get("text_config", {})}, "vision": vision,
             "projector_type": "mlp2x_gelu", "select_layer": layer,
             "select_feature": {v: k for k, v in SELECT_STRATEGY.items()}[strategy],
-            "image_aspect_ratio": "pad" if do_pad else "square", "image_token_index": d.get("image_token_index", 32000)}
+            "image_aspect_ratio": "pad" if do_pad else "square", "image_token_index": d.get("image_token_index", 32000),
+            **(llava_next_settings(d, source) if d.get("model_type") == "llava_next" else {})}
+
+
+# LLaVA-1.6 in llava-hf's layout: always the "spatial_unpad" merge with image_newline (the only one transformers has),
+# and image_grid_pinpoints as (height, width), where the original and our config write (width, height)
+def llava_next_settings(d: dict, source="config.json") -> dict:
+    """A LlavaNext config.json's anyres fields -> ours (pinpoints swapped to (width, height))."""
+    pinpoints = d.get("image_grid_pinpoints", [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
+    if not isinstance(pinpoints, list) or not all(isinstance(p, list) and len(p) == 2 for p in pinpoints):
+        raise ValueError(f"{source}: image_grid_pinpoints={pinpoints!r} is not a list of [height, width]")
+    return {"image_aspect_ratio": "anyres", "image_grid_pinpoints": [[w, h] for h, w in pinpoints],
+            "patch_merge_type": "spatial_unpad"}
 
 
 def llava_to_hf_config(c: dict, vocab_size: int, image_token: int, dtype: str) -> dict:
-    """Our config dict -> llava-hf config.json, with the (padded) vocabulary size. Inverse: llava_hf_config."""
+    """Our config dict -> llava-hf config.json (LlavaNext for anyres), with the (padded) vocabulary size. Inverse:
+    llava_hf_config."""
     vision = {k: v for k, v in c["vision"].items() if k != "architectures"}
     tokens = (vision["image_size"] // vision["patch_size"]) ** 2 + (c["select_feature"] == "cls_patch")
-    return {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+    if c["image_aspect_ratio"] == "anyres":
+        kind, extra = "llava_next", {"image_grid_pinpoints": [[h, w] for w, h in c["image_grid_pinpoints"]]}
+    else:
+        kind, extra = "llava", {"image_seq_length": tokens}
+    return {"architectures": [LLAVA_HF_CLASSES[kind][0]], "model_type": kind, **extra,
             "text_config": {**c["llm"], "vocab_size": vocab_size}, "vision_config": vision,
-            "image_token_index": image_token, "image_seq_length": tokens, "projector_hidden_act": "gelu",
+            "image_token_index": image_token, "projector_hidden_act": "gelu",
             "vision_feature_layer": c["select_layer"],
             "vision_feature_select_strategy": SELECT_STRATEGY[c["select_feature"]], "multimodal_projector_bias": True,
             "tie_word_embeddings": c["llm"].get("tie_word_embeddings", False), "torch_dtype": dtype}
@@ -190,7 +213,7 @@ def llava_to_hf_config(c: dict, vocab_size: int, image_token: int, dtype: str) -
 def original_config(d: dict, vision: dict, source="config.json") -> dict:
     """The original release's config.json (a LLaMA config with "mm_*" fields) + its tower's -> our config dict.
     v0 (the paper's release: use_mm_proj, a linear projector, no mm_projector_type) also has mm_use_im_start_end."""
-    for key, allowed in [("mm_patch_merge_type", "flat"), ("sep_image_conv_front", False)]:
+    for key, allowed in [("sep_image_conv_front", False)]:
         if d.get(key, allowed) != allowed:
             raise ValueError(f"{source}: {key}={d[key]!r} is not supported (only {allowed!r})")
     if "mm_hidden_size" in d and d["mm_hidden_size"] != vision.get("hidden_size", d["mm_hidden_size"]):
@@ -200,7 +223,7 @@ def original_config(d: dict, vision: dict, source="config.json") -> dict:
             "projector_type": d.get("mm_projector_type", "linear"), "select_layer": d.get("mm_vision_select_layer", -2),
             "select_feature": d.get("mm_vision_select_feature", "patch"),
             "image_aspect_ratio": d.get("image_aspect_ratio", "square"),
-            "mm_use_im_start_end": d.get("mm_use_im_start_end", False)}
+            "mm_use_im_start_end": d.get("mm_use_im_start_end", False), **original_anyres_settings(d, source)}
 
 
 def original_template(path, d: dict) -> str:
@@ -212,6 +235,20 @@ def original_template(path, d: dict) -> str:
     name = (f"{parts[-2]}_{parts[-1]}" if parts[-1].startswith("checkpoint-") else parts[-1]).lower()
     later = any(word in name for word in ("llama-2", "mistral", "v1.6-34b", "v1", "mpt"))
     return "vicuna_v1" if later or "mm_projector_type" in d else "llava_v0"
+
+
+def original_anyres_settings(d: dict, source="config.json") -> dict:
+    """LLaVA-1.6's mm_patch_merge_type and image_grid_pinpoints ((width, height) pairs, as ours; the training
+    scripts stored them as a string, which is read as a Python literal, as the original reads it)."""
+    merge, pinpoints = d.get("mm_patch_merge_type", "flat"), d.get("image_grid_pinpoints")
+    if merge not in MERGE_TYPES:
+        raise ValueError(f"{source}: mm_patch_merge_type={merge!r} is not supported (known: {', '.join(MERGE_TYPES)})")
+    if isinstance(pinpoints, str):
+        try:
+            pinpoints = [list(pair) for pair in ast.literal_eval(pinpoints)]  # literals only: never runs code
+        except (ValueError, TypeError, SyntaxError):
+            raise ValueError(f"{source}: image_grid_pinpoints={pinpoints!r} is not a list of [width, height]") from None
+    return {"patch_merge_type": merge, "image_grid_pinpoints": pinpoints}
 
 
 def load_llava(path, vision_tower=None, device="cpu", dtype=torch.float32) -> LLaVA:
@@ -414,16 +451,19 @@ def chat_template(name: str) -> str:
     return default + CHAT_MESSAGE + CHAT_TEMPLATES[template.style]
 
 
-def image_processor_config(image_size: int, do_pad: bool) -> dict:
-    """preprocessor_config.json: the CLIP processor settings LLaVA used; do_pad = image_aspect_ratio "pad"."""
-    S = image_size
-    return {"image_processor_type": "LlavaImageProcessor", "processor_class": "LlavaProcessor", "do_pad": do_pad,
+def image_processor_config(image_size: int, do_pad: bool, grid_pinpoints=None) -> dict:
+    """preprocessor_config.json: the CLIP processor settings LLaVA used; do_pad = image_aspect_ratio "pad". With
+    grid_pinpoints (ours, (width, height)): LlavaNextImageProcessor's, whose do_pad pads tile counts for batching."""
+    S, kind = image_size, "llava" if grid_pinpoints is None else "llava_next"
+    _, processor, image_processor = LLAVA_HF_CLASSES[kind]
+    extra = {} if grid_pinpoints is None else {"image_grid_pinpoints": [[h, w] for w, h in grid_pinpoints]}
+    return {"image_processor_type": image_processor, "processor_class": processor, "do_pad": do_pad, **extra,
             "do_resize": True, "size": {"shortest_edge": S}, "resample": 3, "do_center_crop": True,
             "crop_size": {"height": S, "width": S}, "do_rescale": True, "rescale_factor": 1 / 255,
             "do_normalize": True, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_convert_rgb": True}
 
 
-def tokenizer_configs(tokenizer: Tokenizer, image_token: int, max_length: int) -> dict:
+def tokenizer_configs(tokenizer: Tokenizer, image_token: int, max_length: int, processor="LlavaProcessor") -> dict:
     """{file name: content} for transformers' LlamaTokenizer over the same tokenizer.model, <image> added at
     `image_token`: the first id after the sentencepiece pieces, as in llava-1.5-hf (32000 for Vicuna)."""
     if image_token != tokenizer.vocab_size:
@@ -438,7 +478,7 @@ def tokenizer_configs(tokenizer: Tokenizer, image_token: int, max_length: int) -
     return {
         # legacy: every chunk between special tokens starts a new word ("\n" after <image> -> "▁", "<0x0A>"), as
         # the original's slow LlamaTokenizer did; not legacy: none after a special token (data.py does both)
-        "tokenizer_config.json": {"tokenizer_class": "LlamaTokenizer", "processor_class": "LlavaProcessor",
+        "tokenizer_config.json": {"tokenizer_class": "LlamaTokenizer", "processor_class": processor,
                                   "added_tokens_decoder": added, **tokens, "add_bos_token": tokenizer.add_bos,
                                   "add_eos_token": False, "legacy": tokenizer.legacy,
                                   "clean_up_tokenization_spaces": False,
@@ -449,24 +489,30 @@ def tokenizer_configs(tokenizer: Tokenizer, image_token: int, max_length: int) -
 
 def export_hf(model, path, tokenizer=None) -> None:
     """`model` (a LLaVA) as a llava-hf folder that transformers' AutoProcessor and LlavaForConditionalGeneration
-    load from the folder alone: config.json, model.safetensors (the published llava-1.5-*-hf names),
-    preprocessor_config.json, processor_config.json, chat_template.json, and, from `tokenizer` (a tokenizer.model
-    or its folder; default: the folder the model was loaded from), tokenizer.model with tokenizer_config.json and
-    special_tokens_map.json. The image token id is the remembered one (a model loaded from llava-hf), else the
-    first id after the vocabulary. The vocabulary is padded to a multiple of 64 with rows equal to the mean row:
-    the mean row's logit is the mean logit, so greedy decoding never picks a padding id."""
+    (LlavaNextForConditionalGeneration for an anyres model) load from the folder alone: config.json,
+    model.safetensors (the published llava-1.5-*-hf names), preprocessor_config.json, processor_config.json,
+    chat_template.json, and, from `tokenizer` (a tokenizer.model or its folder; default: the folder the model was
+    loaded from), tokenizer.model with tokenizer_config.json and special_tokens_map.json. The image token id is the
+    remembered one (a model loaded from llava-hf), else the first id after the vocabulary. The vocabulary is padded
+    to a multiple of 64 with rows equal to the mean row: the mean row's logit is the mean logit, so greedy decoding
+    never picks a padding id."""
     c = model.config
     if any(name.endswith("weight_int8") for name, _ in model.named_buffers()):  # quantize.py's layers
         raise ValueError("int8 weights are for answering, not for export: export the float model, quantize on load")
     if c.projector_type != "mlp2x_gelu":
         raise ValueError(f"llava-hf has only the mlp2x_gelu projector, this model has {c.projector_type!r}")
+    anyres = c.image_aspect_ratio == "anyres"
+    if anyres and c.patch_merge_type != "spatial_unpad":
+        raise ValueError(f"llava-hf's LlavaNext merges tiles only as 'spatial_unpad', this model has "
+                         f"patch_merge_type {c.patch_merge_type!r}")
+    _, processor, _ = LLAVA_HF_CLASSES["llava_next" if anyres else "llava"]
     template = chat_template(c.template)  # checked before anything is written
     file = tokenizer or getattr(model, "source_path", None)
     file = os.path.join(file, "tokenizer.model") if file and os.path.isdir(file) else file
     tokenizer = Tokenizer(file) if file and os.path.isfile(file) else None  # checked before anything is written
     V = c.llm.vocab_size
     image_token = V if c.image_token_index is None else c.image_token_index
-    files = tokenizer_configs(tokenizer, image_token, c.llm.max_position_embeddings) if tokenizer else {}
+    files = tokenizer_configs(tokenizer, image_token, c.llm.max_position_embeddings, processor) if tokenizer else {}
     padded = -(-max(V, image_token + 1) // 64) * 64
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if c.llm.tie_word_embeddings:
@@ -478,9 +524,10 @@ def export_hf(model, path, tokenizer=None) -> None:
     save_tensors(os.path.join(path, "model.safetensors"), {k: v.contiguous() for k, v in llava_to_hf_keys(sd).items()})
     dtype = str(sd["llm.embed_tokens.weight"].dtype).removeprefix("torch.")
     files["config.json"] = llava_to_hf_config(c.to_dict(), padded, image_token, dtype)
-    files["preprocessor_config.json"] = image_processor_config(c.image_size, c.image_aspect_ratio == "pad")
+    files["preprocessor_config.json"] = (image_processor_config(c.image_size, True, c.image_grid_pinpoints) if anyres
+                                         else image_processor_config(c.image_size, c.image_aspect_ratio == "pad"))
     files["processor_config.json"] = {
-        "processor_class": "LlavaProcessor", "image_token": IMAGE_TOKEN, "patch_size": c.vision.patch_size,
+        "processor_class": processor, "image_token": IMAGE_TOKEN, "patch_size": c.vision.patch_size,
         "num_additional_image_tokens": 1, "vision_feature_select_strategy": SELECT_STRATEGY[c.select_feature]}
     files["chat_template.json"] = {"chat_template": template}
     for name, content in files.items():

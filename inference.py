@@ -17,11 +17,11 @@ from tqdm import tqdm
 
 import formats
 from checkpoint import fingerprint
-from clip import preprocess
+from clip import preprocess, preprocess_anyres
 from data import get_template, render, with_image
 from distributed import default_device, default_dtype
 from fileio import append_jsonl, check_unique, repair_jsonl, resume_jsonl, write_text
-from images import load_image
+from images import load_image, open_image
 from llama import generate, sample
 from quantize import QUANTIZE, quantize_int8
 from tokenizer import Tokenizer
@@ -51,17 +51,37 @@ def prompt_ids(model, tokenizer, question, image_path=None, template=None) -> li
     data.TEMPLATES name) where given, else the checkpoint's (the original's eval scripts pick theirs by --conv-mode)."""
     cfg = model.config
     turn = {"from": "human", "value": with_image(question) if image_path is not None else question}
-    return render([turn], template or cfg.template, tokenizer, cfg.num_image_tokens, for_generation=True,
+    return render([turn], template or cfg.template, tokenizer, image_tokens(cfg, image_path), for_generation=True,
                   image_start_end=cfg.mm_use_im_start_end)[0]
 
 
-def pixel_values(model, image_path):
-    """(1, 3, S, S) on the tower's device and dtype, or None without an image."""
+def image_tokens(config, image_path=None) -> int:
+    """How many placeholders the image at image_path gets (0 without one): fixed, or with anyres computed from the
+    size in the file's header (LLaVAConfig.image_tokens), so the prompt is final before any pixel is decoded."""
     if image_path is None:
-        return None
-    cfg, weight = model.config, next(model.vision_tower.parameters())
-    return preprocess(load_image(image_path), cfg.image_size, cfg.image_aspect_ratio == "pad").to(weight.device,
-                                                                                                  weight.dtype)
+        return 0
+    if config.image_aspect_ratio != "anyres":
+        return config.num_image_tokens
+    with open_image(image_path) as image:
+        return config.image_tokens(image.size)
+
+
+def pixel_values(model, image_path):
+    """(1, 3, S, S) on the tower's device and dtype, or None without an image; anyres: (1 + tiles, 3, S, S)."""
+    return image_input(model, image_path)[0]
+
+
+def image_input(model, image_path):
+    """(pixel_values, image_sizes) for model.embed: (None, None) without an image, ((1, 3, S, S), None), or with
+    anyres the overview and tiles (1 + n, 3, S, S) and [(w, h)]."""
+    if image_path is None:
+        return None, None
+    cfg, weight, image = model.config, next(model.vision_tower.parameters()), load_image(image_path)
+    if cfg.image_aspect_ratio == "anyres":
+        pixels, sizes = preprocess_anyres(image, cfg.image_size, cfg.image_grid_pinpoints), [image.size]
+    else:
+        pixels, sizes = preprocess(image, cfg.image_size, cfg.image_aspect_ratio == "pad"), None
+    return pixels.to(weight.device, weight.dtype), sizes
 
 
 def reply_text(tokenizer, tokens, stop="") -> str:
@@ -70,11 +90,11 @@ def reply_text(tokenizer, tokens, stop="") -> str:
     return (text.split(stop)[0] if stop else text).strip()
 
 
-def generate_llava(model, input_ids, pixel_values=None, **kwargs):
+def generate_llava(model, input_ids, pixel_values=None, image_sizes=None, **kwargs):
     """llama.generate for a LLaVA prompt (1, T): the image is encoded once, written into the embeddings, prefilled.
-    The caller runs model.llm.setup_cache first."""
+    image_sizes: an anyres image's [(w, h)] (image_input). The caller runs model.llm.setup_cache first."""
     with torch.inference_mode():
-        embeds = model.embed(input_ids, pixel_values)  # (1, T, D)
+        embeds = model.embed(input_ids, pixel_values, image_sizes)  # (1, T, D)
     return generate(model.llm, inputs_embeds=embeds, **kwargs)
 
 
@@ -84,7 +104,7 @@ def answer(model, tokenizer, question, image_path=None, max_new_tokens=128, temp
     device = model.llm.norm.weight.device
     ids = torch.tensor([prompt_ids(model, tokenizer, question, image_path, template)], device=device)  # (1, T)
     model.llm.setup_cache(1, ids.shape[1] + max_new_tokens)
-    out = list(generate_llava(model, ids, pixel_values(model, image_path), max_new_tokens=max_new_tokens,
+    out = list(generate_llava(model, ids, *image_input(model, image_path), max_new_tokens=max_new_tokens,
                               eos_id=tokenizer.eos_id))
     model.llm.reset_cache()  # a 7B cache is ~0.5 MB per position: do not keep it between questions
     return reply_text(tokenizer, out, get_template(model.config.template).stop)
@@ -217,7 +237,7 @@ def answer_batches(model, tokenizer, items, max_new_tokens=128, batch_size=None,
         for start in range(0, rounds * batch_size, batch_size):
             batch = mine[start:start + batch_size]
             embeds = [model.embed(torch.tensor([prompts[i]], device=device),
-                                  pixel_values(model, items[i].get("image_path")))[0] for i in batch]  # (T_i, D)
+                                  *image_input(model, items[i].get("image_path")))[0] for i in batch]  # (T_i, D)
             out = generate_batch(model.llm, embeds, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
                                  temperature=temperature, generator=generator)
             answered = [(i, reply_text(tokenizer, tokens, stop)) for i, tokens in zip(batch, out)]

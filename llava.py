@@ -1,8 +1,12 @@
 """LLaVA, Figure 1 of the paper: a frozen CLIP vision tower, a projector and a LLaMA decoder. An image becomes
 `num_image_tokens` patch features (CLIP layer `select_layer`, CLS dropped), the projector maps them to the LLM width,
 and they replace the embeddings of the placeholder ids (IMAGE_TOKEN_INDEX) that the prompt renderer wrote, one per
-feature; then it is an ordinary causal LM, trained on the answer tokens only. Own checkpoints: config.json
-{"format": "llava-minimal", "llm": ..., "vision": ...} + model.safetensors; formats.py reads every other layout."""
+feature; then it is an ordinary causal LM, trained on the answer tokens only. LLaVA-1.6 ("anyres") sees an image as an
+overview plus tiles of its best grid resolution (clip.preprocess_anyres), all through the tower in one batch;
+merge_tiles lays them back on their grid, so the count depends on the image's size (LLaVAConfig.image_tokens).
+Own checkpoints: config.json {"format": "llava-minimal", "llm": ..., "vision": ...} + model.safetensors; formats.py
+reads every other layout."""
+import math
 import os
 from dataclasses import dataclass, fields
 
@@ -11,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import load_checkpoint, load_strict, typed_fields
-from clip import CLIPVisionConfig, CLIPVisionTower
+from clip import CLIPVisionConfig, CLIPVisionTower, anyres_grid
 from fileio import read_json, save_tensors, write_json
 from llama import Llama, LlamaConfig
 from projector import PROJECTORS, build_projector
@@ -19,6 +23,7 @@ from projector import PROJECTORS, build_projector
 IMAGE_TOKEN_INDEX = -200  # the original release's placeholder id for an image feature: never a vocabulary id
 IGNORE_INDEX = -100  # the label of a position without loss (cross_entropy's default ignore_index)
 FORMAT = "llava-minimal"  # the "format" field of our config.json
+MERGE_TYPES = ("flat", "spatial", "spatial_unpad")  # the original's mm_patch_merge_type: merge_tiles
 
 
 @dataclass
@@ -28,22 +33,55 @@ class LLaVAConfig:
     projector_type: str = "mlp2x_gelu"  # "linear": the paper; "mlp2x_gelu": LLaVA-1.5
     select_layer: int = -2  # CLIP hidden state fed to the projector: the penultimate layer
     select_feature: str = "patch"  # "patch" drops CLS, "cls_patch" keeps it
-    image_aspect_ratio: str = "pad"  # "pad": pad to a square with the mean colour first (LLaVA-1.5); "square"
+    image_aspect_ratio: str = "pad"  # "pad": pad to a square with the mean colour first (LLaVA-1.5); "square";
+    # "anyres" (LLaVA-1.6): an overview + the tiles of the best of image_grid_pinpoints, merged by patch_merge_type
+    image_grid_pinpoints: list | None = None  # anyres: [[width, height], ...], multiples of the tower's image_size
+    patch_merge_type: str = "flat"  # anyres: one of MERGE_TYPES; the 1.6 releases: "spatial_unpad" (image_newline)
     template: str = "vicuna_v1"  # conversation template (data.py) the model was trained with
     image_token_index: int | None = None  # llava-hf vocabulary id of <image>, kept for export_hf
     mm_use_im_start_end: bool = False  # v0 (the paper's release): features between <im_start> and <im_end> ids
 
     def __post_init__(self):
         for name, allowed in [("projector_type", PROJECTORS), ("select_feature", ("patch", "cls_patch")),
-                              ("image_aspect_ratio", ("pad", "square"))]:
+                              ("image_aspect_ratio", ("pad", "square", "anyres")),
+                              ("patch_merge_type", MERGE_TYPES)]:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported; known: {', '.join(allowed)}")
         if not -self.vision.num_hidden_layers - 1 <= self.select_layer <= self.vision.num_hidden_layers:
             raise ValueError(f"select_layer {self.select_layer} is out of range for {self.vision.num_hidden_layers} "
                              "CLIP layers")
+        if self.image_aspect_ratio == "anyres":
+            S, pinpoints = self.vision.image_size, self.image_grid_pinpoints
+            if not (isinstance(pinpoints, list) and pinpoints and all(
+                    isinstance(p, list) and len(p) == 2 and all(type(x) is int and 0 < x <= 64 * S and x % S == 0
+                                                                 for x in p) for p in pinpoints)):
+                raise ValueError(f"image_grid_pinpoints={pinpoints!r}: anyres needs a list of [width, height], each "
+                                 f"a multiple of the tower's image_size {S}, at most 64 tiles a side")
+            if self.patch_merge_type != "flat" and self.select_feature != "patch":
+                raise ValueError(f"patch_merge_type={self.patch_merge_type!r} lays patches on a grid: it needs "
+                                 f"select_feature 'patch', not {self.select_feature!r}")
 
-    num_image_tokens = property(lambda self: self.vision.num_patches + (self.select_feature == "cls_patch"))
+    tile_tokens = property(lambda self: self.vision.num_patches + (self.select_feature == "cls_patch"))  # per tile
     image_size = property(lambda self: self.vision.image_size)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Placeholders per image, for fixed-size images; anyres counts depend on each image's size: image_tokens."""
+        if self.image_aspect_ratio == "anyres":
+            raise ValueError("image_aspect_ratio 'anyres': the number of image tokens depends on each image's size "
+                             "(LLaVAConfig.image_tokens); this path supports fixed-size images only")
+        return self.tile_tokens
+
+    def image_tokens(self, size) -> int:
+        """Placeholders for one image of size (width, height): as many as merge_tiles makes of its features."""
+        if self.image_aspect_ratio != "anyres":
+            return self.tile_tokens
+        cols, rows = anyres_grid(size, self.image_grid_pinpoints, self.image_size)
+        if self.patch_merge_type != "spatial_unpad":
+            return (1 + cols * rows) * self.tile_tokens
+        side = self.image_size // self.vision.patch_size  # patches along a tile's side
+        _, _, height, width = unpad_box(size, rows * side, cols * side)
+        return side * side + height * (width + 1)  # the overview, then each kept row and its image_newline
 
     def to_dict(self) -> dict:
         rest = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("llm", "vision")}
@@ -60,6 +98,38 @@ class LLaVAConfig:
         return cls(**typed_fields(cls, values, source))
 
 
+def unpad_box(size, height, width) -> tuple:
+    """(top, left, rows, columns) of the part of a height x width feature map that covers an image of size (w, h)
+    fitted and centred in it (clip.anyres_tiles): the original's unpad_image. Its int() truncation of the scaled
+    side is kept, as the released 1.6 weights were trained with it; transformers rounds to 7 decimals first, which
+    for some sizes keeps a row or column more on each side (an 88x55 image with LLaVA-1.6's 336 px tower and grid:
+    55 * (24 / 88) = 14.999..., 14 of 48 rows kept here and in the original, 16 in transformers)."""
+    w, h = size
+    if w / h > width / height:  # relatively wider than the map: padding above and below
+        pad = (height - int(h * (width / w))) // 2
+        return pad, 0, height - 2 * pad, width
+    pad = (width - int(w * (height / h))) // 2
+    return 0, pad, height, width - 2 * pad
+
+
+def merge_tiles(features, grid, size, merge_type, image_newline=None):
+    """One anyres image's features (1 + rows * cols, P, D), overview first -> (N, D) in prompt order. "flat": tile
+    after tile; "spatial": the overview, then the tiles laid back on their grid (cols, rows) and read as one feature
+    map, row by row; "spatial_unpad": that map without the padding's rows or columns, image_newline after each row."""
+    if merge_type == "flat":
+        return features.flatten(0, 1)  # (N, D)
+    cols, rows = grid
+    side, D = math.isqrt(features.shape[1]), features.shape[-1]
+    tiles = features[1:].view(rows, cols, side, side, D).permute(0, 2, 1, 3, 4)  # (rows, side, cols, side, D)
+    feature_map = tiles.reshape(rows * side, cols * side, D)  # (H, W, D)
+    if merge_type == "spatial_unpad":
+        top, left, height, width = unpad_box(size, rows * side, cols * side)
+        feature_map = feature_map[top:top + height, left:left + width]  # (height, width, D)
+        newline = image_newline.to(feature_map.dtype).expand(height, 1, D)
+        feature_map = torch.cat([feature_map, newline], dim=1)  # (height, width + 1, D)
+    return torch.cat([features[0], feature_map.flatten(0, 1)])  # (N, D)
+
+
 class LLaVA(nn.Module):
     def __init__(self, config: LLaVAConfig):
         super().__init__()
@@ -67,28 +137,42 @@ class LLaVA(nn.Module):
         self.vision_tower = CLIPVisionTower(config.vision).requires_grad_(False)  # frozen in both stages
         self.projector = build_projector(config.projector_type, config.vision.hidden_size, config.llm.hidden_size)
         self.llm = Llama(config.llm)
+        if config.patch_merge_type == "spatial_unpad":  # LLaVA-1.6's learned end-of-row vector, std 1/sqrt(D)
+            self.image_newline = nn.Parameter(torch.randn(config.llm.hidden_size) * config.llm.hidden_size**-0.5)
 
-    def encode_images(self, pixel_values):  # (N, 3, S, S) -> (N, P, D)
+    def encode_images(self, pixel_values, image_sizes=None):
+        """(N, 3, S, S) -> [(P_i, D)], one per image: N images, or with anyres the tiles of len(image_sizes) images
+        (clip.preprocess_anyres's, concatenated), all through the tower in one batch."""
+        c = self.config
         with torch.no_grad():  # the tower is frozen: no activations kept for backward
-            features = self.vision_tower(pixel_values, self.config.select_layer, self.config.select_feature)
-        return self.projector(features.to(next(self.projector.parameters()).dtype))
+            features = self.vision_tower(pixel_values, c.select_layer, c.select_feature)
+        features = self.projector(features.to(next(self.projector.parameters()).dtype))  # (N, P, D)
+        if c.image_aspect_ratio != "anyres":
+            return list(features)
+        grids = [anyres_grid(size, c.image_grid_pinpoints, c.image_size) for size in image_sizes or []]
+        tiles = [1 + cols * rows for cols, rows in grids]
+        if sum(tiles) != len(features):
+            raise ValueError(f"{len(features)} tiles in pixel_values, {sum(tiles)} for image_sizes {image_sizes}")
+        return [merge_tiles(f, grid, size, c.patch_merge_type, getattr(self, "image_newline", None))
+                for f, grid, size in zip(features.split(tiles), grids, image_sizes)]
 
-    def embed(self, input_ids, pixel_values=None):
+    def embed(self, input_ids, pixel_values=None, image_sizes=None):
         """Token embeddings with image features written over the placeholders, images in row-major order."""
         is_image = input_ids == IMAGE_TOKEN_INDEX  # (B, T)
-        n_images = 0 if pixel_values is None else pixel_values.shape[0]
-        n_slots, n_features = int(is_image.sum()), n_images * self.config.num_image_tokens
+        features = [] if pixel_values is None else self.encode_images(pixel_values, image_sizes)  # [(P_i, D)]
+        n_slots, n_features = int(is_image.sum()), sum(len(f) for f in features)
         if n_slots != n_features:
-            raise ValueError(f"{n_slots} image placeholders in input_ids, {n_features} features from {n_images} images")
+            raise ValueError(f"{n_slots} image placeholders in input_ids, {n_features} features from "
+                             f"{len(features)} images")
         embeds = self.llm.embed_tokens(input_ids.masked_fill(is_image, 0))  # (B, T, D), placeholder rows overwritten
-        if n_images:
-            features = self.encode_images(pixel_values)  # (N, P, D)
-            embeds[is_image] = features.reshape(-1, features.shape[-1]).to(embeds.dtype)  # (N*P, D) in order
+        if features:
+            embeds[is_image] = torch.cat(features).to(embeds.dtype)  # (sum P_i, D) in order
         return embeds
 
-    def forward(self, input_ids, pixel_values=None, labels=None):
-        """No labels: (logits (B, T, V), None). Labels: (logits of the N labelled positions (N, V), N losses)."""
-        hidden = self.llm(inputs_embeds=self.embed(input_ids, pixel_values), head=labels is None)  # (B, T, V or D)
+    def forward(self, input_ids, pixel_values=None, labels=None, image_sizes=None):
+        """No labels: (logits (B, T, V), None). Labels: (logits of the N labelled positions (N, V), N losses).
+        image_sizes: with anyres, each image's (w, h), in order (embed)."""
+        hidden = self.llm(inputs_embeds=self.embed(input_ids, pixel_values, image_sizes), head=labels is None)
         if labels is None:
             return hidden, None
         # token t predicts label t+1: shift the labels, not the logits, and run the head only where a label is
@@ -113,8 +197,12 @@ class LLaVA(nn.Module):
         model.llm, model.vision_tower = llm, tower.requires_grad_(False)
         # PyTorch's default Linear init, as the original builds mm_projector after loading the LLM
         weight = llm.norm.weight
+        device = "cpu" if weight.is_meta else weight.device
         model.projector = build_projector(projector_type, tower.config.hidden_size, llm.config.hidden_size).to(
-            "cpu" if weight.is_meta else weight.device, weight.dtype)
+            device, weight.dtype)
+        if hasattr(model, "image_newline"):  # as the original initialises it beside mm_projector
+            D = llm.config.hidden_size
+            model.image_newline = nn.Parameter((torch.randn(D) * D**-0.5).to(device, weight.dtype))
         return model.eval()
 
     def save_pretrained(self, path, file="model.safetensors", prefix=""):  # the caller copies the tokenizer

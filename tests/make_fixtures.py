@@ -393,6 +393,216 @@ def check_llava_processor_export(out_dir, config):
     model.llm.setup_cache(1, hf_ids.shape[1] + 12)
     assert list(generate_llava(model, hf_ids, pixel_values, max_new_tokens=12)) == greedy.tolist()
 
+# ---- llava-next (LLaVA-1.6, anyres) ----
+# tests/fixtures/llava_next_hf: a tiny LlavaNextForConditionalGeneration over the fixture tokenizer (<image> = 512, the
+# vocabulary padded to 576), grid pinpoints NEXT_PINPOINTS["a"]; weights exact in fp16 and stored so (half the bytes).
+# tests/fixtures/llava_next_ref: more images; LlavaNextImageProcessorPil's pixels (preprocess.safetensors: every image
+# with set "a", NEXT_LOGITS["b"]'s with set "b"); per image and set, the logits of a short prompt's last position,
+# from transformers ("spatial_unpad") and from the original's llava_arch.py merges, restated below ("flat",
+# "spatial"); a vicuna_v1 prompt and the greedy ids of transformers' generate; config_b.json for the other set.
+NEXT_TILE, NEXT_PATCH, NEXT_IMAGE_TOKEN = 12, 4, 512
+NEXT_PINPOINTS = {  # (width, height), as the original writes them; transformers' configs take (height, width)
+    "a": [[12, 24], [24, 12], [24, 24], [36, 12], [12, 36]],  # LLaVA-1.6's set, for a 12 px tower
+    "b": [[24, 36], [48, 12], [12, 24], [36, 24]],  # not symmetric: a (height, width) mix-up changes the tiles
+}
+NEXT_IMAGES = ["square.png", "landscape.png", "portrait.png", "tiny.png", "gray.png", "rgba.png",  # clip_outputs'
+               "wide.png", "tall.png", "big.png"]  # made here: 15:1, 1:16, larger than every grid resolution
+NEXT_LOGITS = {"a": NEXT_IMAGES, "b": ["landscape.png", "wide.png", "tall.png", "big.png"]}  # spatial_unpad cases
+NEXT_MERGES = {"flat": ["wide.png", "portrait.png"], "spatial": ["wide.png", "portrait.png"]}  # set "a"
+NEXT_PROMPT = ([1, 17, 30], [40, 50, 60, 70])  # text ids around the image; the last one's logits are kept
+NEXT_QUESTION, NEXT_ANSWER_IMAGE = "What colour is the circle?", "landscape.png"
+
+
+def next_image_path(out_dir, name):
+    folder = "llava_next_ref" if name in ("wide.png", "tall.png", "big.png") else "clip_outputs"
+    return os.path.join(out_dir, folder, "images", name)
+
+
+def original_best_resolution(size, pinpoints):  # llava/mm_utils.py select_best_resolution, (w, h) throughout
+    w0, h0 = size
+    best, most, least = None, 0, float("inf")
+    for w, h in pinpoints:
+        scale = min(w / w0, h / h0)
+        kept = min(int(w0 * scale) * int(h0 * scale), w0 * h0)
+        if kept > most or (kept == most and w * h - kept < least):
+            best, most, least = (w, h), kept, w * h - kept
+    return best
+
+
+def original_anyres_pixels(image, processor, pinpoints):  # mm_utils.process_anyres_image, restated
+    import math
+    import torch
+    from PIL import Image
+    width, height = original_best_resolution(image.size, pinpoints)
+    w0, h0 = image.size
+    scale_w, scale_h = width / w0, height / h0
+    if scale_w < scale_h:
+        new_w, new_h = width, min(math.ceil(h0 * scale_w), height)
+    else:
+        new_w, new_h = min(math.ceil(w0 * scale_h), width), height
+    padded = Image.new("RGB", (width, height), (0, 0, 0))
+    padded.paste(image.resize((new_w, new_h)), ((width - new_w) // 2, (height - new_h) // 2))
+    tiles = [padded.crop((x, y, x + NEXT_TILE, y + NEXT_TILE)) for y in range(0, height, NEXT_TILE)
+             for x in range(0, width, NEXT_TILE)]
+    tiles = [image.resize((NEXT_TILE, NEXT_TILE))] + tiles
+    return torch.stack([processor(t, return_tensors="pt")["pixel_values"][0] for t in tiles])
+
+
+def original_unpad_rows(size, height, width, rounded=False):  # llava_arch.unpad_image (transformers: rounded)
+    w0, h0 = size
+    if w0 / h0 > width / height:
+        new = h0 * (width / w0)
+        new = int(round(new, 7)) if rounded else int(new)
+        pad = (height - new) // 2
+        return slice(pad, height - pad), slice(0, width)
+    new = w0 * (height / h0)
+    new = int(round(new, 7)) if rounded else int(new)
+    pad = (width - new) // 2
+    return slice(0, height), slice(pad, width - pad)
+
+
+def original_merge(features, size, pinpoints, merge, newline):  # llava_arch.py (1.6) for one image, restated
+    import torch
+    if merge == "flat":
+        return features.flatten(0, 1)
+    side = NEXT_TILE // NEXT_PATCH
+    width, height = original_best_resolution(size, pinpoints)
+    tiles = features[1:].view(height // NEXT_TILE, width // NEXT_TILE, side, side, -1)
+    if merge == "spatial_unpad":
+        tiles = tiles.permute(4, 0, 2, 1, 3).contiguous().flatten(1, 2).flatten(2, 3)  # (D, H, W)
+        rows, cols = original_unpad_rows(size, tiles.shape[1], tiles.shape[2])
+        tiles = tiles[:, rows, cols]
+        tiles = torch.cat((tiles, newline[:, None, None].expand(*tiles.shape[:-1], 1)), dim=-1)
+        tiles = tiles.flatten(1, 2).transpose(0, 1)
+    else:
+        tiles = tiles.permute(0, 2, 1, 3, 4).contiguous().flatten(0, 3)
+    return torch.cat((features[0], tiles), dim=0)
+
+
+def make_llava_next(out_dir):
+    import json
+    import shutil
+    import skimage.data
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaNextConfig,
+                              LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from data import render, with_image  # the prompt's text ids (render is checked against transformers 4.37)
+    from tokenizer import Tokenizer
+
+    hf_dir, ref_dir = os.path.join(out_dir, "llava_next_hf"), os.path.join(out_dir, "llava_next_ref")
+    for d in (hf_dir, ref_dir):
+        shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(os.path.join(ref_dir, "images"))
+    made = {"wide.png": (skimage.data.coffee(), (120, 8)), "tall.png": (skimage.data.chelsea(), (7, 112)),
+            "big.png": (skimage.data.astronaut(), (80, 53))}
+    for name, (array, size) in made.items():
+        Image.fromarray(array).resize(size, Image.LANCZOS).save(next_image_path(out_dir, name))
+
+    def hf_pinpoints(name):
+        return [[h, w] for w, h in NEXT_PINPOINTS[name]]
+
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=NEXT_TILE, patch_size=NEXT_PATCH, projection_dim=8)
+    text = LlamaConfig(vocab_size=576, hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=1,
+                       eos_token_id=2, tie_word_embeddings=False)
+    configs = {k: LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=NEXT_IMAGE_TOKEN,
+                                  image_grid_pinpoints=hf_pinpoints(k), vision_feature_layer=-2,
+                                  vision_feature_select_strategy="default") for k in NEXT_PINPOINTS}
+    model = LlavaNextForConditionalGeneration(configs["a"]).eval()
+    with torch.no_grad():  # perturb every tensor so that norms, biases, the projector and image_newline all matter
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.half().save_pretrained(hf_dir)
+    model.float()  # the weights are exact in fp16: the reference runs in fp32 on the stored values
+    configs["b"].to_json_file(os.path.join(ref_dir, "config_b.json"))
+    models = {"a": model, "b": LlavaNextForConditionalGeneration(configs["b"]).eval()}
+    models["b"].load_state_dict(model.state_dict())
+
+    images = {}
+    for name in NEXT_IMAGES:
+        with Image.open(next_image_path(out_dir, name)) as image:
+            image.load()
+        images[name] = image
+    pixels, logits, meta = {}, {}, {"tile": NEXT_TILE, "pinpoints": NEXT_PINPOINTS, "tokens": {}, "sizes": {}}
+    for key, pinpoints in NEXT_PINPOINTS.items():
+        processor = LlavaNextImageProcessorPil(image_grid_pinpoints=hf_pinpoints(key),
+                                               size={"shortest_edge": NEXT_TILE},
+                                               crop_size={"height": NEXT_TILE, "width": NEXT_TILE})
+        clip_processor = CLIPImageProcessorPil(size={"shortest_edge": NEXT_TILE},
+                                               crop_size={"height": NEXT_TILE, "width": NEXT_TILE})
+        for name, image in images.items():
+            out = processor(image, return_tensors="pt")
+            rgb = Image.fromarray(processor.convert_to_rgb(image))
+            assert torch.equal(out["pixel_values"][0], original_anyres_pixels(rgb, clip_processor, pinpoints)), name
+            assert out["image_sizes"][0].tolist() == [image.size[1], image.size[0]]
+            if key == "a" or name in NEXT_LOGITS[key]:  # the fixture's size
+                pixels[f"{key}.{name}"] = out["pixel_values"][0]
+            meta["sizes"][name] = list(image.size)
+            width, height = original_best_resolution(image.size, pinpoints)
+            side = NEXT_TILE // NEXT_PATCH
+            shape = (height // NEXT_TILE * side, width // NEXT_TILE * side)
+            assert original_unpad_rows(image.size, *shape) == original_unpad_rows(image.size, *shape, rounded=True), \
+                f"{name}: the original's int() and transformers' round() disagree: pick another size"
+    transposed = [[h, w] for w, h in NEXT_PINPOINTS["b"]]
+    assert any(original_best_resolution(images[n].size, NEXT_PINPOINTS["b"]) !=
+               original_best_resolution(images[n].size, transposed)[::-1] for n in NEXT_LOGITS["b"])
+
+    def prompt(n):
+        return torch.tensor([NEXT_PROMPT[0] + [NEXT_IMAGE_TOKEN] * n + NEXT_PROMPT[1]])
+
+    newline = model.model.image_newline.detach()
+    for key, names in NEXT_LOGITS.items():
+        for name in names:
+            pix, size = pixels[f"{key}.{name}"][None], torch.tensor([[images[name].size[1], images[name].size[0]]])
+            with torch.no_grad():
+                n = models[key].model.get_image_features(pix, size).pooler_output[0].shape[0]
+                out = models[key](input_ids=prompt(n), pixel_values=pix, image_sizes=size).logits
+            meta["tokens"][f"{key}.spatial_unpad.{name}"] = n
+            logits[f"{key}.spatial_unpad.{name}"] = out[0, -1:].contiguous()
+    for merge, names in [("spatial_unpad", NEXT_LOGITS["a"])] + list(NEXT_MERGES.items()):
+        for name in names:  # the original's merges on transformers' tower and projector
+            with torch.no_grad():
+                hidden = model.model.vision_tower(pixels[f"a.{name}"], output_hidden_states=True).hidden_states[-2]
+                features = model.model.multi_modal_projector(hidden[:, 1:])
+                merged = original_merge(features, images[name].size, NEXT_PINPOINTS["a"], merge, newline)
+                ids = prompt(len(merged))
+                embeds = model.get_input_embeddings()(ids)
+                embeds[ids == NEXT_IMAGE_TOKEN] = merged
+                out = model(inputs_embeds=embeds).logits[0, -1:]
+            if merge == "spatial_unpad":  # the original and transformers agree on every fixture size
+                assert torch.allclose(out, logits[f"a.spatial_unpad.{name}"], atol=1e-5), name
+            else:
+                meta["tokens"][f"a.{merge}.{name}"] = len(merged)
+                logits[f"a.{merge}.{name}"] = out.contiguous()
+
+    tokenizer = Tokenizer(os.path.join(out_dir, "tokenizer.model"))
+    name = NEXT_ANSWER_IMAGE
+    pix, size = pixels[f"a.{name}"][None], torch.tensor([[images[name].size[1], images[name].size[0]]])
+    with torch.no_grad():
+        n = model.model.get_image_features(pix, size).pooler_output[0].shape[0]
+    ids, _ = render([{"from": "human", "value": with_image(NEXT_QUESTION)}], "vicuna_v1", tokenizer, n,
+                    for_generation=True)
+    ids = torch.tensor([[NEXT_IMAGE_TOKEN if i == -200 else i for i in ids]])
+    with torch.no_grad():
+        greedy = model.generate(input_ids=ids, pixel_values=pix, image_sizes=size, max_new_tokens=12, do_sample=False,
+                                eos_token_id=2, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    for scores in greedy.scores:
+        top2 = scores[0].topk(2).values
+        assert top2[0] - top2[1] > 1e-3, "near-tie in the greedy reference: pick another seed"
+    save_file({k: v.contiguous() for k, v in pixels.items()}, os.path.join(ref_dir, "preprocess.safetensors"))
+    logits.update({"answer_ids": ids, "answer_greedy": greedy.sequences[:, ids.shape[1]:].contiguous()})
+    save_file(logits, os.path.join(ref_dir, "reference.safetensors"))
+    with open(os.path.join(ref_dir, "meta.json"), "w") as f:
+        json.dump({**meta, "question": NEXT_QUESTION, "answer_image": NEXT_ANSWER_IMAGE}, f, indent=1)
+    total = sum(os.path.getsize(os.path.join(r, f)) for d in (hf_dir, ref_dir) for r, _, fs in os.walk(d) for f in fs)
+    print(f"llava-next fixtures: {total / 1e3:.0f} KB; greedy {greedy.sequences[0, ids.shape[1]:].tolist()}")
+
+
 # ---- render ----
 RENDER_CONVERSATIONS = [  # (has_image, turns human, gpt, ...): multi-turn, so that rounds follow "</s>"
     (True, ["What is in the picture?\n<image>", "A red circle on the left.", "How many shapes are there?",
@@ -501,6 +711,7 @@ MAKERS = [
     ("llama", make_llama),
     ("clip", make_clip),
     ("llava", make_llava),
+    ("llava_next", make_llava_next),
     ("render", make_render_reference),
 ]
 
