@@ -123,6 +123,7 @@ class ChatSession:
         pixel_values = self.pixel_values if IMAGE_TOKEN_INDEX in new_ids else None
         eos, stream, generated = self.tokenizer.eos_id, self.tokenizer.stream(), []
         stop, text, shown = get_template(self.template).stop, "", 0  # v0 models end a reply with "###", not </s>
+        stop_id = self.tokenizer.single_id(stop) if stop else None  # ChatML's <|im_end|>: one token, no text
         start, first, interrupted = time.perf_counter(), None, False
         try:
             image_sizes = self.image_sizes if pixel_values is not None else None
@@ -130,8 +131,8 @@ class ChatSession:
                                         image_sizes, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                                         top_p=self.top_p, eos_id=eos, start_pos=reuse, generator=self.generator):
                 first = first or time.perf_counter()
-                at = -1
-                if token != eos:
+                at = 0 if token == stop_id else -1
+                if token != eos and at < 0:
                     text += stream.push(token)
                     at = text.find(stop) if stop else -1
                     # hold back a tail that may be the start of the stop text ("#", "##")

@@ -4,6 +4,7 @@ turns it into (input_ids, labels) exactly as the original LLaVA training code to
 the labels piece by piece: the assistant replies and their end token get labels, everything else IGNORE_INDEX.
 """
 import itertools
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -31,14 +32,18 @@ def with_image(text: str) -> str:
 @dataclass(frozen=True)
 class Template:
     style: str  # "plain" (stage 1), "two" (vicuna: USER/ASSISTANT, " " then "</s>"), "llama_2" ([INST] ... [/INST]),
-    # "single" (v0: "###" after the system prompt and after every message, roles Human/Assistant)
+    # "single" (v0: "###" after the system prompt and after every message, roles Human/Assistant), "chatml"
+    # (the original's MPT style: <|im_start|>role\n ... <|im_end|>, the system prompt holding its own header)
     system: str = ""
     examples: tuple = ()  # few-shot (human, assistant) messages before the conversation (conv_vicuna_v0's one)
+    rounds_bos: bool = True  # llama_2: "<s>" before every round after the first (conv_mistral_instruct's sep is "")
+    generation_only: bool = False  # no training samples: the original trained these on another text, or not at all
 
-    # v0 models end a reply with "###", not with </s>: the original stops there and cuts the text at it
-    stop = property(lambda self: "###" if self.style == "single" else "")
+    # v0 models end a reply with "###", ChatML ones with <|im_end|>, not with </s>: the original stops at that text
+    stop = property(lambda self: {"single": "###", "chatml": CHATML_END}.get(self.style, ""))
 
 
+CHATML_START, CHATML_END = "<|im_start|>", "<|im_end|>"  # special tokens of the Yi-34B (LLaVA-1.6-34B) tokenizer
 LLAMA_2_SYSTEM = (
     "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe.  "
     "Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or illegal content. "
@@ -72,12 +77,16 @@ TEMPLATES = {
     "llava_v1": Template("two", "A chat between a curious human and an artificial intelligence assistant. "
                                 "The assistant gives helpful, detailed, and polite answers to the human's questions."),
     # conv_vicuna_v0 and conv_llava_v0: the paper's release (LLaVA-13b-delta-v0); the original's CLI picks llava_v0
-    "vicuna_v0": Template("single", V0_SYSTEM, ((V0_EXAMPLE_QUESTION, V0_EXAMPLE_ANSWER),)),
-    "llava_v0": Template("single", V0_SYSTEM),
+    "vicuna_v0": Template("single", V0_SYSTEM, ((V0_EXAMPLE_QUESTION, V0_EXAMPLE_ANSWER),), generation_only=True),
+    "llava_v0": Template("single", V0_SYSTEM, generation_only=True),
     "llama_2": Template("llama_2", LLAMA_2_SYSTEM),
     "llava_llama_2": Template("llama_2", "You are a helpful language and vision assistant. You are able to understand "
                                          "the visual content that the user provides, and assist the user with a "
                                          "variety of tasks using natural language."),
+    # LLaVA-1.6: conv_mistral_instruct (llava-v1.6-mistral-7b) and conv_chatml_direct (llava-v1.6-34b); their
+    # training code was not released, so they render prompts for chat and evaluation only
+    "mistral_instruct": Template("llama_2", "", rounds_bos=False, generation_only=True),
+    "chatml_direct": Template("chatml", f"{CHATML_START}system\nAnswer the questions.", generation_only=True),
 }
 
 
@@ -131,13 +140,19 @@ def _pieces(conversation, template: Template, for_generation):
         pieces = [("bos", "", False), ("text", IMAGE_TOKEN, False)]  # the instruction text is dropped, as the original
         return pieces if for_generation else pieces + [("text", turns[1] + "\n", True)]
     pieces = [("bos", "", False)]
+    if template.generation_only and not for_generation:
+        raise ValueError("the v0, mistral_instruct and chatml_direct templates render chat prompts only; the "
+                         "original trained v0 on another text and released no training code for the others")
     if template.style == "single":  # conv.get_prompt(): one text, every message followed by "###"
-        if not for_generation:  # its preprocess trains on another text ("### Human: ...\n") with length arithmetic
-            raise ValueError("the v0 templates render chat prompts only; the original trained them on another text")
         messages = [m for pair in template.examples for m in pair] + [move_image_to_front(t) for t in turns] + [""]
         roles = ("Human", "Assistant")
         text = "".join(f"{roles[k % 2]}: {m}###" if m else "Assistant:" for k, m in enumerate(messages))
         return pieces + [("text", template.system + "###" + text, False)]
+    if template.style == "chatml":  # system + sep, then role + message + sep per message, the open role last
+        roles = (f"{CHATML_START}user\n", f"{CHATML_START}assistant\n")
+        text = template.system + CHATML_END + "".join(
+            roles[k % 2] + (move_image_to_front(t) if k % 2 == 0 else t) + CHATML_END for k, t in enumerate(turns))
+        return pieces + [("text", text + roles[1], False)]
     for i in range(0, len(turns), 2):
         question = move_image_to_front(turns[i])
         if template.style == "two":
@@ -145,9 +160,9 @@ def _pieces(conversation, template: Template, for_generation):
             pieces.append(("text", f"{system}USER: {question} ASSISTANT:", False))
             answer = " " + turns[i + 1] if i + 1 < len(turns) else None
         elif template.style == "llama_2":
-            if i == 0:
+            if i == 0 and template.system:  # an empty system prompt is left out, <<SYS>> and all
                 question = f"<<SYS>>\n{template.system}\n<</SYS>>\n\n{question}"
-            else:
+            elif i > 0 and template.rounds_bos:
                 pieces.append(("bos", "", False))  # "<s>" between rounds
             pieces.append(("text", f"[INST] {question} [/INST]", False))
             answer = " " + turns[i + 1] + " " if i + 1 < len(turns) else None
@@ -168,6 +183,8 @@ def render(conversation, template, tokenizer: Tokenizer, n_image_tokens, for_gen
     counts = image_counts(pieces, n_image_tokens)
     start_end = ([tokenizer.token_id(IM_START_TOKEN)], [tokenizer.token_id(IM_END_TOKEN)]) if image_start_end \
         else ([], [])
+    specials = (CHATML_START, CHATML_END) if template.style == "chatml" else ()
+    splits = "(" + "|".join(map(re.escape, (IMAGE_TOKEN, *specials))) + ")"
     input_ids, labels = [], []
     start, bare = True, False  # at a chunk's start: its dummy prefix, none after a special token if not legacy
     for n, (kind, text, labelled) in enumerate(pieces):
@@ -176,11 +193,14 @@ def render(conversation, template, tokenizer: Tokenizer, n_image_tokens, for_gen
             start, bare = True, n > 0 and not tokenizer.legacy  # the first bos is not in the text
         else:
             ids = []
-            for j, part in enumerate(text.split(IMAGE_TOKEN)):
-                if j > 0:  # tokenizer_image_token encodes each chunk after an image on its own: a dummy prefix
+            for part in re.split(splits, text):
+                if part == IMAGE_TOKEN:  # tokenizer_image_token encodes each chunk after an image on its own
                     ids += start_end[0] + [IMAGE_TOKEN_INDEX] * next(counts) + start_end[1]
                     start, bare = True, False
-                if part:
+                elif part in (CHATML_START, CHATML_END):  # a special token, as "</s>" above
+                    ids += [tokenizer.piece_id(part, f"template {template.style!r}: special token")]
+                    start, bare = True, not tokenizer.legacy
+                elif part:
                     # a continuation starts with " " (see above): the dummy prefix stands for that space
                     ids += tokenizer.encode_text(part, not bare) if start else tokenizer.sp.encode(part[1:])
                     start = False

@@ -497,7 +497,7 @@ def main(argv=None):
     if args.command == "scienceqa":
         (_, _, result, seconds), = rows.values()
         print(f"miniature ScienceQA, Table 7 row ({seconds / 60:.1f} min): " + "  ".join(
-            f"{k} {v:.2f}" for k, v in result["table"].items()))
+            f"{k} {'-' if v is None else f'{v:.2f}'}" for k, v in result["table"].items()))  # -: none in the split
         return
     best = rows["best"][2]["acc"]
     print("\n| variant | paper (Table 8) | miniature | time |\n|---|---|---|---|")

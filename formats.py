@@ -226,15 +226,26 @@ def original_config(d: dict, vision: dict, source="config.json") -> dict:
             "mm_use_im_start_end": d.get("mm_use_im_start_end", False), **original_anyres_settings(d, source)}
 
 
-def original_template(path, d: dict) -> str:
-    """The template for an original release. Its CLI (serve/cli.py) picks one by the model's name (the folder, or
-    parent_checkpoint-N): llava_llama_2, mistral_instruct, chatml_direct, llava_v1 or mpt when the name says
-    "llama-2", "mistral", "v1.6-34b", "v1" or "mpt", else llava_v0. Releases from LLaVA-1.5 on (their config names
-    mm_projector_type) keep vicuna_v1, the template they were trained with; earlier ones get llava_v0 by that rule."""
+def name_template(path):
+    """The template the original's CLI (serve/cli.py) picks by the model's name (the folder, or parent_checkpoint-N)
+    for the families trained with their own: llava_llama_2, mistral_instruct or chatml_direct when the name says
+    "llama-2", "mistral" or "v1.6-34b" (llava-hf's llava-v1.6-34b-hf too); else None."""
+    rules = (("llama-2", "llava_llama_2"), ("mistral", "mistral_instruct"), ("v1.6-34b", "chatml_direct"))
+    return next((template for word, template in rules if word in model_name(path)), None)
+
+
+def model_name(path) -> str:
     parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
-    name = (f"{parts[-2]}_{parts[-1]}" if parts[-1].startswith("checkpoint-") else parts[-1]).lower()
-    later = any(word in name for word in ("llama-2", "mistral", "v1.6-34b", "v1", "mpt"))
-    return "vicuna_v1" if later or "mm_projector_type" in d else "llava_v0"
+    return (f"{parts[-2]}_{parts[-1]}" if parts[-1].startswith("checkpoint-") else parts[-1]).lower()
+
+
+def original_template(path, d: dict) -> str:
+    """The template for an original release: name_template's, else, by the same CLI rule, llava_v0 unless the name
+    says "v1" or "mpt". Releases from LLaVA-1.5 on (their config names mm_projector_type) and "v1" names get
+    vicuna_v1, the template LLaVA-1.5 was trained and evaluated with (the CLI's llava_v1 differs only in its system
+    prompt's "human" for "user")."""
+    later = "v1" in model_name(path) or "mpt" in model_name(path) or "mm_projector_type" in d
+    return name_template(path) or ("vicuna_v1" if later else "llava_v0")
 
 
 def original_anyres_settings(d: dict, source="config.json") -> dict:
@@ -264,6 +275,7 @@ def load_llava(path, vision_tower=None, device="cpu", dtype=torch.float32) -> LL
         processor = os.path.join(path, "preprocessor_config.json")
         do_pad = read_json(processor).get("do_pad", True) if os.path.exists(processor) else True
         config, keys = llava_hf_config(d, config_file, do_pad), (hf_to_llava_keys, llava_to_hf_keys)
+        config["template"] = name_template(path) or config.get("template", "vicuna_v1")
         tensors, files = read_tensors(path, device)
     elif kind == "llava-original":
         vision_tower = vision_tower or d.get("mm_vision_tower")  # a hub id in released configs, or a folder
@@ -422,12 +434,13 @@ CHAT_TEMPLATES = {  # by data.Template.style
         "{%- else -%}{{ 'ASSISTANT: ' + text(message) + eos_token }}{%- endif -%}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"),
-    # "[INST] <<SYS>>\nSYSTEM\n<</SYS>>\n\n<image>\nQ [/INST] A </s><s>[INST] ... [/INST]" (llama_2, llava_llama_2)
+    # "[INST] <<SYS>>\nSYSTEM\n<</SYS>>\n\n<image>\nQ [/INST] A </s><s>[INST] ... [/INST]" (llama_2, llava_llama_2;
+    # mistral_instruct: no system prompt, no <s> between rounds)
     "llama_2": (
         "{%- for message in turns -%}"
         "{%- if message['role'] == 'user' -%}"
-        "{{ (bos_token if not loop.first else '') + '[INST] ' }}"
-        "{%- if loop.first -%}{{ '<<SYS>>\n' + system + '\n<</SYS>>\n\n' }}{%- endif -%}"
+        "{{ (bos_token if not loop.first and ROUNDS_BOS else '') + '[INST] ' }}"
+        "{%- if loop.first and system -%}{{ '<<SYS>>\n' + system + '\n<</SYS>>\n\n' }}{%- endif -%}"
         "{{ question(message) + ' [/INST]' }}"
         "{%- else -%}{{ ' ' + text(message) + ' ' + eos_token }}{%- endif -%}"
         "{%- endfor -%}"),
@@ -447,7 +460,8 @@ def chat_template(name: str) -> str:
     template = TEMPLATES[name]
     if template.style not in CHAT_TEMPLATES:
         raise ValueError(f"conversation template {name!r} (style {template.style!r}) has no chat template")
-    default = "{%- set DEFAULT_SYSTEM = " + json.dumps(template.system) + " -%}"
+    default = "{%- set DEFAULT_SYSTEM = " + json.dumps(template.system) + " -%}{%- set ROUNDS_BOS = " + \
+        json.dumps(template.rounds_bos) + " -%}"
     return default + CHAT_MESSAGE + CHAT_TEMPLATES[template.style]
 
 

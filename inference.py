@@ -85,8 +85,12 @@ def image_input(model, image_path):
 
 
 def reply_text(tokenizer, tokens, stop="") -> str:
-    """The reply, cut at the template's stop text (v0's "###": its models end a reply there, not with </s>)."""
-    text = tokenizer.decode(tokens[:-1] if tokens and tokens[-1] == tokenizer.eos_id else tokens)
+    """The reply, cut at the template's stop text (v0's "###", ChatML's <|im_end|>: its models end a reply there,
+    not with </s>); a stop text that is one token is found by its id, since added tokens decode to nothing."""
+    tokens = list(tokens[:-1] if tokens and tokens[-1] == tokenizer.eos_id else tokens)
+    if stop and (stop_id := tokenizer.single_id(stop)) in tokens:
+        tokens = tokens[:tokens.index(stop_id)]
+    text = tokenizer.decode(tokens)
     return (text.split(stop)[0] if stop else text).strip()
 
 
@@ -283,6 +287,8 @@ def answer_file(model, tokenizer, items, out_path, record, max_new_tokens=128, b
     if isinstance(done[0], Exception):
         raise done[0]
     todo = [item for item in items if item["question_id"] not in done[0]]
+    if rank == 0 and todo:  # the template may come from the checkpoint's name (formats.name_template): say which
+        print(f"{out_path}: {len(todo)} to answer, template {decoding.get('template') or model.config.template}")
     new, bar = 0, tqdm(total=len(todo), desc=os.path.basename(out_path), disable=rank != 0 or not todo)
     for batch in answer_batches(model, tokenizer, todo, max_new_tokens, batch_size, **decoding):
         for item, reply in batch:

@@ -69,6 +69,13 @@ class Tokenizer:
             raise ValueError(f"{where}={json.dumps(token)} is neither a piece of tokenizer.model nor an added token")
         return self.added.get(token, self.sp.piece_to_id(token))
 
+    def single_id(self, text: str):
+        """The id of a text that is one token of its own (an added token or a piece: ChatML's <|im_end|>), else None."""
+        if text in self.added:
+            return self.added[text]
+        i = self.sp.piece_to_id(text) if text else self.sp.unk_id()
+        return None if i == self.sp.unk_id() else i
+
     def token_id(self, token: str) -> int:
         """The id of an added token (added_tokens.json beside tokenizer.model: LLaVA v0's <im_start>, <im_end>)."""
         if token not in self.added:

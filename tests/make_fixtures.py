@@ -706,6 +706,51 @@ def make_render_reference(out_dir):
         json.dump({"transformers": transformers.__version__, "cases": cases}, f, indent=1)
 
 
+def make_render_1_6_reference(out_dir):
+    """tests/fixtures/render_1_6.json: the prompt ids of LLaVA-1.6's conv_mistral_instruct and conv_chatml_direct
+    (their get_prompt() strings, written out) through the original's tokenizer_image_token and the slow
+    LlamaTokenizer of transformers 4.37, legacy true and false; ChatML with <|im_start|> / <|im_end|> as added
+    special tokens and no bos, as the Yi-34B tokenizer has them."""
+    import json
+    import shutil
+    import tempfile
+    import transformers
+    from transformers import LlamaTokenizer
+    assert transformers.__version__.startswith("4.37."), "the reference is transformers 4.37 (LLaVA's pin)"
+    prompts = {
+        "mistral_instruct": "[INST] <image>\nWhat is in the picture? [/INST] A red circle on the left. </s>[INST] How "
+                            "many? [/INST]",
+        "chatml_direct": "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nWhat is in "
+                         "the picture?<|im_end|><|im_start|>assistant\nA red circle on the left.<|im_end|><|im_start|>"
+                         "user\nHow many?<|im_end|><|im_start|>assistant\n"}
+
+    def image_token_ids(prompt, tok):  # the original's tokenizer_image_token, one placeholder per image
+        chunks = [tok(chunk).input_ids for chunk in prompt.split("<image>")]
+        offset = int(bool(chunks[0]) and chunks[0][0] == tok.bos_token_id)
+        ids = chunks[0][:offset]
+        for k, chunk in enumerate(chunks):
+            ids += [-200] * (k > 0) + chunk[offset:]
+        return ids
+
+    cases = []
+    for legacy in (True, False):
+        for name, prompt in prompts.items():
+            with tempfile.TemporaryDirectory() as folder:
+                shutil.copy(os.path.join(out_dir, "tokenizer.model"), folder)
+                settings = {"legacy": legacy}
+                if name == "chatml_direct":
+                    settings["add_bos_token"] = False
+                    with open(os.path.join(folder, "added_tokens.json"), "w") as f:
+                        json.dump({"<|im_start|>": 512, "<|im_end|>": 513}, f)
+                    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
+                        json.dump({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}, f)
+                tok = LlamaTokenizer.from_pretrained(folder, **settings)
+                cases.append({"template": name, "legacy": legacy, "settings": settings, "prompt": prompt,
+                              "input_ids": image_token_ids(prompt, tok)})
+    with open(os.path.join(out_dir, "render_1_6.json"), "w") as f:
+        json.dump({"transformers": transformers.__version__, "cases": cases}, f)
+
+
 # llava's fixture uses the llama tokenizer, so order matters
 MAKERS = [
     ("llama", make_llama),
@@ -713,6 +758,7 @@ MAKERS = [
     ("llava", make_llava),
     ("llava_next", make_llava_next),
     ("render", make_render_reference),
+    ("render_1_6", make_render_1_6_reference),
 ]
 
 if __name__ == "__main__":

@@ -333,3 +333,10 @@ def test_exported_folder_answers_alone_in_transformers(model, tmp_path):
     assert list(inference.generate_llava(model, torch.tensor([ids]), pixels, sizes, max_new_tokens=8)) == \
         greedy.tolist()
     model.llm.reset_cache()
+
+
+def test_a_llava_hf_folder_named_for_mistral_chats_in_mistral_instruct(tmp_path):
+    folder = tmp_path / "llava-v1.6-mistral-7b-hf"  # serve/cli.py's name rule, as for the original layout
+    shutil.copytree(HF_DIR, folder)
+    assert formats.load_llava(str(folder)).config.template == "mistral_instruct"
+    assert formats.load_llava(HF_DIR).config.template == "vicuna_v1"

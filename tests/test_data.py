@@ -512,3 +512,34 @@ def test_image_start_end_equals_transformers_4_37_on_the_originals_prompt(tmp_pa
 def test_image_start_end_needs_the_added_tokens(tok):
     with pytest.raises(KeyError, match="<im_start>"):
         render(turns("<image>\nWhat?"), "llava_v0", tok, N_IMG, for_generation=True, image_start_end=True)
+
+
+# ------------------------------------------------------------------------------------------- LLaVA-1.6 templates
+RENDER_1_6 = json.load(open(os.path.join(os.path.dirname(__file__), "fixtures", "render_1_6.json")))["cases"]
+
+
+@pytest.mark.parametrize("case", RENDER_1_6, ids=lambda c: f"{c['template']}-legacy={c['legacy']}")
+def test_llava_1_6_templates_equal_the_originals_prompt_under_transformers_4_37(case, tmp_path):
+    """conv_mistral_instruct / conv_chatml_direct's get_prompt() string through tokenizer_image_token: ids equal."""
+    shutil.copy(os.path.join(os.path.dirname(__file__), "fixtures", "tokenizer.model"), tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(case["settings"]))
+    if case["template"] == "chatml_direct":
+        (tmp_path / "added_tokens.json").write_text(json.dumps({"<|im_start|>": 512, "<|im_end|>": 513}))
+    conversation = turns("What is in the picture?\n<image>", "A red circle on the left.", "How many?")
+    ids, _ = render(conversation, case["template"], Tokenizer(str(tmp_path)), 1, for_generation=True)
+    assert ids == case["input_ids"]
+
+
+@pytest.mark.parametrize("name", ["mistral_instruct", "chatml_direct"])
+def test_llava_1_6_templates_refuse_training_samples(tok, name):  # the original released no training code for them
+    with pytest.raises(ValueError, match="chat prompts only"):
+        render(turns("<image>\nWhat?", "A circle."), name, tok, N_IMG)
+
+
+def test_chatml_replies_stop_at_im_end():
+    assert data.TEMPLATES["chatml_direct"].stop == "<|im_end|>" and data.TEMPLATES["mistral_instruct"].stop == ""
+
+
+def test_chatml_needs_its_special_tokens(tok):
+    with pytest.raises(ValueError, match=r"special token=\"<\|im_start\|>\" is neither a piece"):
+        render(turns("<image>\nWhat?"), "chatml_direct", tok, N_IMG, for_generation=True)

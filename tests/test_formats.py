@@ -359,9 +359,12 @@ def test_original_release_settings_the_model_cannot_follow_are_refused(change, m
 
 @pytest.mark.parametrize("path, config, template", [
     ("LLaVA-13b-v0", {}, "llava_v0"), ("runs/LLaVA-7b-v0-science_qa/checkpoint-500", {}, "llava_v0"),
-    ("LLaVA-Lightning-7B-v1-1", {}, "vicuna_v1"), ("llava-llama-2-13b-chat-lightning-preview", {}, "vicuna_v1"),
+    ("LLaVA-Lightning-7B-v1-1", {}, "vicuna_v1"), ("llava-llama-2-13b-chat-lightning-preview", {}, "llava_llama_2"),
     ("checkpoints/llava-v1.5-7b", {"mm_projector_type": "mlp2x_gelu"}, "vicuna_v1"),
-    ("my-finetune", {"mm_projector_type": "mlp2x_gelu"}, "vicuna_v1")])
+    ("my-finetune", {"mm_projector_type": "mlp2x_gelu"}, "vicuna_v1"),
+    ("llava-v1.6-mistral-7b", {"mm_projector_type": "mlp2x_gelu"}, "mistral_instruct"),
+    ("llava-v1.6-34b", {"mm_projector_type": "mlp2x_gelu"}, "chatml_direct"),
+    ("llava-v1.6-vicuna-13b", {"mm_projector_type": "mlp2x_gelu"}, "vicuna_v1")])
 def test_original_release_template_follows_the_originals_name_rule(path, config, template):
     assert formats.original_template(path, config) == template
 
@@ -540,7 +543,7 @@ def test_chat_template_renders_the_prompt_of_its_conversation_template(name):
     assert original_ids(text, tokenizer) == ids
 
 
-@pytest.mark.parametrize("name", JINJA)
+@pytest.mark.parametrize("name", [name for name in JINJA if not TEMPLATES[name].generation_only])
 def test_chat_template_renders_a_conversation_as_training_does(name):
     tokenizer = Tokenizer(TOKENIZER)
     turns = [("human", "Describe <image> briefly."), ("gpt", "A red circle."), ("human", "Where?"), ("gpt", "Left.")]
@@ -757,3 +760,14 @@ def test_v0_logits_equal_the_originals_input_construction(v0):
         expected = model.llm(inputs_embeds=embeds[None])
         logits, _ = model(torch.tensor([ids]), pixel_values)
     assert torch.allclose(logits, expected, atol=1e-5, rtol=0)
+
+
+def test_mistral_instruct_chat_template_renders_later_rounds_without_bos_or_system():
+    tokenizer = Tokenizer(TOKENIZER)
+    turns = [("human", "<image>\nWhat is it?"), ("gpt", "A red circle."), ("human", "Where?")]
+    chat = [{"role": {"human": "user", "gpt": "assistant"}[role], "content": value} for role, value in turns]
+    text = render_chat(formats.chat_template("mistral_instruct"), chat, add_generation_prompt=True)
+    ids, _ = render([{"from": role, "value": value} for role, value in turns], "mistral_instruct", tokenizer, 3,
+                    for_generation=True)
+    assert text.count("[INST]") == 2 and "<<SYS>>" not in text and "<s>" not in text
+    assert original_ids(text, tokenizer) == ids
