@@ -210,7 +210,7 @@ def test_samples_longer_than_the_llms_sliding_window_are_refused():
     from llama import LlamaConfig
     llm = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
                       num_key_value_heads=1, max_position_embeddings=4096, sliding_window=1024)
-    model_config = SimpleNamespace(projector_type="mlp2x_gelu", image_size=336, llm=llm)
+    model_config = SimpleNamespace(projector_type="mlp2x_gelu", image_size=336, select_layer=-2, llm=llm)
     config = train.TrainConfig(recipe="llava-v1.5", stage=2, **train.RECIPES["llava-v1.5"][2])
     with pytest.raises(ValueError, match="max_length 2048 exceeds the LLM's sliding_window 1024"):
         train_cli.check_model(config, model_config)

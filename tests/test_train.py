@@ -751,4 +751,4 @@ def test_select_layer_reaches_the_model_and_its_features(demo):
     assert model.config.select_layer == -1
     penultimate = train.build_model(_stage2_config(demo, str(demo / "projector")))
     with torch.no_grad():
-        assert not torch.equal(model.encode_images(pixels), penultimate.encode_images(pixels))
+        assert not torch.equal(model.encode_images(pixels)[0], penultimate.encode_images(pixels)[0])
