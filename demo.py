@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 
 from clip import CLIPVisionConfig, CLIPVisionTower
 from data import IMAGE_TOKEN, TEMPLATES, with_image
-from fileio import inside, read_records, require, write_bytes
+from fileio import inside, read_records, require, write_bytes, write_text
 from inference import answer_fn, load_model, tally
 from llama import Llama, LlamaConfig
 from tokenizer import Tokenizer
@@ -500,11 +500,13 @@ def main(argv=None):
             f"{k} {'-' if v is None else f'{v:.2f}'}" for k, v in result["table"].items()))  # -: none in the split
         return
     best = rows["best"][2]["acc"]
-    print("\n| variant | paper (Table 8) | miniature | time |\n|---|---|---|---|")
+    table = ["| variant | paper (Table 8) | miniature | time |", "|---|---|---|---|"]
     for name, (label, paper, result, seconds) in rows.items():
         change = "" if name == "best" else f" ({result['acc'] - best:+.2f})"
-        print(f"| {label} | {paper:.2f}{'' if name == 'best' else f' ({paper - 90.92:+.2f})'} | "
-              f"{result['acc']:.2f}{change} | {seconds / 60:.1f} min |")
+        table.append(f"| {label} | {paper:.2f}{'' if name == 'best' else f' ({paper - 90.92:+.2f})'} | "
+                     f"{result['acc']:.2f}{change} | {seconds / 60:.1f} min |")
+    print("\n" + "\n".join(table))
+    write_text(os.path.join(args.out, "ablations", "table.md"), "\n".join(table) + "\n")
 
 
 if __name__ == "__main__":

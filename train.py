@@ -116,7 +116,7 @@ RECIPES = {  # loss_group: the per-device batch of the original run, whose token
     "scienceqa": {  # scripts/finetune_sqa.sh (8 x 16): stage 2 only, from the paper's stage-1 projector
         2: dict(lr=2e-5, batch_size=128, epochs=12, template="vicuna_v1", projector_type="linear", image_size=224,
                 loss_group=16)},
-    "demo": {  # stage 1: 3 passes over 2,000 captions; after one the demo scored 84-99 % by seed and CPU, now 96-100
+    "demo": {  # stage 1: 3 passes over 2,000 captions; after one the demo scored 84-99 % by seed and CPU
         1: dict(lr=1e-3, batch_size=32, epochs=3, template="plain", **DEMO),
         2: dict(lr=2e-3, projector_lr=1e-2, batch_size=16, epochs=4, template="vicuna_v1", **DEMO)},
 }

@@ -23,10 +23,11 @@ def test_scienceqa_miniature_writes_the_score_files_result_and_prints_the_table_
 
 
 @pytest.mark.slow
-def test_ablations_run_every_variant_and_print_one_table(runs, capsys):
+def test_ablations_run_every_variant_and_print_and_write_one_table(runs, capsys):
     demo.main(["ablations", "--quick", "--images", "6", "--demo-dir", str(runs / "demo"), "--out", str(runs / "sqa")])
     for name in demo.ABLATIONS:
         assert (runs / "sqa" / "ablations" / name / "result.json").is_file()
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(demo.ABLATIONS) and "90.92" in table[1]
+    assert (runs / "sqa" / "ablations" / "table.md").read_text().splitlines()[2:] == table[1:]
     assert json.loads((runs / "sqa" / "ablations" / "last-layer" / "stage1" / "config.json").read_text())["select_layer"] == -1
