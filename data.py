@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from clip import preprocess
+from clip import anyres_grid, preprocess, preprocess_anyres
 from fileio import inside, read_json
-from images import header_problem, load_image
+from images import header_problem, load_image, open_image
 from llava import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from tokenizer import Tokenizer
 
@@ -97,8 +97,9 @@ def get_template(name) -> Template:
 
 
 def move_image_to_front(value: str) -> str:
-    # the original's preprocess_multimodal: a turn that mentions <image> becomes "<image>\n" + the rest, stripped
-    return with_image(value.replace(IMAGE_TOKEN, "").strip()).strip() if IMAGE_TOKEN in value else value
+    # the original's preprocess_multimodal: a turn that mentions <image> becomes "<image>\n" + the rest, stripped;
+    # as LLaVA-NeXT's, a turn with several <image> (several images, interleaved with text) keeps them where they are
+    return with_image(value.replace(IMAGE_TOKEN, "").strip()).strip() if value.count(IMAGE_TOKEN) == 1 else value
 
 
 def check_turns(conversation, for_generation=False):
@@ -221,10 +222,15 @@ def image_counts(pieces, n_image_tokens):
 
 
 def truncate(input_ids, labels, max_length, n_image_tokens):
-    """Cut to at most max_length tokens, never inside an image's placeholder run (the whole image goes)."""
-    # a run of placeholders cut short by max_length is dropped entirely (a short sample has only whole runs)
-    cut = max_length - input_ids[:max_length].count(IMAGE_TOKEN_INDEX) % max(n_image_tokens, 1)
-    return input_ids[:cut], labels[:cut]
+    """Cut to at most max_length tokens, never inside an image's placeholder run (the whole image goes).
+    n_image_tokens: every image's count, or a list of each image's count, in order."""
+    kept = input_ids[:max_length].count(IMAGE_TOKEN_INDEX)
+    if isinstance(n_image_tokens, (list, tuple)):  # the placeholders past the last whole image
+        partial = kept - max((n for n in itertools.accumulate(n_image_tokens) if n <= kept), default=0)
+    else:
+        partial = kept % max(n_image_tokens, 1)
+    # an image's run cut short by max_length is its tail of input_ids[:max_length]: drop it entirely
+    return input_ids[:max_length - partial], labels[:max_length - partial]
 
 
 # ------------------------------------------------------------------------------------------------------ datasets
@@ -237,26 +243,34 @@ class BadRow(ValueError):
 
 
 class LLaVADataset(torch.utils.data.Dataset):
-    """LLaVA's JSON format: a list of {"id", "image"? (a file in image_folder), "conversations": [...]}. Every row
-    is checked and rendered once, here: a bad row is an error naming it, or with skip_bad is counted in `skipped` by
-    reason, as is a sample left without labels by truncation. A leading "gpt" turn is dropped, as the original does,
-    and counted in `dropped_first_turn`. Images must lie inside image_folder and have a sane header
-    (images.header_problem); pixels are decoded in __getitem__. `lengths`: the original's "modality lengths" for
-    length grouping, each kept row's whitespace-separated words over all turns, negative for a row without image."""
+    """LLaVA's JSON format: a list of {"id", "image"? (a file in image_folder, or a list of them), "conversations":
+    [...]}. Every row is checked and rendered once, here: a bad row is an error naming it, or with skip_bad is counted
+    in `skipped` by reason, as is a sample left without labels by truncation. A leading "gpt" turn is dropped, as the
+    original does, and counted in `dropped_first_turn`. A row's images go, in order, to the <image> placeholders of its
+    human turns, one each; one image without a placeholder goes in front of the first human turn. Images must lie
+    inside image_folder and have a sane header (images.header_problem); pixels are decoded in __getitem__.
+    n_image_tokens: placeholders per image, or with grid_pinpoints (LLaVA-1.6's anyres: an overview and tiles per
+    image) LLaVAConfig.image_tokens, a function of an image's (width, height), read from its header. `lengths`: the
+    original's "modality lengths" for length grouping, each kept row's whitespace-separated words over all turns,
+    negative for a row without image."""
 
     def __init__(self, json_path, image_folder, tokenizer, template, n_image_tokens, image_size,
-                 pad_to_square=True, max_length=2048, skip_bad=False):
+                 pad_to_square=True, max_length=2048, skip_bad=False, grid_pinpoints=None):
+        if grid_pinpoints is not None and not callable(n_image_tokens):
+            raise ValueError("grid_pinpoints (anyres) needs n_image_tokens as a function of an image's size "
+                             "(LLaVAConfig.image_tokens)")
         self.json_path, self.image_folder, self.tokenizer = json_path, image_folder, tokenizer
         self.template, self.n_image_tokens, self.image_size = get_template(template), n_image_tokens, image_size
         self.pad_to_square, self.max_length, self.skip_bad = pad_to_square, max_length, skip_bad
+        self.grid_pinpoints = grid_pinpoints
         rows = read_json(json_path)  # errors name the file: bad bytes (not UTF-8), bad syntax
         if not isinstance(rows, list):
             raise ValueError(f"{json_path}: expected a JSON list of samples, got {type(rows).__name__}")
         self.rows, self.lengths, self.skipped, self.dropped_first_turn = [], [], Counter(), 0
         for n, row in enumerate(rows):
             try:
-                self._check_image(row)
-                input_ids, labels, _ = self._render(row)
+                sizes = self._check_images(row)
+                input_ids, labels, _ = self._render(row, sizes)
             except BadRow as e:
                 if not skip_bad:
                     raise ValueError(f"{json_path}: {self._where(n, row)}: {e}") from None
@@ -265,7 +279,7 @@ class LLaVADataset(torch.utils.data.Dataset):
             if all(label == IGNORE_INDEX for label in labels):
                 self.skipped["no labels after truncation"] += 1
                 continue
-            self.rows.append((n, row))
+            self.rows.append((n, row, sizes))
             words = sum(len(str(turn.get("value", "")).split()) for turn in row["conversations"])
             self.lengths.append(max(words, 1) if "image" in row else -max(words, 1))
             self.dropped_first_turn += row["conversations"][0].get("from") == "gpt"
@@ -274,72 +288,102 @@ class LLaVADataset(torch.utils.data.Dataset):
     def _where(n, row):
         return f"row {n} (id {row.get('id')!r})" if isinstance(row, dict) else f"row {n}"
 
-    def _image_path(self, row):
-        """The row's image file, inside image_folder (a path that leaves it is an error naming the row)."""
+    @staticmethod
+    def _image_files(row) -> list:
+        """The row's image file names in order: "image" is one name or a list of them."""
+        files = row.get("image", [])
+        files = [files] if isinstance(files, str) else files
+        if not (isinstance(files, list) and ("image" not in row or files) and all(isinstance(f, str) for f in files)):
+            raise BadRow("bad image", f"'image' must be a file name or a list of them, got {row['image']!r}")
+        return files
+
+    def _image_path(self, name):
+        """An image file of the row, inside image_folder (a path that leaves it is an error naming the row)."""
         try:
-            return inside(self.image_folder, row["image"], "'image'")
+            return inside(self.image_folder, name, "'image'")
         except ValueError as e:
             raise BadRow("image outside the image folder", str(e)) from None
 
-    def _check_image(self, row):
+    def _check_images(self, row):
+        """Each image file's header; with anyres the images' (width, height), on which their counts depend."""
         if not isinstance(row, dict) or not isinstance(row.get("conversations"), list):
             raise BadRow("missing conversations", "the row needs a 'conversations' list")
-        if "image" not in row:
-            return
-        if not isinstance(row["image"], str):
-            raise BadRow("bad image", f"'image' must be one file name, got {row['image']!r}")
-        problem = header_problem(self._image_path(row))  # the header only: cheap enough for every row
-        if problem:
-            raise BadRow(*problem)
+        sizes = [] if self.grid_pinpoints is not None else None
+        for name in self._image_files(row):
+            path = self._image_path(name)
+            problem = header_problem(path)  # the header only: cheap enough for every row
+            if problem:
+                raise BadRow(*problem)
+            if sizes is not None:  # anyres: the placeholder count depends on the size, fixed here
+                with open_image(path) as image:
+                    sizes.append(image.size)
+        return sizes
 
-    def _render(self, row):
-        conversation = row["conversations"]
+    def _render(self, row, sizes):
+        """(input_ids, labels, how many images they hold): truncation drops the images past the cut, the last ones."""
+        conversation, files = row["conversations"], self._image_files(row)
         if conversation and isinstance(conversation[0], dict) and conversation[0].get("from") == "gpt":
             conversation = conversation[1:]  # the original's preprocess skips a first turn not from the human
-        mentions = sum(isinstance(t, dict) and IMAGE_TOKEN in str(t.get("value", "")) for t in conversation)
+        tags = sum(str(t.get("value", "")).count(IMAGE_TOKEN) for t in conversation
+                   if isinstance(t, dict) and t.get("from") == "human")
         first = conversation[0] if conversation else None
-        if "image" in row:
-            if mentions == 0 and isinstance(first, dict) and isinstance(first.get("value"), str):  # an image row
-                # without the placeholder: the image goes first, as everywhere in LLaVA's data
+        if len(files) == 1 and tags == 0:
+            if isinstance(first, dict) and isinstance(first.get("value"), str):  # an image row without the
+                # placeholder: the image goes first, as everywhere in LLaVA's data
                 conversation = [dict(first, value=with_image(first["value"])), *conversation[1:]]
-            elif mentions > 1:
-                raise BadRow("bad turns", f"{mentions} turns mention {IMAGE_TOKEN} but the row has one image")
-        elif mentions:
-            raise BadRow("<image> without an image", f"{IMAGE_TOKEN} in the text but the row has no 'image'")
-        try:
-            input_ids, labels = render(conversation, self.template, self.tokenizer, self.n_image_tokens)
+        elif tags != len(files):
+            raise BadRow("image count mismatch" if files else "<image> without an image",
+                         f"{tags} {IMAGE_TOKEN} in the human turns, {len(files)} images in 'image'")
+        counts = [self.n_image_tokens(size) for size in sizes] if sizes is not None else \
+            [self.n_image_tokens] * len(files)
+        try:  # a list of counts: render checks there is one per <image> (the plain template keeps only one)
+            input_ids, labels = render(conversation, self.template, self.tokenizer, counts)
         except ValueError as e:
             raise BadRow("bad turns", str(e)) from None
-        input_ids, labels = truncate(input_ids, labels, self.max_length, self.n_image_tokens)
-        return input_ids, labels, IMAGE_TOKEN_INDEX in input_ids
+        input_ids, labels = truncate(input_ids, labels, self.max_length, counts)
+        placeholders = input_ids.count(IMAGE_TOKEN_INDEX)
+        return input_ids, labels, sum(1 for n in itertools.accumulate(counts) if n <= placeholders)
 
     def __len__(self):
         return len(self.rows)
 
+    def _pixels(self, name, size):
+        """One image file's (1, 3, S, S), or with anyres its overview and tiles (1 + n, 3, S, S)."""
+        image = load_image(self._image_path(name))
+        if size is None:
+            return preprocess(image, self.image_size, self.pad_to_square)
+        if image.size != tuple(size):  # its placeholders were counted from the size at start-up
+            raise ValueError(f"image file {name}: {image.size[0]}x{image.size[1]} pixels, {size[0]}x{size[1]} at "
+                             "start-up: changed since")
+        return preprocess_anyres(image, self.image_size, self.grid_pinpoints)
+
     def __getitem__(self, i):
-        """The sample's tensors. With skip_bad, an image that cannot be decoded (corrupt past its header, or changed
-        since start-up) gives the sample a blank image and no labels: it trains nothing, yet the micro-batch keeps
-        its shape and every rank runs the same steps. "skipped": 1 counts it in the batch (collate), which carries
-        the count from loader worker processes to the training loop."""
-        n, row = self.rows[i]
-        input_ids, labels, has_image = self._render(row)
-        pixel_values, skipped = None, 0
-        if has_image:
+        """The sample's tensors: pixel_values of its images in order (only those truncation kept), and with anyres
+        image_sizes, their (width, height). With skip_bad, an image that cannot be decoded (corrupt past its header,
+        or changed since start-up) is blank and the sample gets no labels: it trains nothing, yet the micro-batch
+        keeps its shape and every rank runs the same steps. "skipped": 1 counts it in the batch (collate), which
+        carries the count from loader worker processes to the training loop."""
+        n, row, sizes = self.rows[i]
+        input_ids, labels, n_images = self._render(row, sizes)
+        files, sizes = self._image_files(row)[:n_images], sizes[:n_images] if sizes is not None else None
+        pixels, skipped, S = [], 0, self.image_size
+        for name, size in zip(files, sizes or [None] * n_images):
             try:
-                image = load_image(self._image_path(row))
-                pixel_values = preprocess(image, self.image_size, self.pad_to_square)  # (1, 3, S, S)
+                pixels.append(self._pixels(name, size))
             except (OSError, ValueError) as e:  # BadRow is a ValueError too
                 if not self.skip_bad:
                     raise ValueError(f"{self.json_path}: {self._where(n, row)}: {e}") from None
-                pixel_values, skipped = torch.zeros(1, 3, self.image_size, self.image_size), 1
-                labels = [IGNORE_INDEX] * len(labels)
-        return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels), "pixel_values": pixel_values,
-                "skipped": skipped}
+                cols, rows = anyres_grid(size, self.grid_pinpoints, S) if size is not None else (0, 0)
+                pixels.append(torch.zeros(1 + cols * rows, 3, S, S))
+                skipped, labels = 1, [IGNORE_INDEX] * len(labels)
+        return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
+                "pixel_values": torch.cat(pixels) if pixels else None, "image_sizes": sizes, "skipped": skipped}
 
 
 def collate(batch, pad_id):
     """Right-pad to the longest sample (labels with IGNORE_INDEX); images of all samples concatenated in batch
-    order; "skipped": how many samples had an unreadable image (LLaVADataset with skip_bad)."""
+    order, and with anyres their image_sizes as one list in the same order (else None); "skipped": how many samples
+    had an unreadable image (LLaVADataset with skip_bad)."""
     T = max(len(s["input_ids"]) for s in batch)
     input_ids = torch.full((len(batch), T), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
@@ -347,7 +391,9 @@ def collate(batch, pad_id):
         input_ids[b, :len(s["input_ids"])] = s["input_ids"]
         labels[b, :len(s["labels"])] = s["labels"]
     images = [s["pixel_values"] for s in batch if s["pixel_values"] is not None]
+    anyres = any(s.get("image_sizes") is not None for s in batch)
     return {"input_ids": input_ids, "labels": labels, "pixel_values": torch.cat(images) if images else None,
+            "image_sizes": [size for s in batch for size in s["image_sizes"] or []] if anyres else None,
             "skipped": sum(s["skipped"] for s in batch)}
 
 

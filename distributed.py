@@ -182,8 +182,9 @@ def peak_tflops(device):
 
 def flops_per_step(model, stage):
     """(tokens, images, seq_len) -> FLOPs of a training step, for MFU: trained weights 6N per token, frozen LLM weights
-    the gradient flows through 4N, the tower 2N per patch; attention 12 * layers * width * seq_len per token (PaLM)."""
-    llm, vision, patches = model.config.llm, model.config.vision, model.config.num_image_tokens
+    the gradient flows through 4N, the tower 2N per patch; attention 12 * layers * width * seq_len per token (PaLM).
+    `images` counts the tower's inputs, pixel_values rows: with anyres each image's overview and tiles."""
+    llm, vision, patches = model.config.llm, model.config.vision, model.config.tile_tokens
     weights = [*model.llm.layers.parameters(), *model.llm.norm.parameters(), model.llm.lm_head.weight]  # no embed
     per_token = sum((6 if stage == 2 and p.requires_grad else 4) * p.numel() for p in weights)
     attention = 12 * llm.num_hidden_layers * llm.num_attention_heads * llm.head_dim

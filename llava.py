@@ -201,9 +201,14 @@ class LLaVA(nn.Module):
         model.projector = build_projector(projector_type, tower.config.hidden_size, llm.config.hidden_size).to(
             device, weight.dtype)
         if hasattr(model, "image_newline"):  # as the original initialises it beside mm_projector
-            D = llm.config.hidden_size
-            model.image_newline = nn.Parameter((torch.randn(D) * D**-0.5).to(device, weight.dtype))
+            model.init_image_newline()
         return model.eval()
+
+    def init_image_newline(self):
+        """A fresh image_newline (std 1/sqrt(D), the original's), on the LLM's device and dtype (the CPU for meta)."""
+        weight, D = self.llm.norm.weight, self.config.llm.hidden_size
+        device = "cpu" if weight.is_meta else weight.device
+        self.image_newline = nn.Parameter((torch.randn(D) * D**-0.5).to(device, weight.dtype))
 
     def save_pretrained(self, path, file="model.safetensors", prefix=""):  # the caller copies the tokenizer
         sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k.startswith(prefix)}

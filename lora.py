@@ -20,10 +20,12 @@ the `llm.` prefix). Frozen and trained tensors in one block are fine for FSDP2's
     load_adapters(base_model, out)                           # the trained model again from the base + the file
 
 train.py (stage 2 with lora_r > 0, e.g. --recipe llava-v1.5-lora) writes the merged model to --out and, beside it,
-adapter.safetensors (adapters + projector, fp32 adapters) with adapter_config.json (r, alpha, dropout, targets,
-base_model, vision_tower, projector_type, template, image_aspect_ratio). To rebuild the output from the base:
+adapter.safetensors (adapters + projector (+ image_newline with anyres), fp32 adapters) with adapter_config.json (r,
+alpha, dropout, targets, base_model, vision_tower, projector_type, template, image_aspect_ratio, and with anyres
+image_grid_pinpoints and patch_merge_type). To rebuild the output from the base:
 
     model = LLaVA.from_parts(Llama.from_pretrained(base_llm_dir), formats.load_clip(clip_dir))  # --model, tower
+    # (anyres: from_parts(..., image_aspect_ratio="anyres", image_grid_pinpoints=..., patch_merge_type=...))
     load_adapters(model, "runs/stage2")   # adapters and the trained projector; merge_lora(model) to fold them in
 """
 import hashlib
@@ -136,9 +138,10 @@ def lora_state_dict(model: nn.Module) -> dict:
 
 
 def adapter_state_dict(model: nn.Module) -> dict:
-    """What a LoRA run trains: the adapters, plus `projector.*` in a LLaVA (stage 2 trains the projector in full)."""
+    """What a LoRA run trains: the adapters, plus in a LLaVA `projector.*` and LLaVA-1.6's `image_newline` (stage 2
+    trains them in full)."""
     return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B")) or
-            k.startswith("projector.")}
+            k.startswith("projector.") or k == "image_newline"}
 
 
 def lora_config(model: nn.Module) -> dict:
@@ -174,8 +177,9 @@ def save_adapters(model: nn.Module, path, info: dict | None = None) -> None:
 
 
 def load_adapters(model: nn.Module, path) -> dict:
-    """Saved adapters (and projector) onto a base LLaVA or Llama: apply_lora with the saved settings unless the
-    model has adapters already (they must match), then a strict load into its tensors. Returns the saved config."""
+    """Saved adapters (and projector, image_newline) onto a base LLaVA or Llama: apply_lora with the saved settings
+    unless the model has adapters already (they must match), then a strict load into its tensors. Returns the saved
+    config."""
     config_file, file = os.path.join(path, CONFIG_FILE), os.path.join(path, ADAPTER_FILE)
     config = read_json(config_file)
     if not isinstance(config, dict) or config.get("format") != FORMAT:

@@ -18,7 +18,7 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ import formats
 import train_cli
 from fileio import append_jsonl
 from llama import Llama
-from llava import IGNORE_INDEX, LLaVA
+from llava import IGNORE_INDEX, MERGE_TYPES, LLaVA
 from lora import apply_lora, initial_adapters, merge_lora, save_adapters
 from tokenizer import Tokenizer, copy_tokenizer
 
@@ -61,7 +61,10 @@ class TrainConfig:
     select_layer: int = -2  # CLIP hidden state fed to the projector: the penultimate (the paper; Table 8: -1 worse)
     image_size: int = 336  # the tower's input size in the recipe (ViT-L/14: 224, -336: 336); other: error; 0: any
     template: str = "vicuna_v1"  # conversation template (data.TEMPLATES): "plain" for stage-1 captions
-    image_aspect_ratio: str = "square"  # "square": resize + centre-crop (CLIP's); "pad": pad to a square first
+    image_aspect_ratio: str = "square"  # "square": resize + centre-crop (CLIP's); "pad": pad to a square first;
+    # "anyres" (LLaVA-1.6): an overview + the tiles of the best of image_grid_pinpoints, merged by patch_merge_type
+    image_grid_pinpoints: list | None = None  # anyres: [[width, height], ...]; None: ANYRES_GRIDS x the tower's size
+    patch_merge_type: str = "spatial_unpad"  # anyres: llava.MERGE_TYPES; 1.6's spatial_unpad adds image_newline
     max_length: int = 2048  # tokens per sample, image tokens included (model_max_length)
     group_by_length: bool = False  # batches of similar length and one modality: less padding (LLaVA-1.5 stage 2)
     grad_checkpointing: bool = True  # recompute each decoder block in backward: less memory, ~1/3 more compute
@@ -92,7 +95,11 @@ class TrainConfig:
 
 
 CHOICES = {"projector_type": ("linear", "mlp2x_gelu"), "template": tuple(data.TEMPLATES),
-           "image_aspect_ratio": ("square", "pad"), "precision": ("auto", "bf16", "fp32")}
+           "image_aspect_ratio": ("square", "pad", "anyres"), "patch_merge_type": MERGE_TYPES,
+           "precision": ("auto", "bf16", "fp32")}
+# anyres: LLaVA-1.6's grids in tiles (columns, rows): its image_grid_pinpoints [[336, 672], [672, 336], [672, 672],
+# [1008, 336], [336, 1008]] are these times its tower's 336 px, so a 48 px demo tower gets [[48, 96], ...]
+ANYRES_GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
 # the demo: tiny models from scratch on 2 CPU cores; its fast projector lr reads the random tower in minutes; its
 # clipping and seed are its own. One thread: 2 wait on each other when another process holds a core (10-20x slower)
 DEMO = dict(projector_type="mlp2x_gelu", image_size=demo.DEMO_CLIP["image_size"], image_aspect_ratio="pad",
@@ -159,14 +166,17 @@ def build_model(config, lazy=False):
     device = "meta" if lazy else "cpu"
     if train_cli.is_llava_checkpoint(config.model):
         model = formats.load_llava(config.model, config.vision_tower, device)
+        # saved with the checkpoint: chat and evaluate render and preprocess the way it trained
+        model.config = replace(model.config, template=config.template, **image_layout(config, model.config.image_size))
+        if model.config.patch_merge_type == "spatial_unpad" and not hasattr(model, "image_newline"):
+            model.init_image_newline()  # a checkpoint without anyres, trained on with it
     else:
         llm, tower = Llama.from_pretrained(config.model, device), formats.load_clip(config.vision_tower, device)
-        model = LLaVA.from_parts(llm, tower, config.projector_type, select_layer=config.select_layer)
+        model = LLaVA.from_parts(llm, tower, config.projector_type, select_layer=config.select_layer,
+                                 template=config.template, **image_layout(config, tower.config.image_size))
     if config.projector not in (None, train_cli.FRESH_PROJECTOR):
         formats.load_projector(model, config.projector)
     train_cli.check_model(config, model.config)
-    # saved with the checkpoint: chat and evaluate render and preprocess the way it trained
-    model.config.template, model.config.image_aspect_ratio = config.template, config.image_aspect_ratio
     set_stage(model.train(), config.stage, config.lora_r, config.lora_alpha, config.lora_dropout)
     if lazy:  # adapters on meta: their first values drawn as on the CPU, from the RNG after the projector
         for name, value in initial_adapters(model).items():
@@ -174,12 +184,24 @@ def build_model(config, lazy=False):
     return model
 
 
+def image_layout(config, image_size) -> dict:
+    """The recipe's image handling as LLaVAConfig fields; anyres pinpoints default to ANYRES_GRIDS at image_size."""
+    if config.image_aspect_ratio != "anyres":
+        return {"image_aspect_ratio": config.image_aspect_ratio}
+    pinpoints = config.image_grid_pinpoints or [[cols * image_size, rows * image_size] for cols, rows in ANYRES_GRIDS]
+    return {"image_aspect_ratio": "anyres", "image_grid_pinpoints": pinpoints,
+            "patch_merge_type": config.patch_merge_type}
+
+
 def set_stage(model, stage, lora_r=0, lora_alpha=0.0, lora_dropout=0.0):
     """The two stages differ only here: stage 1 trains the projector, stage 2 the projector and the LLM, or with
-    lora_r > 0 the projector and low-rank adapters on the LLM's block linears, the LLM itself frozen (lora.py)."""
+    lora_r > 0 the projector and low-rank adapters on the LLM's block linears, the LLM itself frozen (lora.py).
+    LLaVA-1.6's image_newline trains in stage 2 (LoRA too), as LLaVA-NeXT tunes it with the language model."""
     model.requires_grad_(False)
     model.projector.requires_grad_(True)
     model.llm.requires_grad_(stage == 2)
+    if hasattr(model, "image_newline"):
+        model.image_newline.requires_grad_(stage == 2)
     if lora_r:
         apply_lora(model.llm, lora_r, lora_alpha or 2.0 * lora_r, lora_dropout)  # A drawn from the seeded RNG
     return model
@@ -278,7 +300,8 @@ def train_step(model, optimizer, micro_batches, lr, grad_clip, device, bf16=Fals
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         start = clock()
         with autocast, attention():
-            _, losses = model(batch["input_ids"], batch["pixel_values"], batch["labels"])  # per answer token
+            _, losses = model(batch["input_ids"], batch["pixel_values"], batch["labels"],  # per answer token
+                              batch.get("image_sizes"))
         middle = clock()
         rows = (batch["labels"][:, 1:] != IGNORE_INDEX).nonzero()[:, 0]  # the sample of each answer token
         weighted = (losses * share.to(device)[batch["group"][rows]]).sum()  # group -1: the last share, 0
@@ -365,7 +388,7 @@ def save_output(model, config, rank, bf16, state):
             return plain.save_projector(folder)
         if config.lora_r:  # adapter.safetensors + adapter_config.json: lora.load_adapters puts them on the base
             save_adapters(plain, folder, {"base_model": config.model, **{k: getattr(config, k) for k in (
-                "vision_tower", "projector_type", "template", "image_aspect_ratio")}})
+                "vision_tower", "projector_type", "template")}, **image_layout(config, plain.config.image_size)})
             merge_lora(plain)
         plain.save_pretrained(folder)
         copy_tokenizer(config.tokenizer, folder)
@@ -384,9 +407,11 @@ def run_stage(config, rank, world, device):
         torch.set_num_threads(config.threads)
     tokenizer = Tokenizer(config.tokenizer)
     model = build_model(config, lazy=world > 1)  # under torchrun each rank reads its own shards after sharding
+    anyres = model.config.image_aspect_ratio == "anyres"  # each image's count from its size, its tiles as pixels
     dataset = data.LLaVADataset(config.data, config.image_folder, tokenizer, config.template,
-                                model.config.num_image_tokens, model.config.image_size,
-                                config.image_aspect_ratio == "pad", config.max_length, config.skip_bad)
+                                model.config.image_tokens if anyres else model.config.num_image_tokens,
+                                model.config.image_size, config.image_aspect_ratio == "pad", config.max_length,
+                                config.skip_bad, model.config.image_grid_pinpoints if anyres else None)
     total_steps = math.ceil(config.epochs * math.ceil(len(dataset) / config.batch_size))  # the last batch kept
     if total_steps == 0:
         raise ValueError(f"{config.data}: no usable samples")

@@ -2,6 +2,7 @@
 and the checks that stop bad input before anything trains. Errors are exceptions that name the flag or the key;
 train.main turns them into one message and an exit code."""
 import argparse
+import json
 import math
 import os
 from dataclasses import fields
@@ -11,7 +12,8 @@ import formats
 PATH_FIELDS = ("model", "vision_tower", "projector", "data", "image_folder", "tokenizer", "out", "resume")
 FLAGGED = ("recipe", "stage", "demo", *PATH_FIELDS)  # set by flags (or the demo), never by --set
 FRESH_PROJECTOR = "scratch"  # --projector value: stage 2 from a base LLM with a new projector, no stage 1
-KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
+KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "text",
+         list | None: "a JSON list (e.g. [[64,128],[128,64]]) or null"}
 BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 
@@ -59,7 +61,8 @@ def apply_sets(config, items, choices) -> None:
         if not sep or key not in kinds:
             raise ValueError(f"--set {item}: expected KEY=VALUE with KEY one of {', '.join(kinds)}")
         try:
-            value = BOOLS[text.lower()] if kinds[key] is bool else kinds[key](text)
+            value = BOOLS[text.lower()] if kinds[key] is bool else json.loads(text) if kinds[key] == list | None \
+                else kinds[key](text)
         except (KeyError, ValueError):
             raise ValueError(f"--set {item}: {key} must be {KINDS[kinds[key]]}, not {text!r}") from None
         if key in choices and value not in choices[key]:

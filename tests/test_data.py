@@ -11,8 +11,11 @@ import torch
 from PIL import Image
 
 import data
+from clip import CLIPVisionConfig, anyres_grid, preprocess_anyres
 from demo import DEMO_COLORS, DEMO_PLACES, demo_answer_correct, make_demo_data
 from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX, render
+from llama import LlamaConfig
+from llava import LLaVAConfig
 from tokenizer import Tokenizer
 
 N_IMG = 5  # image placeholders per image in these tests
@@ -31,10 +34,11 @@ def tok(demo):
 def reference_ids(tok, prompt, n_image_tokens=N_IMG):
     """The original pipeline on a prompt string: tokenizer_image_token splits at <image>, the HF (legacy)
     LlamaTokenizer turns "<s>" / "</s>" into bos / eos and sentencepiece-encodes each text chunk between them
-    (each with its dummy prefix); bos first."""
+    (each with its dummy prefix); bos first. n_image_tokens: every image's count, or a list of each image's."""
     ids = [tok.bos_id]
     for j, chunk in enumerate(prompt.split("<image>")):
-        ids += [IMAGE_TOKEN_INDEX] * n_image_tokens * (j > 0)
+        if j:
+            ids += [IMAGE_TOKEN_INDEX] * (n_image_tokens[j - 1] if isinstance(n_image_tokens, list) else n_image_tokens)
         for part in re.split(r"(</?s>)", chunk):
             ids += [tok.bos_id] if part == "<s>" else [tok.eos_id] if part == "</s>" else tok.sp.encode(part)
     return ids
@@ -185,6 +189,7 @@ def test_dataset_items_and_collate(tmp_path, demo, tok):
     assert (batch["input_ids"][0, n:] == tok.pad_id).all() and (batch["labels"][0, n:] == IGNORE_INDEX).all()
     assert torch.equal(batch["pixel_values"], torch.cat([a["pixel_values"], c["pixel_values"]]))
     assert data.collate([b], pad_id=0)["pixel_values"] is None
+    assert batch["image_sizes"] is None  # fixed-size images: the model needs no sizes
 
 
 def test_dataset_truncation_skips_samples_left_without_labels(tmp_path, demo, tok):
@@ -194,7 +199,7 @@ def test_dataset_truncation_skips_samples_left_without_labels(tmp_path, demo, to
             {"id": "cut", "conversations": turns("Hi?", "Red " * 80)}]
     ds = data.LLaVADataset(write_rows(tmp_path / "d.json", rows), demo["images"], tok, "vicuna_v1", N_IMG, 32,
                            max_length=60)
-    assert [row["id"] for _, row in ds.rows] == ["short", "cut"]
+    assert [row["id"] for _, row, _ in ds.rows] == ["short", "cut"]
     assert ds.skipped == {"no labels after truncation": 1}
     for i in range(len(ds)):
         item = ds[i]
@@ -208,8 +213,13 @@ BAD_ROWS = [
     ({"id": "r4", "image": "missing.png", "conversations": turns("<image>\na", "b")}, "image not found"),
     ({"id": "r5", "image": "garbage.png", "conversations": turns("<image>\na", "b")}, "image unreadable"),
     ({"id": "r6", "conversations": turns("<image>\na", "b")}, "<image> without an image"),
-    ({"id": "r7", "image": ["x.png", "y.png"], "conversations": turns("<image>\na", "b")}, "bad image"),
-    ({"id": "r8", "image": "ok.png", "conversations": turns("<image>\na", "b", "<image>\nc", "d")}, "bad turns"),
+    ({"id": "r7", "image": ["ok.png", 7], "conversations": turns("<image>\na", "b")}, "bad image"),
+    ({"id": "r8", "image": "ok.png", "conversations": turns("<image>\na", "b", "<image>\nc", "d")},
+     "image count mismatch: 2 <image> in the human turns, 1 images in 'image'"),
+    ({"id": "r9", "image": ["ok.png", "ok.png"], "conversations": turns("<image>\na", "b")},
+     "image count mismatch: 1 <image> in the human turns, 2 images in 'image'"),
+    ({"id": "r10", "image": ["ok.png", "missing.png"], "conversations": turns("<image> <image>\na", "b")},
+     "image not found"),  # each image of a list is checked
 ]
 
 
@@ -229,8 +239,9 @@ def test_skip_bad_counts_bad_rows_by_reason(tmp_path, tok):
     rows = [{"id": "ok", "conversations": turns("a", "b")}] + [row for row, _ in BAD_ROWS]
     ds = data.LLaVADataset(write_rows(tmp_path / "rows.json", rows), str(tmp_path), tok, "vicuna_v1", N_IMG, 32,
                            skip_bad=True)
-    assert len(ds) == 1 and ds.skipped == {"missing conversations": 1, "bad turns": 3, "image not found": 1,
-                                           "image unreadable": 1, "<image> without an image": 1, "bad image": 1}
+    assert len(ds) == 1 and ds.skipped == {"missing conversations": 1, "bad turns": 2, "image not found": 2,
+                                           "image unreadable": 1, "<image> without an image": 1, "bad image": 1,
+                                           "image count mismatch": 2}
 
 
 def test_truncated_image_file_fails_in_getitem_naming_row_and_file(tmp_path, demo, tok):
@@ -543,3 +554,104 @@ def test_chatml_replies_stop_at_im_end():
 def test_chatml_needs_its_special_tokens(tok):
     with pytest.raises(ValueError, match=r"special token=\"<\|im_start\|>\" is neither a piece"):
         render(turns("<image>\nWhat?"), "chatml_direct", tok, N_IMG, for_generation=True)
+
+
+# ------------------------------------------------------------------------- several images per row, and anyres
+# A 64 px tower (16 tokens a tile) with 1x2, 2x1 and 2x2 grids: each image's count depends on its size
+ANYRES = LLaVAConfig(llm=LlamaConfig.from_name("tiny"), vision=CLIPVisionConfig.from_name("tiny"),
+                     image_aspect_ratio="anyres", patch_merge_type="spatial_unpad",
+                     image_grid_pinpoints=[[64, 128], [128, 64], [128, 128]])
+SIZES = {"wide.png": (120, 40), "tall.png": (40, 100), "square.png": (64, 64)}
+
+
+@pytest.fixture
+def images(tmp_path):
+    for name, size in SIZES.items():
+        Image.new("RGB", size, (200, 30, 30)).save(tmp_path / name)
+    return tmp_path
+
+
+def anyres_dataset(tmp_path, rows, **kwargs):
+    return data.LLaVADataset(write_rows(tmp_path / "rows.json", rows), str(tmp_path), kwargs.pop("tok"), "vicuna_v1",
+                             ANYRES.image_tokens, ANYRES.image_size, grid_pinpoints=ANYRES.image_grid_pinpoints,
+                             **kwargs)
+
+
+MULTI = {"id": "m", "image": ["wide.png", "tall.png", "square.png"],
+         "conversations": turns("Compare <image> with <image>.", "Same.", "And this one? <image>", "Red.")}
+
+
+def test_several_images_keep_their_places_and_each_gets_its_own_count(images, tok):
+    counts = [ANYRES.image_tokens(SIZES[name]) for name in MULTI["image"]]
+    assert len(set(counts)) == 3  # three sizes, three counts
+    item = anyres_dataset(images, [MULTI], tok=tok)[0]
+    ids, labels = item["input_ids"].tolist(), item["labels"].tolist()
+    # a turn with several <image> keeps them in place; a turn with one has it moved to the front (LLaVA-NeXT)
+    first = VICUNA + " USER: Compare <image> with <image>. ASSISTANT:"
+    second = first + " Same.</s>USER: <image>\nAnd this one? ASSISTANT:"
+    assert ids == reference_ids(tok, second + " Red.</s>", counts)
+    starts = [len(reference_ids(tok, first, counts)), len(reference_ids(tok, second, counts))]
+    ends = [len(reference_ids(tok, first + " Same.</s>", counts)), len(ids)]
+    expected = [i if any(a <= k < b for a, b in zip(starts, ends)) else IGNORE_INDEX for k, i in enumerate(ids)]
+    assert labels == expected  # the two replies and their end tokens, nothing else
+
+
+def test_a_multi_image_item_holds_every_images_tiles_and_size_in_order(images, tok):
+    item = anyres_dataset(images, [MULTI], tok=tok)[0]
+    tiles = [preprocess_anyres(Image.open(images / name), 64, ANYRES.image_grid_pinpoints) for name in MULTI["image"]]
+    assert torch.equal(item["pixel_values"], torch.cat(tiles))
+    assert item["image_sizes"] == [SIZES[name] for name in MULTI["image"]]
+
+
+def test_truncation_with_counts_per_image_keeps_only_whole_images():
+    ids = [1, 7] + [IMAGE_TOKEN_INDEX] * 3 + [8] + [IMAGE_TOKEN_INDEX] * 5 + [9, 10]
+    labels = [IGNORE_INDEX] * 11 + [9, 10]
+    for max_length in range(1, 14):
+        cut_ids, cut_labels = data.truncate(ids, labels, max_length, [3, 5])
+        assert cut_ids == ids[:len(cut_ids)] and cut_labels == labels[:len(cut_ids)] and len(cut_ids) <= max_length
+        assert cut_ids.count(IMAGE_TOKEN_INDEX) in (0, 3, 8) and len(cut_ids) >= max_length - 4  # never mid-run
+    assert data.truncate(ids, labels, 9, [3, 5]) == (ids[:6], labels[:6])  # the second image goes whole
+
+
+def test_truncation_drops_the_pixels_of_the_images_it_cuts_off(images, tok):
+    counts = [ANYRES.image_tokens(SIZES[name]) for name in MULTI["image"]]
+    full = anyres_dataset(images, [MULTI], tok=tok)[0]["input_ids"].tolist()
+    third = [k for k, i in enumerate(full) if i == IMAGE_TOKEN_INDEX][counts[0] + counts[1]]  # its first placeholder
+    item = anyres_dataset(images, [MULTI], tok=tok, max_length=third + 5)[0]
+    assert item["input_ids"].tolist() == full[:third]  # cut before the third image's run, not inside it
+    assert (item["input_ids"] == IMAGE_TOKEN_INDEX).sum() == counts[0] + counts[1]
+    assert item["image_sizes"] == [SIZES["wide.png"], SIZES["tall.png"]]  # what the model's embed gets: the two kept
+    tiles = [1 + cols * rows for cols, rows in (anyres_grid(s, ANYRES.image_grid_pinpoints, 64)
+                                                for s in item["image_sizes"])]
+    assert len(item["pixel_values"]) == sum(tiles)
+
+
+def test_anyres_rows_with_differently_sized_images_collate_in_batch_order(images, tok):
+    rows = [{"id": "a", "image": "tall.png", "conversations": turns("<image>\nWhat?", "Red.")},
+            {"id": "t", "conversations": turns("Just text.", "Fine.")}, MULTI]
+    ds = anyres_dataset(images, rows, tok=tok)
+    a, t, m = ds[0], ds[1], ds[2]
+    assert t["pixel_values"] is None and t["image_sizes"] == []
+    batch = data.collate([m, t, a], pad_id=tok.pad_id)
+    assert torch.equal(batch["pixel_values"], torch.cat([m["pixel_values"], a["pixel_values"]]))
+    assert batch["image_sizes"] == [*m["image_sizes"], SIZES["tall.png"]]
+    assert (batch["input_ids"] == IMAGE_TOKEN_INDEX).sum() == sum(ANYRES.image_tokens(s) for s in batch["image_sizes"])
+
+
+def test_skip_bad_blanks_a_corrupt_image_of_a_list_with_its_tile_count(images, demo, tok):
+    png = open(os.path.join(demo["images"], "train_00001.png"), "rb").read()  # 64 x 64
+    (images / "cut.png").write_bytes(png[:len(png) // 2])  # valid header, pixel data cut off
+    row = {"id": "x", "image": ["wide.png", "cut.png"], "conversations": turns("<image> and <image>?", "b")}
+    item = anyres_dataset(images, [row], tok=tok, skip_bad=True)[0]
+    wide = preprocess_anyres(Image.open(images / "wide.png"), 64, ANYRES.image_grid_pinpoints)
+    assert item["skipped"] == 1 and (item["labels"] == IGNORE_INDEX).all()
+    assert torch.equal(item["pixel_values"], torch.cat([wide, torch.zeros(3, 3, 64, 64)]))  # 64 x 64: 1 x 2 tiles
+    with pytest.raises(ValueError, match=re.escape("row 0 (id 'x')") + ".*cut.png"):
+        anyres_dataset(images, [row], tok=tok)[0]
+
+
+def test_an_image_changed_since_start_up_is_named(images, tok):
+    ds = anyres_dataset(images, [MULTI], tok=tok)
+    Image.new("RGB", (64, 128)).save(images / "tall.png")  # its placeholders were counted for 40 x 100
+    with pytest.raises(ValueError, match=r"row 0 \(id 'm'\): image file tall.png: 64x128 pixels, 40x100 at start-up"):
+        ds[0]

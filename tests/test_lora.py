@@ -197,6 +197,23 @@ def test_save_then_load_onto_a_fresh_base_model_gives_the_same_logits(trained, t
         assert torch.equal(fresh(ids, pixel_values)[0], model(ids, pixel_values)[0])
 
 
+def test_image_newline_is_saved_and_loaded_with_the_adapters_as_the_projector(tmp_path):
+    def anyres_llava():  # LLaVA-1.6's layout: its image_newline trains in stage 2, LoRA or not
+        torch.manual_seed(0)
+        return LLaVA(LLaVAConfig(llm=LlamaConfig.from_name("tiny"), vision=CLIPVisionConfig.from_name("tiny"),
+                                 image_aspect_ratio="anyres", image_grid_pinpoints=[[64, 128], [128, 64]],
+                                 patch_merge_type="spatial_unpad"))
+    model = anyres_llava()
+    apply_lora(model.llm, R, ALPHA)
+    with torch.no_grad():
+        model.image_newline.add_(1.0)  # as training would have moved it
+    save_adapters(model, tmp_path)
+    assert "image_newline" in load_file(tmp_path / ADAPTER_FILE)
+    fresh = anyres_llava()
+    load_adapters(fresh, tmp_path)
+    assert torch.equal(fresh.image_newline, model.image_newline)
+
+
 @pytest.mark.parametrize("fault", ["missing", "unexpected", "shape"])
 def test_load_adapters_is_strict_and_names_key_and_file(trained, tmp_path, fault):
     _, model = trained

@@ -112,6 +112,13 @@ def test_set_overrides_by_the_fields_type(capsys):
     assert config["template"] == "plain" and config["epochs"] == 0.5 and config["dist_timeout"] == 60.0
 
 
+def test_set_reads_image_grid_pinpoints_as_a_json_list(capsys):
+    config = dry_run(capsys, "--stage", "2", "--set", "image_aspect_ratio=anyres",
+                     "image_grid_pinpoints=[[64,128],[128,64],[128,128]]")
+    assert config["image_grid_pinpoints"] == [[64, 128], [128, 64], [128, 128]]
+    assert config["image_aspect_ratio"] == "anyres" and config["patch_merge_type"] == "spatial_unpad"
+
+
 def test_a_later_set_wins(capsys):
     assert dry_run(capsys, "--stage", "1", "--set", "seed=1", "--set", "seed=2")["seed"] == 2
 
@@ -126,6 +133,7 @@ def test_set_rejects_an_unknown_key_and_lists_the_known_ones():
     ("batch_size=1.5", "batch_size must be an integer, not '1.5'"),
     ("group_by_length=maybe", "group_by_length must be true or false, not 'maybe'"),
     ("projector_type=conv", "projector_type is one of linear, mlp2x_gelu"),
+    ("image_grid_pinpoints=[[64,128]", r"image_grid_pinpoints must be a JSON list .* not '\[\[64,128\]'"),
     ("lr", "expected KEY=VALUE"),
     ("data=x.json", "give data with its flag, --data"),
 ])

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from PIL import Image
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
@@ -25,6 +26,7 @@ import checkpoint
 import data
 import distributed
 import formats
+import inference
 import train
 import train_cli
 from checkpoint import latest_state
@@ -181,6 +183,54 @@ def test_compiled_blocks_train_to_the_same_losses_and_weights(demo, stage2_run, 
 def test_a_run_ends_with_a_training_state_then_the_output(stage2_run):
     _, out = stage2_run
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_0000004"] and not leftovers(out)
+
+
+# ---------------------------------------------------------------------------------------------- anyres
+
+ANYRES_SIZES = ((48, 48), (96, 40), (40, 80))  # square, wide and tall: 78, 114 and 120 image tokens with the demo's
+
+
+@pytest.fixture(scope="module")
+def anyres_run(demo, tmp_path_factory):
+    """A 2-step anyres stage 2 (16 rows, batch 8) on the demo's images resized square, wide and tall, every fourth
+    row asking about two images in one turn: (settings, the returned model, out, the images folder)."""
+    root = tmp_path_factory.mktemp("anyres")
+    (root / "images").mkdir()
+    rows = json.loads((demo / "small2.json").read_text())[:16]
+    for i, row in enumerate(rows):
+        image = Image.open(demo / "data" / "images" / row["image"])
+        image.resize(ANYRES_SIZES[i % 3]).save(root / "images" / f"{i}.png")
+        row["image"] = f"{i}.png"
+    for i, row in list(enumerate(rows))[::4]:
+        human = row["conversations"][0]
+        human["value"] = "Compare <image> with <image>. " + human["value"].replace("<image>", "").strip()
+        row["image"] = [row["image"], rows[i + 1]["image"]]
+    (root / "rows.json").write_text(json.dumps(rows))
+    paths = ["--data", str(root / "rows.json"), "--image-folder", str(root / "images")]
+    settings = ["image_aspect_ratio=anyres", "batch_size=8", "lr=1e-3", "peak_tflops=1"]
+    model = train.main(flags(demo, root / "out", 2, *settings) + paths)
+    return settings, model, root / "out", root / "images"
+
+
+def test_anyres_stage_2_trains_image_newline_and_counts_flops_per_tile(demo, anyres_run):
+    settings, model, out, images = anyres_run
+    config = train.make_config("demo", 2, settings, model=str(demo / "base" / "llm"), projector=str(demo / "projector"),
+                               vision_tower=str(demo / "base" / "clip"))
+    initial = train.build_model(config).image_newline  # the same seed draws the same first value
+    assert not torch.equal(model.image_newline, initial)
+    assert [r["step"] for r in records(out)] == [1, 2] and all(r["mfu"] > 0 for r in records(out))
+
+
+def test_anyres_output_carries_its_settings_and_answers_as_the_trained_model(anyres_run):
+    _, model, out, images = anyres_run
+    loaded, tokenizer = inference.load_model(str(out), "cpu", "float32")
+    c = loaded.config
+    assert (c.image_aspect_ratio, c.patch_merge_type) == ("anyres", "spatial_unpad")
+    assert c.image_grid_pinpoints == [[48, 96], [96, 48], [96, 96], [144, 48], [48, 144]]  # LLaVA-1.6's, 48 px tiles
+    for image in ("0.png", "1.png"):  # 48 x 48 and 96 x 40
+        question = "What color is the shape?"
+        assert inference.answer(loaded, tokenizer, question, str(images / image)) == inference.answer(
+            model.eval(), tokenizer, question, str(images / image))
 
 
 # ---------------------------------------------------------------------------------------------- resume
