@@ -3,6 +3,7 @@
     python bench.py llama --preset smollm-135m          # prefill and decode tokens/s
     python bench.py clip --preset vit-l-14 --batch 8    # tower images/s
     python bench.py generate --threads 1                # batched generation tokens/s by batch size; int8 vs fp32
+    python bench.py anyres --hidden 1024 --layers 4     # LLaVA-1.6 time to first token, 672 px image, vs LlavaNext
     python bench.py answer --threads 1                  # evaluate.py's answering: demo questions/s by batch size
     python bench.py quality --model DIR --text FILE     # int8 (and bf16) next-token agreement with fp32 on real text
     python bench.py train --preset tiny                 # training-step tokens/s and peak memory
@@ -25,6 +26,7 @@ BENCHES = [  # subcommand, its flags, the bench
     ("llama", bench_inference.add_llama_args, bench_inference.bench_llama),
     ("clip", bench_inference.add_clip_args, bench_inference.bench_clip),
     ("generate", bench_inference.add_generate_args, bench_inference.bench_generate),
+    ("anyres", bench_inference.add_anyres_args, bench_inference.bench_anyres),
     ("answer", bench_eval.add_answer_args, bench_eval.bench_answer),
     ("quality", bench_eval.add_quality_args, bench_eval.bench_quality),
     ("train", bench_train.add_train_args, bench_train.bench_train),

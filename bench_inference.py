@@ -1,15 +1,17 @@
 """Inference speed benches of bench.py, on random weights: the model files' prefill, decode and tower against
-transformers on identical weights (llama, clip), and the engine's batched generation and int8 decode (generate).
-bench_eval.py has the benches that read a real checkpoint (answer, quality)."""
+transformers on identical weights (llama, clip), the engine's batched generation and int8 decode (generate), and
+LLaVA-1.6's time to first token against transformers' LlavaNext (anyres). bench_eval.py has the benches that read a real checkpoint (answer, quality)."""
 import copy
 import inspect
 import json
+import math
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
-from clip import CLIPVisionConfig, CLIPVisionTower, tower_to_clip_keys
+from clip import CLIPVisionConfig, CLIPVisionTower, anyres_grid, preprocess_anyres, tower_to_clip_keys
 from demo import DEMO_CLIP
 from inference import DTYPES, generate_batch, generate_llava
 from llama import Llama, LlamaConfig, generate, llama_to_hf_keys
@@ -364,3 +366,135 @@ def _time_int8_decode(llm, prompt, args):
     print(f"  batch-1 decode {n0} {args.new_tokens / t0:.1f} tok/s, int8 {args.new_tokens / t1:.1f} tok/s: "
           f"{t0 / t1:.2f}x; weights {b0 / 2**20:.0f} MiB -> {b1 / 2**20:.0f} MiB: {b1 / b0:.2f}x "
           f"(the LLM's distinct tensors: embeddings, blocks, head)")
+
+
+# ------------------------------------------------------------------------------------------------------- anyres
+# Time to first token of one LLaVA-1.6 ("anyres") image: preprocessing (clip.preprocess_anyres against transformers'
+# LlavaNextImageProcessor), the tower over the overview and the tiles, the projector and the spatial_unpad merge,
+# then the prefill of the whole prompt to the first greedy token; ours against LlavaNextForConditionalGeneration
+# loaded from the folder formats.export_hf writes of the same random weights. --hidden/--layers shrink the LLM so
+# the run fits a CPU; the tower is full size (the most work at 672 px: 5 tower passes for 2,928 image tokens).
+
+LLAVA_16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # (width, height), 336 px tower
+
+
+def add_anyres_args(parser):
+    parser.add_argument("--preset", default="vicuna-7b", help="the LLM's LlamaConfig.from_name preset")
+    parser.add_argument("--hidden", type=int, help="LLM hidden size instead of the preset's (heads of 128, "
+                        "intermediate scaled alike): a LLaMA-shaped LLM small enough for a CPU")
+    parser.add_argument("--layers", type=int, help="LLM layers instead of the preset's")
+    parser.add_argument("--tower", default="vit-l-14-336", help="clip.py preset (LLaVA-1.6's: vit-l-14-336)")
+    parser.add_argument("--image", default="672x672", help="WIDTHxHEIGHT of the (random) image")
+    parser.add_argument("--text-tokens", type=int, default=40, help="text tokens around the image")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--repeats", type=int, default=3, help="medians over this many runs (after a warm-up)")
+    parser.add_argument("--no-reference", action="store_true", help="skip transformers even when installed")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+
+
+def _anyres_model(args, dtype):
+    """Our LLaVA-1.6-shaped model on random weights (the LLM shrunk by --hidden/--layers)."""
+    llm = LlamaConfig.from_name(args.preset)
+    if args.hidden:
+        scale = args.hidden / llm.hidden_size
+        llm = replace(llm, hidden_size=args.hidden, num_attention_heads=args.hidden // 128,
+                      num_key_value_heads=max(1, round(llm.num_key_value_heads * scale)),
+                      intermediate_size=round(llm.intermediate_size * scale / 16) * 16)
+    if args.layers:
+        llm = replace(llm, num_hidden_layers=args.layers)
+    config = LLaVAConfig(llm=llm, vision=CLIPVisionConfig.from_name(args.tower), image_aspect_ratio="anyres",
+                         image_grid_pinpoints=LLAVA_16_PINPOINTS, patch_merge_type="spatial_unpad")
+    torch.manual_seed(0)
+    with torch.device(args.device):  # a 7B shape: random init where it runs
+        return LLaVA(config).to(dtype).eval()
+
+
+@torch.inference_mode()
+def _ttft_ours(model, image, ids, device):
+    """(first token, seconds: preprocessing, tower + projector + merge, prefill to the first token): what
+    inference.generate_llava does, phase by phase."""
+    c, phases = model.config, []
+    _sync(device); start = time.perf_counter()
+    pixels = preprocess_anyres(image, c.image_size, c.image_grid_pinpoints).to(device, model.llm.norm.weight.dtype)
+    _sync(device); phases.append(time.perf_counter())
+    embeds = model.embed(ids, pixels, [image.size])  # (1, T, D)
+    _sync(device); phases.append(time.perf_counter())
+    model.llm.setup_cache(1, ids.shape[1] + 1)
+    token = next(generate(model.llm, inputs_embeds=embeds, max_new_tokens=1))
+    _sync(device); phases.append(time.perf_counter())
+    model.llm.reset_cache()
+    return token, [b - a for a, b in zip([start] + phases, phases)]
+
+
+@torch.inference_mode()
+def _ttft_hf(hf, processor, image, ids, device):
+    """(first token, seconds: preprocessing, the model's forward to the first token), transformers' way: the image
+    processor, then one forward with a cache and the last position's logits (what generate's prefill does)."""
+    _sync(device); start = time.perf_counter()
+    inputs = processor(images=image, return_tensors="pt")  # pixel_values (1, 1 + tiles, 3, S, S), image_sizes (h, w)
+    pixels = inputs["pixel_values"].to(device, hf.dtype)
+    _sync(device); middle = time.perf_counter()
+    out = hf(input_ids=ids, pixel_values=pixels, image_sizes=inputs["image_sizes"].to(device), use_cache=True,
+             logits_to_keep=1)
+    token = int(out.logits[0, -1].argmax())
+    _sync(device); end = time.perf_counter()
+    return token, [middle - start, end - middle]
+
+
+def bench_anyres(args):
+    """Time to first token of one anyres image (LLaVA-1.6), against LlavaNextForConditionalGeneration."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    import formats
+    dtype, device = getattr(torch, args.dtype), args.device
+    model = _anyres_model(args, dtype)
+    c = model.config
+    width, height = (int(x) for x in args.image.split("x"))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    n_image = c.image_tokens(image.size)
+    text = torch.randint(3, c.llm.vocab_size, (args.text_tokens,), generator=torch.Generator().manual_seed(0))
+    ids = torch.cat([text[:5], torch.full((n_image,), IMAGE_TOKEN_INDEX), text[5:]])[None].to(device)  # (1, T)
+    runs = {"llava.py": lambda: _ttft_ours(model, image, ids, device)}
+    transformers, folder = _reference(args), tempfile.TemporaryDirectory()
+    if transformers:
+        formats.export_hf(model, folder.name)  # the llava-hf folder transformers loads alone
+        hf = transformers.LlavaNextForConditionalGeneration.from_pretrained(folder.name, dtype=dtype).to(device).eval()
+        # without torchvision, transformers 5 uses the PIL processor (LlavaNextImageProcessorPil) anyway
+        processor = (getattr(transformers, "LlavaNextImageProcessorPil", None) or
+                     transformers.LlavaNextImageProcessor).from_pretrained(folder.name)
+        hf_ids = ids.masked_fill(ids == IMAGE_TOKEN_INDEX, hf.config.image_token_index)
+        runs[f"transformers {transformers.__version__}"] = lambda: _ttft_hf(hf, processor, image, hf_ids, device)
+    times, cpu, tokens = {name: [] for name in runs}, {name: [] for name in runs}, {}
+    for repeat in range(args.repeats + 1):  # the first round warms up and is dropped; order alternating
+        for name, run in list(runs.items())[::1 if repeat % 2 == 0 else -1]:
+            start = time.process_time()  # CPU seconds of all threads: less moved than wall time by other jobs
+            tokens[name], phases = run()
+            if repeat:
+                times[name].append(phases)
+                cpu[name].append(time.process_time() - start)
+    folder.cleanup()
+    n_params = sum(p.numel() for p in model.llm.parameters())
+    print(f"anyres time to first token: {args.tower} tower + {n_params / 1e6:.0f}M-parameter LLM "
+          f"({c.llm.num_hidden_layers} layers, hidden {c.llm.hidden_size}), a {width}x{height} image: "
+          f"{1 + math.prod(anyres_grid(image.size, c.image_grid_pinpoints, c.image_size))} tower passes, "
+          f"{n_image} image + {args.text_tokens} text tokens; {device} {args.dtype}, {torch.get_num_threads()} "
+          f"threads, torch {torch.__version__}, median of {args.repeats}")
+    labels = {"llava.py": ("preprocess", "tower+projector+merge", "prefill"), "hf": ("preprocess", "model")}
+    totals = {}
+    for name, runs_ in times.items():
+        totals[name] = [sum(p) for p in runs_]
+        parts = "  ".join(f"{label} {statistics.median(p[k] for p in runs_):.2f} s"
+                          for k, label in enumerate(labels["llava.py" if name == "llava.py" else "hf"]))
+        print(f"  {name:24s} {statistics.median(totals[name]):7.2f} s  ({parts}; runs "
+              f"{' '.join(f'{t:.2f}' for t in totals[name])}; process CPU time {statistics.median(cpu[name]):.2f} s)")
+    if len(totals) == 2:
+        (ours, t_ours), (ref, t_ref) = totals.items()
+        paired = statistics.median(r / o for o, r in zip(t_ours, t_ref))
+        c_ours, c_ref = (statistics.median(cpu[name]) for name in (ours, ref))
+        print(f"  speed ratio {ours} / transformers: {statistics.median(t_ref) / statistics.median(t_ours):.2f}x "
+              f"of medians, {paired:.2f}x median of pairs, {c_ref / c_ours:.2f}x of CPU times; first tokens "
+              f"{tokens[ours]} and {tokens[ref]}: {'equal' if tokens[ours] == tokens[ref] else 'DIFFERENT'}")

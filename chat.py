@@ -7,12 +7,14 @@
 
 Each turn renders the whole conversation with data.render (as in training), compares the ids with those already
 in the cache, and feeds only what follows their common prefix (start_pos = its length). The cache grows with the
-conversation, CACHE_CHUNK positions at a time, instead of holding the longest context from the start.
+conversation, CACHE_CHUNK positions at a time, instead of holding the longest context from the start. /add PATH puts
+another image before the next message; each image keeps its features, so the tower reads it once.
 """
 import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -28,9 +30,10 @@ CACHE_CHUNK = 256  # KV-cache positions added at a time: a re-allocation (a copy
 DEMO_MODEL, DEMO_DATA = os.path.join("runs", "demo", "stage2"), os.path.join("runs", "demo", "data")
 HELP = """commands:
   /image PATH   talk about another image (starts a new conversation)
-  /reset        forget the conversation, keep the image
-  /save FILE    write the transcript as LLaVA conversation JSON (a list with one {id, image, conversations});
-                an existing FILE is kept: /save! FILE overwrites it
+  /add PATH     add an image to the conversation: it goes before your next message; earlier images stay
+  /reset        forget the conversation and the added images, keep the /image one
+  /save FILE    write the transcript as LLaVA conversation JSON (a list with one {id, image, conversations};
+                "image" is a list with several images); an existing FILE is kept: /save! FILE overwrites it
   /help         this text
   /quit         leave (Ctrl-D too); Ctrl-C during an answer stops that answer"""
 
@@ -40,8 +43,25 @@ def note(message):
     print(message, file=sys.stderr, flush=True)
 
 
+@dataclass(eq=False)  # compared by identity: the placeholders of two images are never the same tokens
+class ChatImage:
+    path: str  # absolute
+    tokens: int  # its placeholders in the prompt (anyres: depends on its size)
+    pixel_values: torch.Tensor | None  # (1, 3, S, S), anyres (1 + tiles, 3, S, S); None once encoded
+    image_sizes: list | None  # anyres: [(w, h)]
+    features: torch.Tensor | None = None  # (tokens, D): encoded on its first prefill, kept for a later one
+
+
+def image_keys(ids, images):
+    """ids with each placeholder replaced by its image (images in prompt order), so that comparing the cached ids
+    with a new prompt tells two images apart although both are runs of IMAGE_TOKEN_INDEX."""
+    owners = (image for image in images for _ in range(image.tokens))
+    return [next(owners) if token == IMAGE_TOKEN_INDEX else token for token in ids]
+
+
 class ChatSession:
-    """One conversation about (at most) one image, and the token ids whose keys/values are in the KV cache."""
+    """One conversation, its images (each at the start of the human message it came with), and the token ids whose
+    keys/values are in the KV cache."""
 
     def __init__(self, model, tokenizer, template, max_new_tokens=None, temperature=0.0, top_p=1.0, seed=0,
                  max_context=None, stats=False, cache_chunk=CACHE_CHUNK):
@@ -58,78 +78,108 @@ class ChatSession:
         # turn needs more, in steps of cache_chunk up to max_context (a 7B cache is ~0.5 MB per position)
         self.cache_chunk = cache_chunk
         model.llm.setup_cache(1, min(cache_chunk, self.max_context), device=self.device, dtype=self.dtype)
-        self.image_path, self.pixel_values, self.image_sizes, self.image_tokens = None, None, None, 0
+        self.image = None  # the /image (or --image) one, which opens the conversation again after /reset
         self.cached_ids = []  # ids at cache positions 0..len-1; later positions hold stale entries, never attended
+        self.cached_images = []  # the images of the placeholders in cached_ids, in order (and perhaps more)
         self.reset()
 
     def reset(self):
-        """Forget the turns. The cache stays: the next prompt reuses its system prompt and image features."""
-        self.turns = []  # [{"from": "human"|"gpt", "value": str}, ...] without the "<image>" tag
+        """Forget the turns and the added images. The cache stays: the next prompt reuses its system prompt and the
+        /image image's features."""
+        self.turns = []  # [{"from": "human"|"gpt", "value": str, "image"?: ChatImage}, ...] without "<image>" tags
+        self.pending = self.image  # the image that goes before the next message
         self.prompt_len = 0  # the last prompt, when it must be a prefix of the next one (its turn was kept)
 
+    def load_image(self, path) -> ChatImage:
+        """Read and preprocess an image; on a bad path it raises and the conversation stays as it was."""
+        pixel_values, image_sizes = image_input(self.model, path)  # (1, 3, S, S); anyres: (1 + tiles, 3, S, S)
+        return ChatImage(os.path.abspath(path), image_tokens(self.model.config, path), pixel_values, image_sizes)
+
     def set_image(self, path):
-        """Load and preprocess an image; on a bad path it raises and the conversation stays as it was."""
-        pixel_values, self.image_sizes = image_input(self.model, path)  # (1, 3, S, S); anyres: (1 + tiles, 3, S, S)
-        self.image_path, self.pixel_values = os.path.abspath(path), pixel_values.to(self.device, self.dtype)
-        self.image_tokens = image_tokens(self.model.config, path)
-        self.cached_ids = []  # another image has the same placeholder ids: nothing in the cache is valid any more
+        """A new conversation about the image at path."""
+        self.image = self.load_image(path)
         self.reset()
 
+    def add_image(self, path):
+        """The image at path joins the conversation before the next message (the original's one <image> per turn)."""
+        if self.pending is not None:
+            raise ValueError(f"{self.pending.path} already goes before your next message (one image per message): "
+                             "send a message first")
+        self.pending = self.load_image(path)
+
     def conversation(self, message=None, turns=None):
-        """The turns in LLaVA's format; the image tag goes in front of the first human message, as in training."""
-        turns = (self.turns if turns is None else turns) + ([{"from": "human", "value": message}] if message else [])
-        if self.image_path and turns:
-            turns = [{"from": "human", "value": with_image(turns[0]["value"])}] + turns[1:]
-        return turns
+        """The turns in LLaVA's format: an image tag in front of the human message it came with, as in training."""
+        turns = (self.turns if turns is None else turns) + ([self.next_turn(message)] if message else [])
+        return [{"from": t["from"], "value": with_image(t["value"]) if "image" in t else t["value"]} for t in turns]
+
+    def images(self, turns=None):
+        return [t["image"] for t in (self.turns if turns is None else turns) if "image" in t]
+
+    def next_turn(self, message):
+        return {"from": "human", "value": message, **({"image": self.pending} if self.pending else {})}
 
     def prompt_ids(self, message):
-        """Render the conversation plus the new message; drop the oldest turns while it does not fit the context."""
-        turns = self.turns
+        """(ids, images) of the conversation plus the new message; the oldest turns, with their images, are dropped
+        while it does not fit the context."""
+        turns, last = self.turns, self.next_turn(message)
         while True:
-            ids, _ = render(self.conversation(message, turns), self.template, self.tokenizer,
-                            self.image_tokens, for_generation=True,
+            images = self.images(turns + [last])
+            ids, _ = render(self.conversation(None, turns + [last]), self.template, self.tokenizer,
+                            [image.tokens for image in images], for_generation=True,
                             image_start_end=self.model.config.mm_use_im_start_end)
             if len(ids) + self.max_new_tokens <= self.max_context:
                 break
             if not turns:  # the history stays as it was: the user can write a shorter message
                 raise ValueError(f"message too long: {len(ids)} prompt tokens + {self.max_new_tokens} new tokens "
                                  f"do not fit the context of {self.max_context}; write a shorter message")
-            turns = turns[2:]
+            turns = turns[2:]  # a question and its answer; an image goes with the question it came with
         if len(turns) < len(self.turns):
+            dropped = len(self.images()) - len(self.images(turns))
             note(f"(the conversation no longer fits the context of {self.max_context} tokens: dropped the oldest "
-                 f"{(len(self.turns) - len(turns)) // 2} turn(s); /reset starts afresh)")
+                 f"{(len(self.turns) - len(turns)) // 2} turn(s){f' and {dropped} image(s)' if dropped else ''}; "
+                 "/reset starts afresh)")
             self.turns, self.prompt_len = turns, 0
-        return ids
+        return ids, images
+
+    def features(self, image):
+        """(tokens, D): an image is read by the tower once per session, however often its turn is prefilled."""
+        if image.features is None:
+            image.features = self.model.encode_images(image.pixel_values, image.image_sizes)[0]
+            image.pixel_values = None
+        return image.features
 
     @torch.no_grad()
     def reply(self, message, out=None):
         """Stream the answer to `out` (stdout), add the turn to the history and return the answer text."""
         out, message = out or sys.stdout, message.replace(IMAGE_TOKEN, "").strip()  # typed "<image>" is text
-        ids = self.prompt_ids(message)
-        reuse = 0  # length of the common prefix of the cached ids and the new rendering
-        while reuse < min(len(ids), len(self.cached_ids)) and ids[reuse] == self.cached_ids[reuse]:
+        ids, images = self.prompt_ids(message)
+        keys, cached = image_keys(ids, images), image_keys(self.cached_ids, self.cached_images)
+        reuse = 0  # length of the common prefix of the cached ids and the new rendering, images told apart
+        while reuse < min(len(keys), len(cached)) and keys[reuse] == cached[reuse]:
             reuse += 1
         # Generated tokens need not be the ones re-encoding their text gives, so the prefix can end inside an
-        # earlier answer; what follows is fed again. Never split an image; feed >= 1 token to get logits.
-        if IMAGE_TOKEN_INDEX in ids[reuse:]:
-            reuse = min(reuse, ids.index(IMAGE_TOKEN_INDEX))
+        # earlier answer; what follows is fed again. Feed >= 1 token to get logits; never split an image.
         reuse = min(reuse, len(ids) - 1)
+        while reuse > 0 and ids[reuse] == IMAGE_TOKEN_INDEX and keys[reuse - 1] is keys[reuse]:
+            reuse -= 1
         assert reuse >= self.prompt_len, "data.render: the new prompt does not start with the previous prompt"
         new_ids = ids[reuse:]
-        self.cached_ids = ids[:reuse]  # rolled back now, so an interrupt during the prefill leaves it consistent
+        # rolled back now, so an interrupt during the prefill leaves it consistent
+        self.cached_ids, self.cached_images = ids[:reuse], images
+        fed = list(dict.fromkeys(k for k in keys[reuse:] if isinstance(k, ChatImage)))  # the images in new_ids
         if len(ids) + self.max_new_tokens > self.model.llm.cache_len:  # prompt_ids made sure it fits max_context
             chunks = -(-(len(ids) + self.max_new_tokens) // self.cache_chunk)
             self.model.llm.grow_cache(min(chunks * self.cache_chunk, self.max_context))
-        pixel_values = self.pixel_values if IMAGE_TOKEN_INDEX in new_ids else None
         eos, stream, generated = self.tokenizer.eos_id, self.tokenizer.stream(), []
         stop, text, shown = get_template(self.template).stop, "", 0  # v0 models end a reply with "###", not </s>
         stop_id = self.tokenizer.single_id(stop) if stop else None  # ChatML's <|im_end|>: one token, no text
         start, first, interrupted = time.perf_counter(), None, False
         try:
-            image_sizes = self.image_sizes if pixel_values is not None else None
-            for token in generate_llava(self.model, torch.tensor([new_ids], device=self.device), pixel_values,
-                                        image_sizes, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                        top_p=self.top_p, eos_id=eos, start_pos=reuse, generator=self.generator):
+            features = [self.features(image) for image in fed]  # [(tokens, D)], in prompt order
+            for token in generate_llava(self.model, torch.tensor([new_ids], device=self.device),
+                                        image_features=features, max_new_tokens=self.max_new_tokens,
+                                        temperature=self.temperature, top_p=self.top_p, eos_id=eos, start_pos=reuse,
+                                        generator=self.generator):
                 first = first or time.perf_counter()
                 at = 0 if token == stop_id else -1
                 if token != eos and at < 0:
@@ -161,7 +211,8 @@ class ChatSession:
             note("(the model gave an empty answer; the message was dropped)")
         self.prompt_len = len(ids) if answer else 0
         if answer:  # a stopped answer is kept as the model's turn: the history matches what the user saw
-            self.turns += [{"from": "human", "value": message}, {"from": "gpt", "value": answer}]
+            self.turns += [self.next_turn(message), {"from": "gpt", "value": answer}]
+            self.pending = None  # a dropped message leaves its image waiting for the next one
         if self.stats and first is not None:
             rate = (len(generated) - 1) / (end - first) if len(generated) > 1 else float("nan")
             note(f"[{len(new_ids)} prompt tokens prefilled, {reuse} reused from the cache; "
@@ -175,9 +226,9 @@ class ChatSession:
             raise ValueError("nothing to save yet: the conversation is empty")
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"{path} exists; /save! {path} overwrites it")
-        record = {"id": "chat-" + time.strftime("%Y%m%d-%H%M%S")}
-        if self.image_path:  # absolute: data.LLaVADataset takes it with an image_folder that contains it
-            record["image"] = self.image_path
+        record, paths = {"id": "chat-" + time.strftime("%Y%m%d-%H%M%S")}, [i.path for i in self.images()]
+        if paths:  # absolute: data.LLaVADataset takes one with an image_folder that contains it; several, in order,
+            record["image"] = paths[0] if len(paths) == 1 else paths  # as LLaVA-NeXT's interleaved data lists them
         record["conversations"] = self.conversation()
         write_json(path, [record], indent=2)
 
@@ -193,13 +244,19 @@ def command(session, line):
     elif name == "/reset":
         session.reset()
         note("(conversation cleared)")
-    elif name in ("/image", "/save", "/save!") and not arg:
+    elif name in ("/image", "/add", "/save", "/save!") and not arg:
         note(f"usage: {name} PATH")
-    elif name in ("/image", "/save", "/save!"):
+    elif name in ("/image", "/add", "/save", "/save!"):
         try:  # a missing file or one that is not an image: say so, and the conversation goes on
-            session.set_image(arg) if name == "/image" else session.save(arg, overwrite=name == "/save!")
-            note(f"(new conversation about {arg})" if name == "/image" else
-                 f"(saved {len(session.turns) // 2} turns to {arg})")
+            if name == "/image":
+                session.set_image(arg)
+                note(f"(new conversation about {arg})")
+            elif name == "/add":
+                session.add_image(arg)
+                note(f"(added {arg}: it goes before your next message)")
+            else:
+                session.save(arg, overwrite=name == "/save!")
+                note(f"(saved {len(session.turns) // 2} turns to {arg})")
         except (OSError, ValueError) as e:
             note(f"error: {name} {arg}: {e}")
     else:
@@ -285,7 +342,7 @@ def main(argv=None):
             import readline  # noqa: F401  line editing and history for input(), where the platform has it
         except ImportError:
             pass
-        note(f"template {template}; image {image or 'none (text only; /image PATH adds one)'}; /help for commands")
+        note(f"template {template}; image {image or 'none (text only; /image or /add PATH adds one)'}; /help for commands")
         if args.model is None:  # a newcomer's first chat: the demo model knows a few phrasings, nothing else
             note("the demo model answers the questions it was trained on, such as: " + "; ".join(DEMO_QUESTIONS))
     for line in [args.prompt] if args.prompt is not None else read_lines(interactive):

@@ -94,11 +94,12 @@ def reply_text(tokenizer, tokens, stop="") -> str:
     return (text.split(stop)[0] if stop else text).strip()
 
 
-def generate_llava(model, input_ids, pixel_values=None, image_sizes=None, **kwargs):
-    """llama.generate for a LLaVA prompt (1, T): the image is encoded once, written into the embeddings, prefilled.
-    image_sizes: an anyres image's [(w, h)] (image_input). The caller runs model.llm.setup_cache first."""
+def generate_llava(model, input_ids, pixel_values=None, image_sizes=None, image_features=None, **kwargs):
+    """llama.generate for a LLaVA prompt (1, T): the images are encoded once, written into the embeddings, prefilled.
+    image_sizes: anyres images' [(w, h), ...] (image_input). image_features: images encoded before (chat keeps
+    them), instead of pixel_values. The caller runs model.llm.setup_cache first."""
     with torch.inference_mode():
-        embeds = model.embed(input_ids, pixel_values, image_sizes)  # (1, T, D)
+        embeds = model.embed(input_ids, pixel_values, image_sizes, image_features)  # (1, T, D)
     return generate(model.llm, inputs_embeds=embeds, **kwargs)
 
 

@@ -156,10 +156,12 @@ class LLaVA(nn.Module):
         return [merge_tiles(f, grid, size, c.patch_merge_type, getattr(self, "image_newline", None))
                 for f, grid, size in zip(features.split(tiles), grids, image_sizes)]
 
-    def embed(self, input_ids, pixel_values=None, image_sizes=None):
-        """Token embeddings with image features written over the placeholders, images in row-major order."""
+    def embed(self, input_ids, pixel_values=None, image_sizes=None, image_features=None):
+        """Token embeddings with image features written over the placeholders, images in row-major order.
+        image_features: encode_images' output of an earlier call, instead of pixel_values."""
         is_image = input_ids == IMAGE_TOKEN_INDEX  # (B, T)
-        features = [] if pixel_values is None else self.encode_images(pixel_values, image_sizes)  # [(P_i, D)]
+        features = image_features if image_features is not None else \
+            [] if pixel_values is None else self.encode_images(pixel_values, image_sizes)  # [(P_i, D)]
         n_slots, n_features = int(is_image.sum()), sum(len(f) for f in features)
         if n_slots != n_features:
             raise ValueError(f"{n_slots} image placeholders in input_ids, {n_features} features from "

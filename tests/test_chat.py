@@ -16,12 +16,13 @@ import torch
 from PIL import Image
 
 import chat
+import formats
 import inference
 from clip import CLIPVisionConfig, preprocess
-from data import LLaVADataset, render
+from data import LLaVADataset, render, with_image
 from images import load_image
 from llama import LlamaConfig
-from llava import LLaVA, LLaVAConfig
+from llava import IMAGE_TOKEN_INDEX, LLaVA, LLaVAConfig
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,7 +107,8 @@ def test_session_over_stdin(tiny):
     p1, p2 = prompt_ids(model, tokenizer, conv[:1]), prompt_ids(model, tokenizer, conv[:3])
     assert stats[0] == (len(p1), 0)
     assert stats[1][1] >= len(p1) and sum(stats[1]) == len(p2)
-    assert stats[3] == (len(p1), 0)  # a new image: nothing cached is valid (same question, so same length)
+    k = p1.index(IMAGE_TOKEN_INDEX)  # a new image: only the text before it is still valid (same question)
+    assert stats[3] == (len(p1) - k, k)
     assert stats[4] == (1, len(p1) - 1)  # /reset, same question: the whole prompt but its last token is cached
     assert "tokens/s" in result.stderr and "first token" in result.stderr
 
@@ -205,19 +207,18 @@ def test_ctrl_c_keeps_a_consistent_cache(tiny, capsys):
 
 def test_context_overflow_drops_the_oldest_turn(tiny, capsys):
     tmp, model, tokenizer = tiny
-    pa = pixels(model, tmp / "a.png")
     first = prompt_ids(model, tokenizer, [human("<image>\nWhat is it?")])
     session = chat.ChatSession(LLaVA.from_pretrained(str(tmp / "model")), tokenizer, TEMPLATE,
                                max_new_tokens=MAX_NEW, max_context=len(first) + MAX_NEW + 4)  # one short turn fits
     session.set_image(str(tmp / "a.png"))
     session.reply("What is it?", out=StopAfter(-1))
     answer = session.reply("Why?", out=StopAfter(-1))
-    assert "dropped the oldest 1 turn(s)" in capsys.readouterr().err
-    assert session.conversation() == [human("<image>\nWhy?"), gpt(answer)]
-    assert answer == reference(model, tokenizer, [human("<image>\nWhy?")], pa).strip()
+    assert "dropped the oldest 1 turn(s) and 1 image(s)" in capsys.readouterr().err
+    assert session.conversation() == [human("Why?"), gpt(answer)]  # the image went with the question it came with
+    assert answer == reference(model, tokenizer, [human("Why?")], None).strip()
     with pytest.raises(ValueError, match="message too long"):
         session.reply("much too long " * 50, out=StopAfter(-1))
-    assert session.conversation() == [human("<image>\nWhy?"), gpt(answer)]  # the session goes on unchanged
+    assert session.conversation() == [human("Why?"), gpt(answer)]  # the session goes on unchanged
 
 
 def test_the_cache_grows_past_its_first_size_without_changing_the_answers(tiny):
@@ -256,13 +257,120 @@ def test_int8_weights_answer_through_chat(tiny, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# several images: /add
+
+
+def test_add_puts_a_second_image_before_the_next_message(tiny, capsys):
+    tmp, model, tokenizer = tiny
+    session = chat.ChatSession(LLaVA.from_pretrained(str(tmp / "model")), tokenizer, TEMPLATE,
+                               max_new_tokens=MAX_NEW, max_context=256)
+    session.set_image(str(tmp / "a.png"))
+    first = session.reply("What is it?", out=StopAfter(-1))
+    assert chat.command(session, f"/add {tmp / 'b.png'}") and "before your next message" in capsys.readouterr().err
+    encoded = []  # images read by the tower from here on
+    session.model.encode_images = lambda *args: encoded.append(args) or LLaVA.encode_images(session.model, *args)
+    second = session.reply("And this one?", out=StopAfter(-1))
+    conv = [human("<image>\nWhat is it?"), gpt(first), human("<image>\nAnd this one?")]
+    pa, pb = pixels(model, tmp / "a.png"), pixels(model, tmp / "b.png")
+    assert second == reference(model, tokenizer, conv, torch.cat([pa, pb])).strip()  # from scratch, no cache
+    assert second != reference(model, tokenizer, conv, torch.cat([pa, pa])).strip(), "b.png changes nothing: weak"
+    assert len(encoded) == 1  # b.png only: a.png's rows were in the cache
+    assert session.conversation() == conv + [gpt(second)]
+    assert_cache_holds(session, model, torch.cat([pa, pb]))
+
+
+def test_add_renders_each_anyres_image_with_its_own_count_in_order():
+    model, tokenizer = formats.load_llava(ROOT / "tests" / "fixtures" / "llava_next_hf"), Tokenizer(
+        str(ROOT / "tests" / "fixtures" / "tokenizer.model"))
+    images = [str(ROOT / "tests" / "fixtures" / "llava_next_ref" / "images" / n) for n in ("tall.png", "wide.png")]
+    counts = [inference.image_tokens(model.config, path) for path in images]
+    assert counts[0] != counts[1], "equal counts: the order check below is void"
+    session = chat.ChatSession(model, tokenizer, "vicuna_v1", max_new_tokens=MAX_NEW)
+    session.set_image(images[0])
+    first = session.reply("What is it?", out=io.StringIO())
+    session.add_image(images[1])
+    second = session.reply("And this?", out=io.StringIO())
+    conv = [human(with_image("What is it?")), gpt(first), human(with_image("And this?"))]
+    ids, _ = render(conv, "vicuna_v1", tokenizer, counts, for_generation=True)
+    runs = [len(run) for run in "".join("x" if t == IMAGE_TOKEN_INDEX else " " for t in ids).split()]
+    assert runs == counts and session.cached_ids[:len(ids)] == ids
+    inputs = [inference.image_input(model, path) for path in images]  # pixel values in order, image_sizes too
+    pixel_values, sizes = torch.cat([p for p, _ in inputs]), [s for _, size in inputs for s in size]
+    model.llm.setup_cache(1, len(ids) + MAX_NEW)  # the whole conversation afresh
+    tokens = list(inference.generate_llava(model, torch.tensor([ids]), pixel_values, sizes, max_new_tokens=MAX_NEW,
+                                           eos_id=tokenizer.eos_id))
+    assert second == inference.reply_text(tokenizer, tokens)
+
+
+def test_overflow_drops_the_oldest_image_with_its_turn(tiny, capsys):
+    tmp, model, tokenizer = tiny
+    one = prompt_ids(model, tokenizer, [human("<image>\nWhat is it?")])
+    session = chat.ChatSession(LLaVA.from_pretrained(str(tmp / "model")), tokenizer, TEMPLATE,
+                               max_new_tokens=MAX_NEW, max_context=len(one) + MAX_NEW + 4)  # one image turn fits
+    session.set_image(str(tmp / "a.png"))
+    session.reply("What is it?", out=StopAfter(-1))
+    session.add_image(str(tmp / "b.png"))
+    answer = session.reply("What is it?", out=StopAfter(-1))
+    assert "dropped the oldest 1 turn(s) and 1 image(s)" in capsys.readouterr().err
+    assert session.conversation() == [human("<image>\nWhat is it?"), gpt(answer)]
+    assert [image.path for image in session.images()] == [str(tmp / "b.png")]
+    # same length and placeholders as turn 1's prompt: only the image tells the cached rows apart from b.png's
+    assert answer == reference(model, tokenizer, [human("<image>\nWhat is it?")], pixels(model, tmp / "b.png"))
+    assert_cache_holds(session, model, pixels(model, tmp / "b.png"))
+
+
+@pytest.mark.parametrize("name, message", [("missing.png", "not found"), ("notimage.jpg", "cannot read image")])
+def test_a_bad_add_path_is_an_error_and_loses_nothing(tiny, capsys, name, message):
+    tmp, model, tokenizer = tiny
+    session = chat.ChatSession(LLaVA.from_pretrained(str(tmp / "model")), tokenizer, TEMPLATE,
+                               max_new_tokens=MAX_NEW, max_context=256)
+    session.set_image(str(tmp / "a.png"))
+    first = session.reply("What is it?", out=StopAfter(-1))
+    assert chat.command(session, f"/add {tmp / name}")
+    err = capsys.readouterr().err
+    assert f"error: /add {tmp / name}" in err and message in err
+    assert session.pending is None and session.conversation() == [human("<image>\nWhat is it?"), gpt(first)]
+    chat.command(session, f"/add {tmp / 'b.png'}")  # the session goes on: a good path is taken
+    second = session.reply("And this one?", out=StopAfter(-1))
+    conv = [human("<image>\nWhat is it?"), gpt(first), human("<image>\nAnd this one?"), gpt(second)]
+    assert session.conversation() == conv
+
+
+def test_a_second_add_before_a_message_is_refused(tiny, capsys):
+    tmp, model, tokenizer = tiny
+    session = chat.ChatSession(LLaVA.from_pretrained(str(tmp / "model")), tokenizer, TEMPLATE, max_context=256)
+    session.set_image(str(tmp / "a.png"))
+    chat.command(session, f"/add {tmp / 'b.png'}")
+    assert "a.png already goes before your next message" in capsys.readouterr().err
+    assert session.pending is session.image
+
+
+def test_save_lists_every_image_and_reset_keeps_only_the_first(tiny, tmp_path):
+    tmp, model, tokenizer = tiny
+    session = chat.ChatSession(LLaVA.from_pretrained(str(tmp / "model")), tokenizer, TEMPLATE,
+                               max_new_tokens=MAX_NEW, max_context=256)
+    session.set_image(str(tmp / "a.png"))
+    first = session.reply("What is it?", out=StopAfter(-1))
+    session.add_image(str(tmp / "b.png"))
+    second = session.reply("And this one?", out=StopAfter(-1))
+    session.save(str(tmp_path / "t.json"))
+    saved = json.loads((tmp_path / "t.json").read_text())[0]
+    assert saved["image"] == [str(tmp / "a.png"), str(tmp / "b.png")]
+    assert saved["conversations"] == [human("<image>\nWhat is it?"), gpt(first), human("<image>\nAnd this one?"),
+                                      gpt(second)]
+    session.reset()
+    answer = session.reply("What is it?", out=StopAfter(-1))
+    assert session.conversation() == [human("<image>\nWhat is it?"), gpt(answer)] and answer == first
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # faults at the boundary: the prompt, /save, a broken tokenizer
 
 
-def transcript_session(image_path=None):
+def transcript_session():
     """A ChatSession with one finished turn and no model: enough for /save."""
     session = object.__new__(chat.ChatSession)
-    session.turns, session.image_path = [human("What is it?"), gpt("A cat.")], image_path
+    session.turns = [human("What is it?"), gpt("A cat.")]
     return session
 
 

@@ -10,7 +10,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import images
-from clip import CLIPVisionConfig, CLIPVisionTower, PAD_COLOR, clip_to_tower_keys, preprocess, tower_to_clip_keys
+from clip import (CLIPVisionConfig, CLIPVisionTower, PAD_COLOR, clip_to_tower_keys, preprocess, quick_gelu,
+                  tower_to_clip_keys)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 # the published CLIPVisionModel layout; transformers-5 and full CLIPModel folders are formats.py's (test_formats.py)
@@ -274,3 +275,12 @@ def test_large_images_are_reduced_first_and_stay_close_to_the_exact_result(monke
 def test_a_size_typo_in_config_json_is_refused_before_any_module_is_built(tmp_path):
     with pytest.raises(ValueError, match=r"config\.json: num_hidden_layers is 10000000, not in 0\.\.1024"):
         CLIPVisionTower.from_pretrained(_edited_config(tmp_path, num_hidden_layers=10_000_000))
+
+
+def test_quick_gelu_in_place_without_gradient_gives_the_bits_of_the_graph_version():
+    x = torch.randn(3, 7, 16) * 4
+    graph = quick_gelu(x.clone().requires_grad_())  # autograd needs the out-of-place form
+    graph.sum().backward()  # and it trains
+    with torch.no_grad():
+        assert torch.equal(quick_gelu(x.clone()), graph.detach())
+        assert torch.equal(graph.detach(), x * torch.sigmoid(1.702 * x))
