@@ -363,6 +363,22 @@ def test_save_lists_every_image_and_reset_keeps_only_the_first(tiny, tmp_path):
     assert session.conversation() == [human("<image>\nWhat is it?"), gpt(answer)] and answer == first
 
 
+def test_a_saved_two_image_chat_reads_back_as_a_training_row(tiny, tmp_path):
+    tmp, model, tokenizer = tiny
+    session = chat.ChatSession(LLaVA.from_pretrained(str(tmp / "model")), tokenizer, TEMPLATE,
+                               max_new_tokens=MAX_NEW, max_context=256)
+    session.set_image(str(tmp / "a.png"))
+    session.reply("What is it?", out=StopAfter(-1))
+    session.add_image(str(tmp / "b.png"))
+    session.reply("And this one?", out=StopAfter(-1))
+    session.save(str(tmp_path / "t.json"))
+    conversations = json.loads((tmp_path / "t.json").read_text())[0]["conversations"]
+    n = model.config.num_image_tokens
+    item = LLaVADataset(str(tmp_path / "t.json"), str(tmp), tokenizer, TEMPLATE, n, model.config.image_size)[0]
+    assert item["input_ids"].tolist() == render(conversations, TEMPLATE, tokenizer, [n, n])[0]
+    assert len(item["pixel_values"]) == 2
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # faults at the boundary: the prompt, /save, a broken tokenizer
 
