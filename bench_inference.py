@@ -1,6 +1,7 @@
 """Inference speed benches of bench.py, on random weights: the model files' prefill, decode and tower against
 transformers on identical weights (llama, clip), the engine's batched generation and int8 decode (generate), and
-LLaVA-1.6's time to first token against transformers' LlavaNext (anyres). bench_eval.py has the benches that read a real checkpoint (answer, quality)."""
+LLaVA-1.6's time to first token against transformers' LlavaNext (anyres). bench_eval.py has the benches that read a
+real checkpoint (answer, quality)."""
 import copy
 import inspect
 import json

@@ -342,7 +342,8 @@ def main(argv=None):
             import readline  # noqa: F401  line editing and history for input(), where the platform has it
         except ImportError:
             pass
-        note(f"template {template}; image {image or 'none (text only; /image or /add PATH adds one)'}; /help for commands")
+        note(f"template {template}; image {image or 'none (text only; /image or /add PATH adds one)'}; "
+             "/help for commands")
         if args.model is None:  # a newcomer's first chat: the demo model knows a few phrasings, nothing else
             note("the demo model answers the questions it was trained on, such as: " + "; ".join(DEMO_QUESTIONS))
     for line in [args.prompt] if args.prompt is not None else read_lines(interactive):

@@ -444,8 +444,9 @@ def _small_llm(demo_dir):
 def scienceqa_run(out, root, demo_dir="runs/demo", prompt_format="QCM-LEA", sets=(), stage1=None, quick=False,
                   n_images=SQA_IMAGES):
     """One ScienceQA fine-tuning run of the miniature into `out`, as docs/scienceqa.md runs the real one: the
-    release (made in `root` unless there), convert, train (stage 2), answer the test split, score. stage1: None (the demo's projector), "scratch" (none), "small"
-    (the smaller LLM, its own stage 1) or --set items for a stage 1 of its own. Returns the score's result."""
+    release (made in `root` unless there), convert, train (stage 2), answer the test split, score. stage1: None (the
+    demo's projector), "scratch" (none), "small" (the smaller LLM, its own stage 1) or --set items for a stage 1 of
+    its own. Returns the score's result."""
     quick_sets = SQA_QUICK if quick else ()
     base, projector = os.path.join(demo_dir, "base"), os.path.join(demo_dir, "stage1")
     if not os.path.isfile(os.path.join(projector, "projector.safetensors")):  # the demo's stage 1 (and its inputs)

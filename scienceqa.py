@@ -12,7 +12,8 @@ and grade, alone and in an ensemble with a text-only GPT-4 (92.53 % with GPT-4 a
   gpt4      the text-only GPT-4 baseline (chain of thought ending in "The answer is X."), resumable, same format
   ensemble  complement (GPT-4's answer, ours where it gives none) or judge (where the two differ, GPT-4 sees both
             answers with their reasoning and decides; ours where it does not); every request logged, never re-asked
-  demo      a small ScienceQA-shaped set from the demo's shape images, so the pipeline runs offline
+  demo      a ScienceQA-shaped set from the demo's shape images, so the pipeline runs offline (demo.py scienceqa
+            trains on it: Table 7 in miniature)
 
 Files from either implementation can be scored by either: the converted JSON and the answer files are LLaVA's (what
 produced an answer file is recorded beside it, in ANSWERS.source.json). gpt4 and ensemble exit 1 when requests failed.
@@ -363,7 +364,8 @@ def main(argv=None):
     commands["ensemble"].add_argument("--gpt4", required=True, help="GPT-4's answer file (JSONL)")
     commands["ensemble"].add_argument("--mode", choices=("complement", "judge"), default="judge")
     commands["ensemble"].add_argument("--log", default=None, help="judge requests and replies (default: OUT.log.jsonl)")
-    commands["demo"].add_argument("--images", type=number(), default=12, help="shape images (4 questions each)")
+    commands["demo"].add_argument("--images", type=number(), default=12,
+                                  help="shape images (6 problems each: demo.make_scienceqa_demo)")
     args = parser.parse_args(argv)
     try:
         failed = run(args)

@@ -30,4 +30,5 @@ def test_ablations_run_every_variant_and_print_and_write_one_table(runs, capsys)
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(demo.ABLATIONS) and "90.92" in table[1]
     assert (runs / "sqa" / "ablations" / "table.md").read_text().splitlines()[2:] == table[1:]
-    assert json.loads((runs / "sqa" / "ablations" / "last-layer" / "stage1" / "config.json").read_text())["select_layer"] == -1
+    stage1 = runs / "sqa" / "ablations" / "last-layer" / "stage1" / "config.json"
+    assert json.loads(stage1.read_text())["select_layer"] == -1
