@@ -457,11 +457,11 @@ def scienceqa_run(out, root, demo_dir="runs/demo", prompt_format="QCM-LEA", sets
     if stage1 == "scratch":
         projector = "scratch"
     elif stage1 is not None:  # a stage 1 of this run's own (another LLM, another CLIP layer)
-        projector = os.path.join(out, "stage1")
+        projector, sets1 = os.path.join(out, "stage1"), (*(() if stage1 == "small" else stage1), *quick_sets)
         _python(["train.py", "--recipe", "demo", "--stage", "1", "--model", llm, "--vision-tower",
                  os.path.join(base, "clip"), "--data", os.path.join(demo_dir, "data", "stage1.json"), "--image-folder",
-                 os.path.join(demo_dir, "data", "images"), "--out", projector, "--set",
-                 *(() if stage1 == "small" else stage1), *quick_sets], quiet=True)
+                 os.path.join(demo_dir, "data", "images"), "--out", projector, *(("--set", *sets1) if sets1 else ())],
+                quiet=True)
     data, model = os.path.join(out, "train.json"), os.path.join(out, "model")
     answers, result = os.path.join(out, "answers.jsonl"), os.path.join(out, "result.json")
     _python(["scienceqa.py", "convert", "--root", root, "--split", "train", "--prompt-format", prompt_format,
