@@ -1,5 +1,7 @@
 """The miniature experiments (demo.py scienceqa / ablations) end to end, a few training steps each: the plumbing."""
 import json
+import os
+import shutil
 
 import pytest
 
@@ -32,3 +34,27 @@ def test_ablations_run_every_variant_and_print_and_write_one_table(runs, capsys)
     assert (runs / "sqa" / "ablations" / "table.md").read_text().splitlines()[2:] == table[1:]
     stage1 = runs / "sqa" / "ablations" / "last-layer" / "stage1" / "config.json"
     assert json.loads(stage1.read_text())["select_layer"] == -1
+
+
+class Stop(Exception):
+    pass
+
+
+def test_smaller_llm_stage_1_command_has_no_bare_set(tmp_path, monkeypatch):
+    demo_dir = tmp_path / "demo"  # the demo's tokenizer and a stage-1 projector in place: no demo run needed
+    (demo_dir / "base" / "llm").mkdir(parents=True)
+    (demo_dir / "stage1").mkdir()
+    (demo_dir / "stage1" / "projector.safetensors").write_bytes(b"")
+    shutil.copy(os.path.join(os.path.dirname(__file__), "fixtures", "tokenizer.model"), demo_dir / "base" / "llm")
+    commands = []
+
+    def record(args, quiet=False):  # the stage-1 command, then stop before the conversion
+        commands.append(args)
+        if args[0] != "train.py":
+            raise Stop
+
+    monkeypatch.setattr(demo, "_python", record)
+    with pytest.raises(Stop):
+        demo.scienceqa_run(str(tmp_path / "out"), str(tmp_path / "sqa"), str(demo_dir), stage1="small", n_images=2)
+    stage1, = [c for c in commands if c[0] == "train.py"]
+    assert "--set" not in stage1 and stage1[stage1.index("--model") + 1].endswith("llm-small")
