@@ -57,6 +57,7 @@ DEMO_QUESTIONS = ("What color is the circle?", "What shape is the red object?", 
 # radius / width of a third: on the 64 px images, resized to the demo tower's 48 px, a small shape is ~12 px across
 # and a large one ~15 px, more than a patch (8 px)
 DEMO_SIZES = {"small": 0.36, "large": 0.46}
+DEMO_TEMPLATES = ("plain", "vicuna_v1", "llava_v1", "llama_2", "llava_llama_2")  # the tokenizer learns their prompts
 SHORT_ANSWER = "Answer the question using a single word or phrase."  # LLaVA-1.5's prompt for short answers
 CAPTION_PROMPTS = ("Describe the image concisely.", "Provide a brief description of the given image.",
                    "Give a short and clear explanation of the subsequent image.",
@@ -197,8 +198,10 @@ def make_demo_data(out_dir, seed=0, n_train=2000, n_eval=50, image_size=64, max_
     for key, rows in (("stage1", stage1), ("stage2", stage2), ("eval", evaluation)):
         write_bytes(paths[key], (json.dumps(rows, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode())
     # the tokenizer learns the demo text, with each line as often as it occurs, and the prompts of the default
-    # template (system prompt and roles once per turn), so that prompts take few tokens
-    lines = [line for t in TEMPLATES.values() for line in t.system.split("\n")] + ["[INST] <<SYS>> <</SYS>> [/INST]"]
+    # template (system prompt and roles once per turn), so that prompts take few tokens; the system prompts of a
+    # fixed list of templates, so that a template added to data.py changes neither the tokenizer nor the demo's numbers
+    lines = [line for name in DEMO_TEMPLATES for line in TEMPLATES[name].system.split("\n")] + \
+        ["[INST] <<SYS>> <</SYS>> [/INST]"]
     for row in stage1 + stage2:
         lines.append(TEMPLATES["vicuna_v1"].system)
         for turn in row["conversations"]:
