@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+import data
 import demo
 import scienceqa
 
@@ -58,3 +59,11 @@ def test_smaller_llm_stage_1_command_has_no_bare_set(tmp_path, monkeypatch):
         demo.scienceqa_run(str(tmp_path / "out"), str(tmp_path / "sqa"), str(demo_dir), stage1="small", n_images=2)
     stage1, = [c for c in commands if c[0] == "train.py"]
     assert "--set" not in stage1 and stage1[stage1.index("--model") + 1].endswith("llm-small")
+
+
+def test_demo_tokenizer_does_not_change_when_a_template_is_added(tmp_path, monkeypatch):
+    before = open(demo.make_demo_data(str(tmp_path / "a"), n_train=40, n_eval=4)["tokenizer"], "rb").read()
+    extra = data.Template("two", "A new system prompt, with words the demo text never has: zygote quixotic.")
+    monkeypatch.setitem(data.TEMPLATES, "new_template", extra)
+    after = open(demo.make_demo_data(str(tmp_path / "b"), n_train=40, n_eval=4)["tokenizer"], "rb").read()
+    assert after == before
