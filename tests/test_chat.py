@@ -345,7 +345,8 @@ def test_a_second_add_before_a_message_is_refused(tiny, capsys):
     assert session.pending is session.image
 
 
-def test_save_lists_every_image_and_reset_keeps_only_the_first(tiny, tmp_path):
+def two_image_chat(tiny, path):
+    """A session about a.png, then b.png added, one answer each, saved to path: (session, first, second)."""
     tmp, model, tokenizer = tiny
     session = chat.ChatSession(LLaVA.from_pretrained(str(tmp / "model")), tokenizer, TEMPLATE,
                                max_new_tokens=MAX_NEW, max_context=256)
@@ -353,7 +354,13 @@ def test_save_lists_every_image_and_reset_keeps_only_the_first(tiny, tmp_path):
     first = session.reply("What is it?", out=StopAfter(-1))
     session.add_image(str(tmp / "b.png"))
     second = session.reply("And this one?", out=StopAfter(-1))
-    session.save(str(tmp_path / "t.json"))
+    session.save(str(path))
+    return session, first, second
+
+
+def test_save_lists_every_image_and_reset_keeps_only_the_first(tiny, tmp_path):
+    tmp = tiny[0]
+    session, first, second = two_image_chat(tiny, tmp_path / "t.json")
     saved = json.loads((tmp_path / "t.json").read_text())[0]
     assert saved["image"] == [str(tmp / "a.png"), str(tmp / "b.png")]
     assert saved["conversations"] == [human("<image>\nWhat is it?"), gpt(first), human("<image>\nAnd this one?"),
@@ -365,13 +372,7 @@ def test_save_lists_every_image_and_reset_keeps_only_the_first(tiny, tmp_path):
 
 def test_a_saved_two_image_chat_reads_back_as_a_training_row(tiny, tmp_path):
     tmp, model, tokenizer = tiny
-    session = chat.ChatSession(LLaVA.from_pretrained(str(tmp / "model")), tokenizer, TEMPLATE,
-                               max_new_tokens=MAX_NEW, max_context=256)
-    session.set_image(str(tmp / "a.png"))
-    session.reply("What is it?", out=StopAfter(-1))
-    session.add_image(str(tmp / "b.png"))
-    session.reply("And this one?", out=StopAfter(-1))
-    session.save(str(tmp_path / "t.json"))
+    two_image_chat(tiny, tmp_path / "t.json")
     conversations = json.loads((tmp_path / "t.json").read_text())[0]["conversations"]
     n = model.config.num_image_tokens
     item = LLaVADataset(str(tmp_path / "t.json"), str(tmp), tokenizer, TEMPLATE, n, model.config.image_size)[0]
